@@ -1,0 +1,40 @@
+# The two quickstart commands are `make run` and `make test`; both build .venv first if it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS := notebooks,rl,trl,dev
+
+.PHONY: venv run test test-fast lint strip-notebooks bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, alone: the local CPU wheel, so pip never pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(BIN)/.installed
+
+# Executes every notebook headless with its defaults into runs/ (executed .ipynb + HTML copy).
+run: venv
+	$(BIN)/python -m gxpo_lib run-notebooks --out runs
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check gxpo_lib tests bench
+
+strip-notebooks: venv
+	$(BIN)/python -m gxpo_lib strip-notebooks notebooks
+
+bench: venv
+	$(BIN)/python bench/bench_update.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

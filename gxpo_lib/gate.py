@@ -1,0 +1,197 @@
+"""ShutoffGate: decides when GXPO (or SFPO) stops extrapolating and falls back to plain GRPO (spec section 3).
+
+It watches one scalar per active step (by default the pre-clip norm of GXPO's corrective gradient) and
+computes a z-score of each new observation against what came before. A surge (z >= tau on `patience`
+consecutive observations, after `warmup` observations) closes the gate from the next step on.
+
+Two ways to score an observation H:
+- ``mode="ema"`` (paper-era code): z = (H - mu) / (sigma + 1e-8) with the *old* EMA mean and std, then
+  sigma^2 <- (1-omega) sigma^2 + omega (H - mu)^2, sigma <- max(0.01, sigma), mu <- (1-omega) mu + omega H.
+  mu and sigma start at 1.
+- ``mode="window"`` (the authors' later code): z against the mean and population std of the preceding
+  `window` observations (0 until the window is full). ``window_includes_current=True`` scores H inside
+  its own window instead, as SFPO's official switch-off does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+from .validation import check_choice, check_int, check_open_unit, check_positive
+
+GATE_MODES = ("ema", "window")
+GATE_SIGNALS = ("grad_norm", "entropy")
+GATE_SETTINGS = ("tau", "omega", "warmup", "patience", "mode", "window", "window_includes_current",
+                 "signal", "permanent", "reopen_after")
+
+
+class ShutoffGate:
+    """Z-score shutoff gate.
+
+    Args:
+        tau: trip threshold on z (> 0). The paper's runs use 0.5.
+        omega: EMA rate in (0, 1) (``mode="ema"``).
+        warmup: observations that only update the statistics and cannot trip (>= 0).
+        patience: consecutive observations with z >= tau needed to trip (>= 1).
+        mode: "ema" or "window".
+        window: length of the rolling window (``mode="window"``, >= 2).
+        window_includes_current: score H inside its own window (SFPO's official rule).
+        signal: what the rule feeds: "grad_norm" (the corrective pre-clip norm; the rule feeds it) or
+            "entropy" (the caller passes the policy entropy as ``gate_signal=`` to ``rule.step``).
+        permanent: once closed, stay closed. Otherwise re-open after `reopen_after` closed steps,
+            keeping the statistics.
+        reopen_after: closed steps before re-opening (``permanent=False``, >= 1).
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.5,
+        omega: float = 0.1,
+        warmup: int = 2,
+        patience: int = 1,
+        mode: str = "ema",
+        window: int = 30,
+        window_includes_current: bool = False,
+        signal: str = "grad_norm",
+        permanent: bool = True,
+        reopen_after: int = 10,
+    ):
+        self.tau = check_positive("tau", tau)
+        self.omega = check_open_unit("omega", omega)
+        self.warmup = check_int("warmup", warmup, minimum=0)
+        self.patience = check_int("patience", patience, minimum=1)
+        self.mode = check_choice("mode", mode, GATE_MODES)
+        self.window = check_int("window", window, minimum=2)
+        self.window_includes_current = bool(window_includes_current)
+        self.signal = check_choice("signal", signal, GATE_SIGNALS)
+        self.permanent = bool(permanent)
+        self.reopen_after = check_int("reopen_after", reopen_after, minimum=1)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every observation and open the gate."""
+        self.mu = 1.0
+        self.sigma = 1.0
+        self.history: deque[float] = deque(maxlen=self.window)
+        self.num_observations = 0
+        self.streak = 0
+        self.is_open = True
+        self.closed_steps_left = 0
+        self.last_z: float | None = None
+        self.shutoff_step: int | None = None
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def _score_ema(self, value: float) -> float:
+        """z against the old EMA, then the EMA update of spec section 3."""
+        z = (value - self.mu) / (self.sigma + 1e-8)
+        variance = (1 - self.omega) * self.sigma**2 + self.omega * (value - self.mu) ** 2
+        self.sigma = max(0.01, math.sqrt(variance))
+        self.mu = (1 - self.omega) * self.mu + self.omega * value
+        return z
+
+    def _score_window(self, value: float) -> float:
+        """z against the rolling window's mean and population std (0 until it is full)."""
+        if self.window_includes_current:
+            self.history.append(value)
+        full = len(self.history) == self.window
+        z = 0.0
+        if full:
+            mean = sum(self.history) / self.window
+            std = math.sqrt(sum((h - mean) ** 2 for h in self.history) / self.window)
+            z = (value - mean) / (std + 1e-9)
+        if not self.window_includes_current:
+            self.history.append(value)
+        return z
+
+    def observe(self, value: float, step: int | None = None) -> float:
+        """Feed one observation; returns its z. May close the gate (from the next step on).
+
+        A non-finite value is ignored (returns nan): a broken statistic must not steer the gate.
+        `step` (the caller's step index) is recorded as ``shutoff_step = step + 1`` on a trip.
+        """
+        value = float(value)
+        if not math.isfinite(value):
+            return float("nan")
+        z = self._score_ema(value) if self.mode == "ema" else self._score_window(value)
+        self.num_observations += 1
+        self.last_z = z
+        can_trip = self.num_observations > self.warmup
+        self.streak = self.streak + 1 if (can_trip and z >= self.tau) else 0
+        if self.streak >= self.patience:
+            self._close(step)
+        return z
+
+    def _close(self, step: int | None) -> None:
+        """Trip: extrapolation is off from the next step."""
+        self.is_open = False
+        self.streak = 0
+        self.closed_steps_left = self.reopen_after
+        self.shutoff_step = None if step is None else step + 1
+
+    def begin_step(self) -> bool:
+        """Called once at the start of every update; True if extrapolation may run in it.
+
+        Counts the closed steps of a non-permanent gate and re-opens it after `reopen_after` of them.
+        """
+        if self.is_open:
+            return True
+        if self.permanent:
+            return False
+        if self.closed_steps_left > 0:
+            self.closed_steps_left -= 1
+            return False
+        self.is_open = True
+        return True
+
+    # -- settings and checkpointing ---------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments, as they are now."""
+        return {name: getattr(self, name) for name in GATE_SETTINGS}
+
+    def update_settings(self, **settings: Any) -> None:
+        """Change settings between steps (e.g. tau from a slider), keeping the statistics.
+
+        Everything is validated before anything changes.
+        """
+        unknown = sorted(set(settings) - set(GATE_SETTINGS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}={settings[unknown[0]]!r} is invalid: allowed gate settings are "
+                             f"{list(GATE_SETTINGS)}")
+        trial = ShutoffGate(**(self.settings() | settings))
+        for name in settings:
+            setattr(self, name, getattr(trial, name))
+        self.history = deque(self.history, maxlen=self.window)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and statistics, JSON-friendly."""
+        return self.settings() | {
+            "mu": self.mu, "sigma": self.sigma, "history": list(self.history),
+            "num_observations": self.num_observations, "streak": self.streak, "is_open": self.is_open,
+            "closed_steps_left": self.closed_steps_left, "last_z": self.last_z,
+            "shutoff_step": self.shutoff_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (settings are validated again)."""
+        self.update_settings(**{name: state[name] for name in GATE_SETTINGS})
+        self.mu, self.sigma = float(state["mu"]), float(state["sigma"])
+        self.history = deque((float(h) for h in state["history"]), maxlen=self.window)
+        self.num_observations = int(state["num_observations"])
+        self.streak = int(state["streak"])
+        self.is_open = bool(state["is_open"])
+        self.closed_steps_left = int(state["closed_steps_left"])
+        self.last_z = state["last_z"]
+        self.shutoff_step = state["shutoff_step"]
+
+    def __repr__(self) -> str:
+        return (f"ShutoffGate(tau={self.tau}, mode={self.mode!r}, signal={self.signal!r}, "
+                f"warmup={self.warmup}, patience={self.patience}, open={self.is_open})")
+
+
+def sfpo_official_gate() -> ShutoffGate:
+    """SFPO's official switch-off: entropy z over a window of 30 that includes the scored value, tau 1.0,
+    no warm-up, permanent (official_code_notes.md section 6)."""
+    return ShutoffGate(tau=1.0, warmup=0, patience=1, mode="window", window=30,
+                       window_includes_current=True, signal="entropy", permanent=True)

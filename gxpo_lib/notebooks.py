@@ -1,0 +1,99 @@
+"""Running the notebooks headless (papermill) and keeping them stored without outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def find_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
+    """The suite's notebooks in teaching order (their names start with a number)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"directory={str(directory)!r} is invalid: allowed an existing folder of notebooks")
+    return sorted(p for p in directory.glob("*.ipynb") if not p.name.startswith("."))
+
+
+def execute_notebook(
+    notebook: Path | str,
+    out_dir: Path | str,
+    parameters: dict[str, Any] | None = None,
+    timeout: int = 1800,
+    html: bool = True,
+) -> Path:
+    """Execute one notebook with papermill into `out_dir` (its working directory too); returns the output.
+
+    The executed copy keeps the notebook's name; with `html` an HTML copy is written beside it.
+    """
+    import papermill
+
+    notebook, out_dir = Path(notebook), Path(out_dir)
+    if not notebook.is_file():
+        raise ValueError(f"notebook={str(notebook)!r} is invalid: allowed an existing .ipynb file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / notebook.name
+    papermill.execute_notebook(
+        str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
+        cwd=str(out_dir), execution_timeout=timeout, progress_bar=False,
+    )
+    if html:
+        export_html(output)
+    return output
+
+
+def export_html(notebook: Path | str) -> Path:
+    """Write an HTML copy of an executed notebook beside it."""
+    import nbconvert
+    import nbformat
+
+    notebook = Path(notebook)
+    body, _ = nbconvert.HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    target = notebook.with_suffix(".html")
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+def run_all(out_dir: Path | str = "runs", directory: Path | str = NOTEBOOK_DIR) -> list[dict[str, Any]]:
+    """Execute every notebook with its defaults; returns one summary row per notebook, failures included."""
+    rows = []
+    for notebook in find_notebooks(directory):
+        print(f"[gxpo] executing {notebook.name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            output = execute_notebook(notebook, out_dir)
+            rows.append({"notebook": notebook.name, "ok": True, "seconds": time.perf_counter() - start,
+                         "output": str(output)})
+        except Exception as error:  # keep going: one broken notebook must not hide the others
+            rows.append({"notebook": notebook.name, "ok": False, "seconds": time.perf_counter() - start,
+                         "error": f"{type(error).__name__}: {str(error)[-500:]}"})
+        row = rows[-1]
+        print(f"[gxpo] {notebook.name}: {'ok' if row['ok'] else 'FAILED'} in {row['seconds']:.1f} s",
+              flush=True)
+    return rows
+
+
+def has_outputs(notebook: Path | str) -> bool:
+    """True if any code cell of the stored notebook has outputs or an execution count."""
+    cells = json.loads(Path(notebook).read_text(encoding="utf-8")).get("cells", [])
+    return any(c.get("outputs") or c.get("execution_count") for c in cells if c.get("cell_type") == "code")
+
+
+def strip_outputs(notebook: Path | str) -> bool:
+    """Remove outputs, execution counts and widget state in place; True if the file changed."""
+    path = Path(notebook)
+    original = path.read_text(encoding="utf-8")
+    data = json.loads(original)
+    for cell in data.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+        cell.get("metadata", {}).pop("execution", None)
+    data.get("metadata", {}).pop("widgets", None)
+    stripped = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    if stripped != original:
+        path.write_text(stripped, encoding="utf-8")
+    return stripped != original
