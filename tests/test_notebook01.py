@@ -1,0 +1,86 @@
+"""Notebook 01 runs headless under papermill and measures what it claims (not just that it ran)."""
+
+import json
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_toy_extrapolation.ipynb"
+PARAMETERS = ("K", "alpha", "tau", "omega", "r_min", "r_max", "lr", "landscape", "optimizer", "seed",
+              "results_path")
+
+
+def test_stored_notebook_has_no_outputs_and_a_parameters_cell():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "widgets" not in nb.metadata
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for name in PARAMETERS:
+        assert f"\n{name} = " in "\n" + tagged[0].source, name
+    assert nb.cells[0].cell_type == "markdown" and "Runtime" in nb.cells[0].source
+
+
+def test_papermill_sees_every_parameter():
+    # papermill parses `name = value  # help` lines; a line it cannot parse makes -p NAME warn "unknown"
+    from papermill.translators import PythonTranslator
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [p.name for p in PythonTranslator.inspect(cell)]
+    assert set(PARAMETERS) <= set(names)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    import papermill
+
+    out = tmp_path_factory.mktemp("nb01")
+    start = time.perf_counter()
+    papermill.execute_notebook(str(NOTEBOOK), str(out / NOTEBOOK.name), parameters={"K": 10},
+                               kernel_name="python3", cwd=str(out), progress_bar=False,
+                               execution_timeout=300)
+    seconds = time.perf_counter() - start
+    results = json.loads((out / "01_results.json").read_text(encoding="utf-8"))
+    return results, seconds, out
+
+
+def test_notebook_runs_headless_with_k10_and_stores_its_measurements(executed):
+    results, seconds, _ = executed
+    assert seconds < 60
+    assert results["K"] == 10                                  # the -p K 10 override reached the notebook
+    assert results["hand_check"] == {"theta_tilde": [0.25, 0.125], "theta_new": [0.125, -0.0625]}
+    assert set(results["exactness_errors"]) == {"2", "3", "5", "10"}
+    assert results["exactness_error"] < 1e-12
+    assert results["tilde_vs_theta_K"] < 1e-12
+    for key in ("rotated", "adam", "clip", "noise", "logcosh", "banana", "q_clamp", "r_clamp"):
+        assert results["errors_K5"][key] > 1e-3, key
+        assert results["errors_at_K"][key] > 1e-3 or key == "q_clamp", key   # K=10 is even: under q's cap
+    assert results["errors_K5"]["rotated"] > 0.01 and results["errors_K5"]["adam"] > 0.01
+    assert results["errors_at_K"]["diagonal"] < 1e-12 and results["errors_at_K"]["q_clamp"] < 1e-12
+    assert results["errors_vs_K"]["ks"][0] == 2 and all(v < 1e-12 for v in
+                                                       (results["errors_vs_K"][k][0] for k in results["errors_K5"]))
+
+
+def test_notebook_gate_shuts_off_after_warmup_and_then_takes_plain_steps(executed):
+    gate = executed[0]["gate"]
+    assert gate["shutoff_step"] is not None and gate["shutoff_step"] > gate["warmup"]
+    assert gate["shutoff_step"] == gate["surge_step"] + 1      # trips on the surge, plain from the next update
+    assert gate["z_at_trip"] >= executed[0]["tau"]
+    assert gate["passes_before"] == [3] and gate["passes_after"] == [1]
+    assert gate["active_after"] is False
+    assert gate["total_passes"] == 3 * (gate["shutoff_step"] - 1) + (gate["updates"] - gate["shutoff_step"] + 1)
+
+
+def test_executed_notebook_has_no_errors_and_shows_the_figures(executed):
+    _, _, out = executed
+    nb = nbformat.read(out / NOTEBOOK.name, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    plots = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(plots) >= 6 and len(widgets) == 1
