@@ -1,10 +1,19 @@
 """gxpo_lib: GXPO, SFPO and GRPO update rules and the plumbing behind the gxpo notebooks.
 
     from gxpo_lib import GXPO, SFPO, PlainStep, ShutoffGate
+
+The names are imported on first use, so light modules (e.g. the reward workers' `gxpo_lib.rewards`)
+do not pay for torch.
 """
 
-from .gate import ShutoffGate
-from .rules import GXPO, SFPO, PlainStep, StepInfo
+from importlib import import_module
 
-__all__ = ["GXPO", "SFPO", "PlainStep", "ShutoffGate", "StepInfo"]
+_PUBLIC = {"GXPO": "rules", "SFPO": "rules", "PlainStep": "rules", "StepInfo": "rules", "ShutoffGate": "gate"}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'gxpo_lib' has no attribute {name!r}")

@@ -46,7 +46,7 @@ def test_each_notebook_opens_with_what_it_teaches_and_has_a_parameters_cell():
         cells = json.loads(path.read_text())["cells"]
         assert cells[0]["cell_type"] == "markdown", path.name
         opening = "".join(cells[0]["source"]).lower()
-        assert "cpu" in opening and ("minute" in opening or "second" in opening), path.name
+        assert "cpu" in opening and re.search(r"\d+\s*(s|sec|seconds?|min|minutes?)\b", opening), path.name
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: needs exactly one parameters cell"
 

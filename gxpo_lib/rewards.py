@@ -1,0 +1,347 @@
+"""Binary math-answer rewards on math-verify, safe to call inside an RL loop.
+
+Protocol (``score_pair``), the one the paper's verl code uses, made deterministic about boxes:
+
+* The gold answer is wrapped as ``\\boxed{gold}`` and parsed with math-verify's LaTeX extraction (verl's
+  ``math_verify`` reward does the same).
+* If the completion contains a well-formed ``\\boxed{...}`` (or ``\\fbox{...}``), only the *last* one is
+  parsed: earlier boxes, scratch work and restated problem numbers cannot earn or lose the reward.
+* If it contains none, the whole completion goes to math-verify, which picks an answer by its own
+  priorities (anchors such as "final answer is", then the rightmost LaTeX or plain expression it can
+  parse). That is verl's behaviour, so a small model that ends with "... is 42." still gets credit;
+  ``require_boxed=True`` instead scores such a completion 0 as a parse failure (``no_answer``).
+* ``verify(gold, pred)``, gold first (math-verify's comparison is deliberately asymmetric).
+
+Every outcome has a status: ``correct``, ``wrong``, ``no_answer`` (nothing parsable in the completion),
+``bad_gold`` (the gold itself did not parse), ``timeout`` and ``error``. Everything but ``correct`` scores
+0; nothing raises. math-verify's own timeouts use ``signal.alarm``, which only works in a process's main
+thread, so ``RewardScorer`` runs the scoring in worker processes (each worker's main thread) and adds an
+outer per-item wall-clock limit that kills and replaces a stuck worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from typing import Self
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
+
+STATUSES = ("correct", "wrong", "no_answer", "bad_gold", "timeout", "error")
+GOLD_CONFIG = (LatexExtractionConfig(),)
+PRED_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+_COUNTER = {"correct": "n_correct", "wrong": "n_wrong", "no_answer": "n_parse_fail", "bad_gold": "n_gold_fail",
+            "timeout": "n_timeout", "error": "n_error"}
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(\s*)")
+_BRACE_RE = re.compile(r"\\[{}]|[{}]")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last well-formed ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, else None.
+
+    Braces must balance (escaped ``\\{``, ``\\}`` are skipped); the ``\\boxed 7`` form (no braces, one
+    token) is accepted as in Hendrycks' ``last_boxed_only_string``. A box left open by a truncated
+    completion is not well-formed, so an earlier complete box is returned instead.
+    """
+    boxes = _all_boxes(text)
+    return boxes[-1] if boxes else None
+
+
+def format_reward(completion: str) -> float:
+    """1.0 if the completion holds exactly one box and it is well-formed and non-empty, else 0.0."""
+    boxes = _all_boxes(completion)
+    return float(len(_BOX_RE.findall(completion)) == 1 and len(boxes) == 1 and boxes[0].strip() != "")
+
+
+def score_pair(
+    completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3
+) -> tuple[float, str]:
+    """Score one completion against one gold answer: ``(reward, status)``.
+
+    Args:
+        completion: the model's response text.
+        gold: the reference answer (LaTeX or plain, without ``\\boxed``).
+        require_boxed: score a completion without a well-formed box as ``no_answer``.
+        timeout_s: math-verify's own per-call limit in whole seconds (``signal.alarm``); it is dropped
+            (None) off the main thread, where signals cannot be used.
+
+    Returns:
+        ``(1.0, "correct")`` or ``(0.0, status)`` with status in ``STATUSES``. Never raises.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        timeout_s = None
+    try:
+        # Gold: wrapped in a box and parsed as LaTeX
+        gold_parsed = _parse(f"\\boxed{{{gold}}}", GOLD_CONFIG, timeout_s)
+        if not gold_parsed:
+            return 0.0, "bad_gold"
+        # Prediction: the last box if any, else the whole text (unless a box is required)
+        box = last_boxed(completion)
+        if box is None and require_boxed:
+            return 0.0, "no_answer"
+        pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", PRED_CONFIG, timeout_s)
+        if not pred_parsed:
+            return 0.0, "no_answer"
+        # Compare, gold first
+        ok = verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s, raise_on_error=True)
+        return (1.0, "correct") if ok else (0.0, "wrong")
+    except TimeoutException:
+        return 0.0, "timeout"
+    except Exception:  # noqa: BLE001 - a reward must never crash the run; counted as "error"
+        return 0.0, "error"
+
+
+def math_reward(completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3) -> float:
+    """1.0 if ``completion``'s final answer equals ``gold`` by math-verify, else 0.0 (in-process).
+
+    Callable directly from a notebook; math-verify's signal timeout protects it in the main thread. For
+    batches, counters and a hard wall-clock limit, use ``RewardScorer``.
+    """
+    return score_pair(completion, gold, require_boxed, timeout_s)[0]
+
+
+@dataclass
+class ScoreCounts:
+    """How many items ended in each status (``n_parse_fail`` counts ``no_answer``)."""
+
+    n_items: int = 0
+    n_correct: int = 0
+    n_wrong: int = 0
+    n_parse_fail: int = 0
+    n_gold_fail: int = 0
+    n_timeout: int = 0
+    n_error: int = 0
+
+    def add(self, status: str) -> None:
+        """Count one item."""
+        self.n_items += 1
+        key = _COUNTER[status]
+        setattr(self, key, getattr(self, key) + 1)
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain dict, for logs."""
+        return asdict(self)
+
+
+@dataclass
+class ScoredBatch:
+    """Result of ``RewardScorer.score``: one reward and status per item, plus their counts."""
+
+    rewards: list[float]
+    statuses: list[str]
+    counts: ScoreCounts = field(default_factory=ScoreCounts)
+
+
+class RewardScorer:
+    """Scores batches of (completion, gold) pairs in worker processes with a hard per-item time limit.
+
+    Args:
+        workers: worker processes; 0 scores in the calling thread (math-verify's signal timeouts only,
+            and only when that is the main thread; no outer limit).
+        timeout_s: wall-clock limit per item, from the moment a worker starts it. An item over it scores
+            0 as ``timeout``; its worker pool is killed and recreated and the other in-flight items rerun.
+        inner_timeout_s: math-verify's own limit per parse/compare call, in whole seconds (keep it below
+            ``timeout_s`` so most runaways end cheaply without a pool restart).
+        require_boxed: see ``score_pair``.
+        start_method: multiprocessing start method; ``"spawn"`` is safe with torch and in notebooks
+            (a plain script needs the usual ``if __name__ == "__main__":`` guard).
+
+    Use as a context manager, or call ``close()``. ``totals`` accumulates counts over all batches and
+    ``n_restarts`` counts pool replacements.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        timeout_s: float = 10.0,
+        inner_timeout_s: int | None = 3,
+        require_boxed: bool = False,
+        start_method: str = "spawn",
+    ):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if inner_timeout_s is not None and (not isinstance(inner_timeout_s, int) or inner_timeout_s < 1):
+            raise ValueError(f"inner_timeout_s must be None or an integer >= 1 (seconds), got {inner_timeout_s!r}")
+        if start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {start_method!r}"
+            )
+        self.workers = workers
+        self.timeout_s = float(timeout_s)
+        self.inner_timeout_s = inner_timeout_s
+        self.require_boxed = require_boxed
+        self.start_method = start_method
+        self.totals = ScoreCounts()
+        self.n_restarts = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def score(self, completions: Sequence[str], golds: Sequence[str]) -> ScoredBatch:
+        """Score ``completions[i]`` against ``golds[i]`` for every i; never raises on bad content."""
+        if len(completions) != len(golds):
+            raise ValueError(f"completions ({len(completions)}) and golds ({len(golds)}) differ in length")
+        items = [(str(c), str(g)) for c, g in zip(completions, golds)]
+        if self.workers == 0:
+            results = [score_pair(c, g, self.require_boxed, self.inner_timeout_s) for c, g in items]
+        else:
+            results = self._score_in_pool(items)
+        batch = ScoredBatch([r for r, _ in results], [s for _, s in results])
+        for status in batch.statuses:
+            batch.counts.add(status)
+            self.totals.add(status)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _score_in_pool(self, items: list[tuple[str, str]]) -> list[tuple[float, str]]:
+        """Keep at most ``workers`` items in flight so each item's clock starts when it starts running."""
+        results: list[tuple[float, str] | None] = [None] * len(items)
+        queue = deque(range(len(items)))
+        breaks = [0] * len(items)
+        running: dict[Future, tuple[int, float]] = {}
+        while queue or running:
+            # Fill the free workers; a pool found broken is replaced and the items rerun
+            try:
+                pool = self._ensure_pool()
+                while queue and len(running) < self.workers:
+                    fut = pool.submit(score_pair, *items[queue[0]], self.require_boxed, self.inner_timeout_s)
+                    running[fut] = (queue.popleft(), time.monotonic())
+            except BrokenProcessPool:
+                self._restart(queue, running)
+                continue
+            oldest = min(start for _, start in running.values())
+            done, _ = wait(running, timeout=max(0.0, oldest + self.timeout_s - time.monotonic()),
+                           return_when=FIRST_COMPLETED)
+
+            # Collect finished items; a dead worker breaks the pool: retry its items once
+            broken = False
+            for fut in done:
+                i, _ = running.pop(fut)
+                try:
+                    results[i] = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    breaks[i] += 1
+                    if breaks[i] >= 2:
+                        results[i] = (0.0, "error")
+                    else:
+                        queue.append(i)
+
+            # Items over the wall-clock limit score 0; their workers are killed with the pool
+            now = time.monotonic()
+            expired = [fut for fut, (_, start) in running.items() if now - start >= self.timeout_s]
+            for fut in expired:
+                results[running.pop(fut)[0]] = (0.0, "timeout")
+            if expired or broken:
+                self._restart(queue, running)
+        return results  # type: ignore[return-value]
+
+    def _restart(self, queue: deque, running: dict[Future, tuple[int, float]]) -> None:
+        """Put the in-flight items back at the front of the queue and replace the pool."""
+        queue.extendleft(i for i, _ in running.values())
+        running.clear()
+        self._kill_pool()
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        """Start the pool if needed and wait until every worker has imported math-verify."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context(self.start_method),
+                initializer=_warm_worker,
+            )
+            seen: set[int] = set()
+            deadline = time.monotonic() + 120.0
+            try:
+                while len(seen) < self.workers and time.monotonic() < deadline:
+                    pings = [self._pool.submit(_ping) for _ in range(self.workers)]
+                    seen.update(p.result(timeout=max(1.0, deadline - time.monotonic())) for p in pings)
+            except BrokenProcessPool as err:
+                self._kill_pool()
+                raise RuntimeError("the reward worker processes died while starting") from err
+        return self._pool
+
+    def _kill_pool(self) -> None:
+        """Kill the workers (a running task cannot be cancelled otherwise) and drop the pool."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # ProcessPoolExecutor exposes no public handle on its processes; _processes is stable since 3.8
+        procs = list(getattr(pool, "_processes", {}).values())
+        for proc in procs:
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(timeout=5)
+        self.n_restarts += 1
+
+
+def _parse(text: str, config: tuple, timeout_s: int | None) -> list:
+    """math-verify ``parse``; a timeout propagates, any other failure means nothing was parsed."""
+    try:
+        return parse(text, list(config), parsing_timeout=timeout_s, raise_on_error=True)
+    except TimeoutException:
+        raise
+    except Exception:  # noqa: BLE001 - unparsable text is a parse failure, not an error
+        return []
+
+
+def _all_boxes(text: str) -> list[str]:
+    """Contents of every well-formed box, in order of appearance (one linear pass over the braces)."""
+    closing = _matching_braces(text)
+    found = []
+    for hit in _BOX_RE.finditer(text):
+        i = hit.end()
+        # \boxed{...} form (spaces allowed before the brace): the brace must have a match
+        if i < len(text) and text[i] == "{":
+            if i in closing:
+                found.append(text[i + 1 : closing[i]])
+        # \boxed 7 form: one whitespace-delimited token
+        elif hit.group(1):
+            token = text[i : i + 200].split(maxsplit=1)
+            content = token[0].rstrip("$.,") if token else ""
+            if content:
+                found.append(content)
+    return found
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each opening brace -> its closing brace; escaped braces are not braces."""
+    stack, closing = [], {}
+    for hit in _BRACE_RE.finditer(text):
+        if hit.group() == "{":
+            stack.append(hit.start())
+        elif hit.group() == "}" and stack:
+            closing[stack.pop()] = hit.start()
+    return closing
+
+
+def _warm_worker() -> None:
+    """Worker initializer: pay math-verify's first-call cost before any item's clock starts."""
+    parse("\\boxed{1}", list(GOLD_CONFIG))
+
+
+def _ping() -> int:
+    """Warm-up task; the short sleep spreads the pings over all workers."""
+    time.sleep(0.05)
+    return os.getpid()
