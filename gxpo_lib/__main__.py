@@ -2,6 +2,7 @@
 
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)
     strip-notebooks [folder]         remove outputs from the stored notebooks
+    sweep GRID.yaml [--parallel N] [--dry-run]   run a grid of notebook-03 runs, skipping finished ones
 """
 
 from __future__ import annotations
@@ -21,7 +22,23 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--notebooks", default=str(notebooks.NOTEBOOK_DIR))
     strip = commands.add_parser("strip-notebooks", help="remove outputs from stored notebooks")
     strip.add_argument("folder", nargs="?", default=str(notebooks.NOTEBOOK_DIR))
+    sweep = commands.add_parser("sweep", help="run a grid of headless notebook-03 runs")
+    sweep.add_argument("grid")
+    sweep.add_argument("--parallel", type=int, default=None, help="runs at a time (overrides the file)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs without executing them")
     args = parser.parse_args(argv)
+
+    if args.command == "sweep":
+        from .sweep import format_table, load_sweep, run_sweep
+
+        plan = load_sweep(args.grid)
+        if args.parallel is not None:
+            if args.parallel < 1:
+                parser.error(f"--parallel={args.parallel} is invalid: allowed an integer >= 1")
+            plan.parallel = args.parallel
+        rows = run_sweep(plan, dry_run=args.dry_run)
+        print(format_table(rows))
+        return 1 if any(r["state"] == "failed" for r in rows) else 0
 
     if args.command == "run-notebooks":
         rows = notebooks.run_all(args.out, args.notebooks)

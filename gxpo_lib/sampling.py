@@ -1,0 +1,158 @@
+"""Rollouts: sample a group of completions per prompt and record what the sampling policy thought of them.
+
+A sampler turns problem texts into `Rollouts`: token ids, masks, decoded completions and the sampling
+policy's per-token log-probs (the fixed "old" log-probs of the GRPO ratio; spec section 4). `HFSampler`
+uses ``model.generate``; a vLLM sampler (GPU extra) implements the same `Sampler` protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .losses import per_token_logprobs, token_entropy
+from .validation import check_int, check_positive
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled completions, `group_size` consecutive rows per prompt.
+
+    Shapes: B = prompts * group_size rows, P = padded prompt length (left padding), T = completion length.
+    """
+
+    prompt_ids: torch.Tensor        # [B, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor       # [B, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor    # [B, T] sampled tokens (pad after EOS)
+    completion_mask: torch.Tensor   # [B, T] 1 up to and including the first EOS
+    old_logprobs: torch.Tensor      # [B, T] log pi_old(token) at the sampling temperature
+    entropy: torch.Tensor           # [B, T] entropy of pi_old at each completion position
+    completions: list[str]          # B decoded completions (special tokens removed)
+    prompt_index: list[int]         # B indices into the prompt list
+    group_size: int
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Prompt and completion together, [B, P + T]."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P + T]"""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def rows(self, index: torch.Tensor | slice) -> "Rollouts":
+        """A subset of rows (a mini-batch)."""
+        picked = range(len(self.completions))[index] if isinstance(index, slice) else index.tolist()
+        return Rollouts(
+            self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+            self.completion_mask[index], self.old_logprobs[index], self.entropy[index],
+            [self.completions[i] for i in picked], [self.prompt_index[i] for i in picked], self.group_size)
+
+
+class Sampler(Protocol):
+    """What the trainer needs from a rollout engine."""
+
+    def sample(self, prompts: list[str], group_size: int, seed: int) -> Rollouts: ...
+
+
+def completion_logprobs(model, rollouts_or_ids, attention_mask=None, prompt_length=None,
+                        temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs (and optionally entropies) of the completion tokens under `model`.
+
+    Args:
+        model: a causal LM.
+        rollouts_or_ids: a `Rollouts`, or input_ids [B, P + T] (then give attention_mask and prompt_length).
+        temperature: logits are divided by it, as at sampling time.
+    Returns:
+        logprobs [B, T] (and entropy [B, T] when `with_entropy`).
+    """
+    if isinstance(rollouts_or_ids, Rollouts):
+        input_ids, attention_mask = rollouts_or_ids.input_ids, rollouts_or_ids.attention_mask
+        prompt_length = rollouts_or_ids.prompt_ids.shape[1]
+    else:
+        input_ids = rollouts_or_ids
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    logits = logits[:, prompt_length - 1:-1]  # the logits that predict each completion token
+    logprobs = per_token_logprobs(logits, input_ids[:, prompt_length:], temperature=temperature)
+    if with_entropy:
+        return logprobs, token_entropy(logits, temperature=temperature)
+    return logprobs
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after. [B, T] -> [B, T] (long)."""
+    is_eos = completion_ids == eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_eos).long()
+
+
+class HFSampler:
+    """Batched sampling with ``model.generate`` (left padding, temperature / top-p, stop at EOS).
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (pad token set).
+        format_prompt: maps a problem text to the prompt string (the chat template).
+        max_new_tokens: completion length cap.
+        temperature, top_p: sampling settings (top_k is off).
+        batch_size: rows per ``generate`` call.
+    """
+
+    def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 256):
+        self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
+        self.temperature = check_positive("temperature", temperature)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
+        self.top_p = float(top_p)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], group_size: int, seed: int) -> Rollouts:
+        """`group_size` completions for each prompt; the same seed gives the same rollouts."""
+        check_int("group_size", group_size, minimum=1)
+        if not prompts:
+            raise ValueError("prompts=[] is invalid: allowed a non-empty list of problem texts")
+        texts = [self.format_prompt(p) for p in prompts for _ in range(group_size)]
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        self.tokenizer.padding_side = "left"
+        encoded = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        chunks = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(texts), self.batch_size):
+                # One generate call: [b, P] prompts -> [b, P + t] tokens.
+                part = {k: v[start:start + self.batch_size] for k, v in encoded.items()}
+                out = self.model.generate(
+                    **part, do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
+                    max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id)
+                chunks.append(out[:, encoded["input_ids"].shape[1]:])
+        completion_ids = _pad_right(chunks, self.tokenizer.pad_token_id)
+        mask = completion_mask(completion_ids, self.tokenizer.eos_token_id)
+        completion_ids = torch.where(mask.bool(), completion_ids, self.tokenizer.pad_token_id)
+        rollouts = Rollouts(
+            encoded["input_ids"], encoded["attention_mask"], completion_ids, mask,
+            torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device),
+            self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+            [i for i in range(len(prompts)) for _ in range(group_size)], group_size)
+        # The sampling policy's own view of its tokens: the fixed old log-probs of the ratio.
+        logprobs, entropy = completion_logprobs(self.model, rollouts, temperature=self.temperature,
+                                                with_entropy=True)
+        rollouts.old_logprobs, rollouts.entropy = logprobs * mask, entropy * mask
+        self.model.train(was_training)
+        return rollouts
+
+
+def _pad_right(chunks: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Stack [b_i, t_i] chunks into [sum b_i, max t_i], padding on the right."""
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])

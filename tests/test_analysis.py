@@ -1,0 +1,346 @@
+"""gxpo_lib.analysis on hand-made run folders: loading (ours and the authors' verl format), seed bands,
+the speed-up table, the final table, grouping, discovery and the figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gxpo_lib import analysis
+from gxpo_lib.analysis import (
+    band,
+    final_table,
+    find_run_folders,
+    format_speedups,
+    group_runs,
+    load_run,
+    load_runs,
+    resolve_run_dirs,
+    speedup_table,
+    t_critical,
+)
+from gxpo_lib.evaluation import bootstrap_ci
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-made run folders in the trainer's format
+# ---------------------------------------------------------------------------------------------------
+def write_run(folder, algorithm="grpo", seed=0, evals=(), train=(), final=None, summary=None, **config):
+    """A run folder as gxpo_lib.trainer writes it.
+
+    evals: (step, pass@1, seconds, cumulative backward passes) tuples; train: dicts merged into train rows.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"algorithm": algorithm, "seed": seed, "k": 5, "alpha": 0.5, "tau": 0.5, "model": "tiny",
+                "steps": 30, "checkpoint_every": 5} | config
+    (folder / "config.json").write_text(json.dumps(settings))
+    rows = [{"kind": "eval", "step": s, "pass@1": p, "pass@1_ci": [p - 0.1, p + 0.1], "seconds": t,
+             "cumulative_backward_passes": bp} for s, p, t, bp in evals]
+    rows += [{"kind": "train", **row} for row in train]
+    if final is not None:
+        (folder / "final_eval.json").write_text(json.dumps(final))
+    if summary is not None:
+        (folder / "run_summary.json").write_text(json.dumps(summary))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def curve_rows(values, seconds_per_step=10.0, passes_per_step=1):
+    """Eval tuples at steps 0, 10, 20, ... for the given pass@1 values."""
+    return [(10 * i, v, 10 * i * seconds_per_step, 10 * i * passes_per_step) for i, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading our own folders
+# ---------------------------------------------------------------------------------------------------
+def test_own_run_eval_rows_get_cumulative_passes_and_train_rows_the_jump_ratio(tmp_path):
+    train = [{"step": 1, "backward_passes": 3, "cumulative_backward_passes": 3, "gate_open": True,
+              "jump_norm": 0.5, "param_norm": 10.0},
+             {"step": 2, "backward_passes": 3, "cumulative_backward_passes": 6, "gate_open": False},
+             {"step": 3, "backward_passes": 1, "cumulative_backward_passes": 7, "gate_open": False}]
+    folder = write_run(tmp_path / "run", "gxpo", evals=[(0, 0.2, 0.0, 0), (3, 0.4, 12.0, 7)], train=train,
+                       final={"arith": {"pass@1": 0.5, "pass@1_ci": [0.4, 0.6]}})
+    with open(folder / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "st')  # a torn last line (killed mid-write) is skipped
+    run = load_run(folder)
+    assert [r["backward_passes"] for r in run.eval] == [0, 7]
+    assert [r["step"] for r in run.train] == [1, 2, 3]
+    assert run.train[0]["jump_over_param_norm"] == pytest.approx(0.05)
+    assert run.shutoff_step == 3            # gate closed during step 2: no extrapolation from step 3
+    assert run.final_eval["arith"]["pass@1"] == 0.5 and run.algorithm == "gxpo" and run.source == "gxpo_lib"
+    write_run(tmp_path / "run", "gxpo", evals=[(0, 0.2, 0.0, 0)], train=train, summary={"shutoff_step": 9})
+    assert load_run(tmp_path / "run").shutoff_step == 9  # notebook 03's summary wins
+
+
+def test_folder_without_metrics_is_a_value_error_naming_it(tmp_path):
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(ValueError, match="empty-run"):
+        load_run(tmp_path / "empty-run")
+    with pytest.raises(ValueError, match="nowhere"):
+        load_runs([str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The authors' logs
+# ---------------------------------------------------------------------------------------------------
+MATH500 = "HuggingFaceH4/MATH-500"
+
+
+def test_authors_flat_rows_map_onto_our_schema(tmp_path):
+    """ray_trainer.fit's rows: {"step": N, **metrics}, validation keys in the row of their step."""
+    rows = [
+        {"step": 1, "actor/gxpo_enabled": 1.0, "actor/gxpo_r_mean": 0.8, "actor/gxpo_r_std": 0.1,
+         "actor/gxpo_scale_mean": 2.5, "actor/gxpo_trigger_z": -0.3, "actor/gxpo_cos_g0_g1": 0.9,
+         "actor/gxpo_disp2_norm": 2.0, "actor/gxpo_dispK_norm": 4.0, "actor/gxpo_inactive_frac": 0.25,
+         "actor/gxpo_ratio_clip_frac": 0.05, "actor/gxpo_gslow_norm": 0.7, "actor/grad_norm": 0.7,
+         "reposition/jump_norm": 2.0, "reposition/jump_relative_to_param_norm": 0.01,
+         "actor/cumulative_bp": 3, "train/elapsed_hours": 0.5, "critic/score/mean": 0.4,
+         "actor/entropy_loss": 1.2},
+        {"step": 2, "actor/gxpo_enabled": 1.0, "actor/cumulative_bp": 6, "eff/cum_policy_grad_evals": 5.0,
+         "train/elapsed_hours": 1.0, "time/cum_train_active_s": 3000.0, "actor/gxpo_r_mean": 0.7,
+         f"val/pass_at_1/{MATH500}": 0.31, f"val/pass_at_16/{MATH500}": 0.62,
+         f"val/pass_at_1/{MATH500}/seed0": 0.99, f"val/pass_at_1/{MATH500}/std": 0.5,
+         "val/pass_at_1/math-ai/amc23": 0.11, "val/test_score/average": 0.2,
+         f"val/test_score/{MATH500}": 0.98, "val/test_score/math-ai/minerva": 0.21},
+        {"step": 3, "actor/gxpo_enabled": 0.0, "actor/gxpo_fallback_triggered": 1.0,
+         "actor/gxpo_shutoff_step": 3.0, "actor/cumulative_bp": 7, "train/elapsed_hours": 1.2},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = load_run(tmp_path)
+    assert run.source == "authors" and run.algorithm == "gxpo" and run.shutoff_step == 3
+    first, second, third = run.train
+    assert first["r_mean"] == 0.8 and first["r_std"] == 0.1 and first["scale_mean"] == 2.5
+    assert first["gate_z"] == -0.3 and first["cos_g0_g1"] == 0.9 and first["dispK_norm"] == 4.0
+    assert first["inactive_frac"] == 0.25 and first["ratio_clip_frac"] == 0.05 and first["gslow_norm"] == 0.7
+    assert first["jump_norm"] == 2.0 and first["jump_over_param_norm"] == 0.01 and first["grad_norm"] == 0.7
+    assert first["cumulative_backward_passes"] == 3 and first["seconds"] == pytest.approx(1800.0)
+    assert first["active"] is True and first["reward_mean"] == 0.4 and first["entropy"] == 1.2
+    # eff/cum_policy_grad_evals and time/cum_train_active_s win over the older keys
+    assert second["cumulative_backward_passes"] == 5.0 and second["seconds"] == 3000.0
+    assert third["active"] is False and third["gate_open"] is False
+    [evaluation] = run.eval
+    assert evaluation["step"] == 2 and evaluation["benchmark"] == MATH500
+    assert evaluation["pass@1"] == 0.31 and evaluation["pass@16"] == 0.62       # the seed copy is skipped
+    assert evaluation["backward_passes"] == 5.0 and evaluation["seconds"] == 3000.0
+    assert evaluation["pass@1/math-ai/amc23"] == 0.11
+    assert evaluation["pass@1/math-ai/minerva"] == 0.21      # test_score stands in where pass_at_1 is missing
+    assert load_run(tmp_path, benchmark="amc").eval[0]["pass@1"] == 0.11
+    with pytest.raises(ValueError, match="benchmark"):
+        load_run(tmp_path, benchmark="aime")
+
+
+def test_verl_file_logger_rows_and_validation_only_rows(tmp_path):
+    """Upstream verl's FileLogger: {"step": N, "data": {...}}; val-core names; a step-0 validation row."""
+    core = f"val-core/{MATH500}/acc"
+    rows = [{"step": 0, "data": {f"{core}/mean@16": 0.30, f"{core}/best@16/mean": 0.60}},
+            {"step": 1, "elapsed_seconds": 9.0, "data": {"actor/grad_norm": 1.5, "actor/cumulative_bp": 1,
+                                                         "train/elapsed_hours": 0.25}},
+            {"step": 2, "data": {"actor/grad_norm": 1.4, "actor/cumulative_bp": 2, "train/elapsed_hours": 0.5,
+                                 f"{core}/mean@16": 0.40, f"{core}/best@16/mean": 0.70}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = load_run(tmp_path, config={"seed": 7})
+    assert run.algorithm == "grpo" and run.seed == 7
+    assert [r["step"] for r in run.train] == [1, 2]                       # step 0 holds validation only
+    assert [(r["step"], r["pass@1"], r["pass@16"], r["backward_passes"], r["seconds"]) for r in run.eval] == \
+        [(0, 0.30, 0.60, 0, 0.0), (2, 0.40, 0.70, 2, 1800.0)]
+
+
+def test_authors_run_manifest_names_the_method(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "actor/grad_norm": 1.0}) + "\n")
+    (tmp_path / "run_manifest.json").write_text(json.dumps({"method": "SFPO", "hyperparameters": {
+        "actor_rollout_ref": {"actor": {"sfpo_inner_steps": 3, "sfpo_step_size": 0.8}}}}))
+    run = load_run(tmp_path)
+    assert (run.algorithm, run.config["k"], run.config["alpha"]) == ("sfpo", 3, 0.8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seed bands
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("df, expected", [(1, 12.706204736), (2, 4.302652730), (4, 2.776445105),
+                                          (10, 2.228138852), (30, 2.042272456)])
+def test_t_critical_matches_the_table(df, expected):
+    assert t_critical(df) == pytest.approx(expected, abs=1e-8)
+    assert t_critical(df, level=0.5) < t_critical(df)
+
+
+def test_band_over_three_seeds_equals_the_hand_computed_t_interval(tmp_path):
+    values = {0: [0.2, 0.5, 0.6], 1: [0.3, 0.4, 0.9], 2: [0.1, 0.6, 0.6]}  # seed -> pass@1 at steps 0, 10, 20
+    runs = [load_run(write_run(tmp_path / f"s{s}", seed=s, evals=curve_rows(v))) for s, v in values.items()]
+    df = band(runs, "pass@1")
+    assert list(df["step"]) == [0, 10, 20] and list(df["n"]) == [3, 3, 3]
+    for i, row in df.iterrows():
+        column = np.array([values[s][i] for s in values])
+        half = 4.302652730 * column.std(ddof=1) / math.sqrt(3)
+        assert row["mean"] == pytest.approx(column.mean())
+        assert (row["lo"], row["hi"]) == pytest.approx((column.mean() - half, column.mean() + half))
+    boot = band(runs, "pass@1", interval="bootstrap")
+    assert (boot["lo"][1], boot["hi"][1]) == pytest.approx(bootstrap_ci([0.5, 0.4, 0.6], n_boot=2000, seed=0))
+
+
+def test_band_on_passes_interpolates_each_seed_inside_its_own_range(tmp_path):
+    a = load_run(write_run(tmp_path / "a", evals=[(0, 0.0, 0.0, 0), (10, 1.0, 5.0, 30)]))
+    b = load_run(write_run(tmp_path / "b", evals=[(0, 0.2, 0.0, 0), (10, 0.4, 5.0, 10)]))
+    df = band([a, b], "pass@1", x="backward_passes")
+    assert list(df["backward_passes"]) == [0, 10, 30] and list(df["n"]) == [2, 2, 1]
+    assert list(df["mean"]) == pytest.approx([0.1, (1 / 3 + 0.4) / 2, 1.0])
+    assert math.isnan(df["lo"][2])                            # one seed left: no interval
+    hours = band([a], "pass@1", x="hours")
+    assert list(hours["hours"]) == pytest.approx([0.0, 5 / 3600])
+    with pytest.raises(ValueError, match="x="):
+        band([a], "pass@1", x="minutes")
+
+
+def test_band_reads_train_rows_with_cumulative_passes(tmp_path):
+    train = [{"step": 1, "backward_passes": 3, "cumulative_backward_passes": 3, "reward_mean": 0.25},
+             {"step": 2, "backward_passes": 1, "cumulative_backward_passes": 4, "reward_mean": 0.75}]
+    run = load_run(write_run(tmp_path / "r", "gxpo", train=train))
+    df = band([run], "reward_mean", x="backward_passes")
+    assert list(df["backward_passes"]) == [3, 4] and list(df["mean"]) == [0.25, 0.75]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------------------------------
+def test_groups_hold_only_seed_replicates(tmp_path):
+    runs = [load_run(write_run(tmp_path / name, algo, seed, evals=curve_rows([0.1]), **extra))
+            for name, algo, seed, extra in [
+                ("g0", "grpo", 0, {"k": 3}), ("g1", "grpo", 1, {"k": 7, "checkpoint_every": 2}),
+                ("x0", "gxpo", 0, {}), ("x1", "gxpo", 1, {}), ("x2", "gxpo", 0, {"steps": 60}),
+                ("y0", "gxpo", 0, {"k": 10})]]
+    groups = {g.label: [r.name for r in g.runs] for g in group_runs(runs)}
+    assert groups == {"grpo": ["g0", "g1"],                      # K does not steer GRPO; bookkeeping ignored
+                      "gxpo K=5 α=0.5 τ=0.5 (steps=30)": ["x0", "x1"],
+                      "gxpo K=5 α=0.5 τ=0.5 (steps=60)": ["x2"],
+                      "gxpo K=10 α=0.5 τ=0.5": ["y0"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The speed-up table
+# ---------------------------------------------------------------------------------------------------
+def test_speedup_table_on_hand_made_curves(tmp_path):
+    # GRPO, two seeds: seed-averaged pass@1 at steps 10..40 is 0.3, 0.4, 0.5, 0.45 -> peak 0.5 at step 30,
+    # 300 s and 30 passes (one per step). The shared initial evaluation (0.6) is not a target.
+    write_run(tmp_path / "grpo0", "grpo", 0, evals=curve_rows([0.6, 0.2, 0.4, 0.6, 0.4]))
+    write_run(tmp_path / "grpo1", "grpo", 1, evals=curve_rows([0.6, 0.4, 0.4, 0.4, 0.5]))
+    # GXPO reaches 0.5 at step 10 (3 passes per step, 2x the seconds): 3x steps, 1x passes, 1.5x hours.
+    write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.6, 0.5, 0.7], 20.0, 3))
+    # SFPO never reaches it.
+    write_run(tmp_path / "sfpo0", "sfpo", 0, evals=curve_rows([0.6, 0.3, 0.49, 0.4], 10.0, 4), k=3, alpha=0.8)
+    df = speedup_table(load_runs(str(tmp_path)))
+    rows = {r["algorithm"]: r for r in df.to_dict("records")}
+    assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(0.5)
+    assert (rows["grpo"]["ref_step"], rows["grpo"]["ref_backward_passes"]) == (30, 30)
+    assert rows["grpo"]["ref_hours"] == pytest.approx(300 / 3600)
+    gx = rows["gxpo"]
+    assert gx["status"] == "reached" and (gx["step"], gx["backward_passes"]) == (10, 30)
+    ratios = (gx["speedup_steps"], gx["speedup_backward_passes"], gx["speedup_hours"])
+    assert ratios == pytest.approx((3, 1, 1.5))
+    sf = rows["sfpo"]
+    assert sf["status"] == "not reached" and math.isnan(sf["speedup_steps"]) and math.isnan(sf["step"])
+    assert df.attrs["reference_improved"] == {"grpo": False}       # 0.5 never beat the initial 0.6
+    shown = format_speedups(df).set_index("group")
+    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "backward passes"] == "not reached"
+    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "3.00×"
+    # Counting the initial evaluation, 0.6 at step 0 becomes the target and the ratios are undefined.
+    initial = speedup_table(load_runs(str(tmp_path)), include_initial=True).set_index("algorithm")
+    assert initial.loc["grpo", "ref_step"] == 0 and initial.loc["sfpo", "status"] == "reached"
+
+
+def test_speedup_needs_a_reference_with_the_same_budget(tmp_path):
+    write_run(tmp_path / "grpo", "grpo", evals=curve_rows([0.1, 0.3]))
+    write_run(tmp_path / "gxpo", "gxpo", evals=curve_rows([0.1, 0.4]), eval_problems=8)
+    write_run(tmp_path / "grpo8", "grpo", evals=curve_rows([0.1, 0.5]), eval_problems=8)
+    df = speedup_table(load_runs(str(tmp_path))).set_index("group")
+    assert df.loc["gxpo K=5 α=0.5 τ=0.5", "reference"] == "grpo (eval_problems=8)"
+    assert df.loc["gxpo K=5 α=0.5 τ=0.5", "status"] == "not reached"   # 0.4 < that GRPO's 0.5
+    write_run(tmp_path / "long" / "gxpo", "gxpo", evals=curve_rows([0.1, 0.4]), steps=60)
+    [_, row] = speedup_table([load_run(tmp_path / "grpo"), load_run(tmp_path / "long" / "gxpo")]).to_dict("records")
+    assert row["status"] == "no reference" and row["note"] == "differs from grpo: steps 60 vs 30"
+    only_gxpo = speedup_table([load_run(tmp_path / "gxpo")])
+    assert list(only_gxpo["status"]) == ["no reference"] and only_gxpo.attrs["reference_improved"] == {}
+
+
+def test_speedup_with_the_authors_pass_at_16(tmp_path):
+    def authors(folder, values):
+        folder.mkdir()
+        rows = [{"step": s, "actor/cumulative_bp": s, "train/elapsed_hours": s / 10,
+                 f"val/pass_at_16/{MATH500}": v, f"val/pass_at_1/{MATH500}": v / 2} for s, v in values]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    authors(tmp_path / "grpo", [(5, 0.5), (10, 0.7), (15, 0.6)])
+    authors(tmp_path / "gxpo", [(5, 0.75), (10, 0.8)])
+    (tmp_path / "gxpo" / "run_manifest.json").write_text(json.dumps({"method": "gxpo"}))
+    df = speedup_table(load_runs(str(tmp_path)), metric="pass@16").set_index("algorithm")
+    assert df.loc["gxpo", "status"] == "reached" and df.loc["gxpo", "speedup_steps"] == 2.0
+    assert df.loc["gxpo", "speedup_hours"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The final table
+# ---------------------------------------------------------------------------------------------------
+def test_final_table_per_run_and_per_group(tmp_path):
+    def final(p1, p4):
+        return {"arith": {"problems": 64, "samples": 4, "pass@1": p1, "pass@1_ci": [p1 - 0.1, p1 + 0.1],
+                          "pass@2": 0.0, "pass@4": p4, "pass@4_ci": [p4 - 0.05, p4 + 0.05]}}
+
+    write_run(tmp_path / "a", "gxpo", 0, evals=curve_rows([0.1]), final=final(0.4, 0.7))
+    write_run(tmp_path / "b", "gxpo", 1, evals=curve_rows([0.1]), final=final(0.6, 0.9))
+    write_run(tmp_path / "c", "grpo", 0, evals=curve_rows([0.1]))              # no final evaluation
+    runs = load_runs(str(tmp_path))
+    per_run = final_table(runs).set_index("run")
+    assert list(per_run.index) == ["a", "b"] and per_run.loc["a", "k"] == 4
+    assert (per_run.loc["a", "pass@k"], per_run.loc["a", "pass@k_lo"], per_run.loc["a", "pass@k_hi"]) == \
+        pytest.approx((0.7, 0.65, 0.75))
+    [group] = final_table(runs, by=analysis.DEFAULT_BY).to_dict("records")
+    half = 12.706204736 * np.std([0.4, 0.6], ddof=1) / math.sqrt(2)
+    assert group["seeds"] == 2 and group["pass@1"] == pytest.approx(0.5)
+    assert (group["pass@1_lo"], group["pass@1_hi"]) == pytest.approx((0.5 - half, 0.5 + half))
+    assert group["interval"] == "t over seeds"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding run folders
+# ---------------------------------------------------------------------------------------------------
+def test_auto_finds_runs_up_to_depth_three_and_nothing_in_an_empty_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dirs("auto") == [] and load_runs("auto") == []
+    write_run(tmp_path / "nb02-runs" / "grpo", "grpo")
+    write_run(tmp_path / "run-smoke", "gxpo")
+    write_run(tmp_path / "a" / "b" / "c", "gxpo")
+    write_run(tmp_path / "a" / "b" / "c" / "d", "gxpo")                    # depth 4: too deep
+    (tmp_path / "run-smoke" / "checkpoints" / "x").mkdir(parents=True)
+    (tmp_path / "run-smoke" / "checkpoints" / "x" / "metrics.jsonl").write_text("{}\n")
+    names = sorted(str(p.relative_to(tmp_path)) for p in resolve_run_dirs("auto"))
+    assert names == ["a/b/c", "nb02-runs/grpo", "run-smoke"]
+    assert len(find_run_folders(tmp_path, max_depth=4)) == 4
+    assert [p.name for p in resolve_run_dirs(json.dumps(["nb02-runs/*"]))] == ["grpo"]   # papermill -p text
+    assert [p.name for p in resolve_run_dirs("nb02-runs")] == ["grpo"]                   # a parent folder
+    with pytest.raises(ValueError, match="nothing-here"):
+        resolve_run_dirs("nothing-here/*")
+
+
+def test_duplicate_folder_names_are_told_apart(tmp_path):
+    write_run(tmp_path / "sweep1" / "gxpo", "gxpo")
+    write_run(tmp_path / "sweep2" / "gxpo", "gxpo", seed=1)
+    assert sorted(r.name for r in load_runs(str(tmp_path))) == ["sweep1/gxpo", "sweep2/gxpo"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------
+def test_figures_have_a_band_per_group_and_mark_the_shutoff(tmp_path):
+    diag = [{"step": s, "gate_z": z, "r_mean": 0.5, "r_std": 0.1, "scale_mean": 2.0, "jump_norm": 1.0,
+             "param_norm": 100.0, "tau": 0.5, "gate_open": s < 2} for s, z in [(1, 0.1), (2, 0.9), (3, 0.0)]]
+    runs = [load_run(write_run(tmp_path / f"gx{s}", "gxpo", s, evals=curve_rows([0.1, 0.2]), train=diag))
+            for s in (0, 1)] + [load_run(write_run(tmp_path / "grpo", "grpo", evals=curve_rows([0.1, 0.3])))]
+    fig = analysis.plot_curves(runs, xs=("step", "backward_passes"))
+    fills = [t for t in fig.data if t.fill == "toself"]
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(lines) == 4 and len(fills) == 2          # 2 groups x 2 panels; only GXPO has two seeds
+    diagnostics = analysis.plot_diagnostics(runs)
+    assert {t.name.split(": ")[1] for t in diagnostics.data} >= {"gate_z", "r_mean", "jump_over_param_norm"}
+    assert [s.x0 for s in diagnostics.layout.shapes if s.line.dash == "dash"] == [3, 3]   # shut off at step 3
+    assert analysis.plot_diagnostics([runs[-1]]) is None                                  # GRPO only

@@ -1,0 +1,79 @@
+"""A run killed with SIGKILL at random points resumes with no logged step lost or duplicated, and ends
+where an uninterrupted run ends; non-finite losses never reach the parameters."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gxpo_lib.trainer import TrainConfig, read_metrics, train
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
+TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval"}
+CONFIG = dict(algorithm="gxpo", steps=8, batch_prompts=4, group_size=4, max_new_tokens=12, eval_every=4,
+              eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=11, tau=5.0)
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
+    reference = train(TrainConfig(**CONFIG), tmp_path / "reference")
+    killed_dir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):  # several kills at random moments (during sampling, the update or a checkpoint)
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env)
+        time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for line in (killed_dir / "metrics.jsonl").read_text().splitlines()[:-1]:
+            json.loads(line)  # every complete line parses; only the last may be torn
+    subprocess.run([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env, check=True)
+    assert kills >= 1
+    rows = read_metrics(killed_dir / "metrics.jsonl")
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == list(range(1, CONFIG["steps"] + 1))           # none lost, none duplicated
+    assert without_times(rows) == without_times(read_metrics(tmp_path / "reference" / "metrics.jsonl"))
+    state = torch.load(sorted((killed_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    for name, p in reference["model"].named_parameters():
+        if p.requires_grad:
+            assert torch.equal(state["trainable"][name], p.detach()), name
+
+
+class PoisonedLoss:
+    """Wraps grpo_objective so that chosen calls return a NaN or inf loss."""
+
+    def __init__(self, original, bad_calls, value):
+        self.original, self.bad_calls, self.value, self.calls = original, set(bad_calls), value, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        loss, stats = self.original(*args, **kwargs)
+        return (loss * self.value if self.calls in self.bad_calls else loss), stats
+
+
+@pytest.mark.parametrize("algorithm, bad_call", [("gxpo", 1), ("gxpo", 2), ("gxpo", 3), ("sfpo", 2), ("grpo", 1)])
+def test_nonfinite_loss_in_any_pass_is_logged_and_never_reaches_parameters(tmp_path, monkeypatch, algorithm, bad_call):
+    import gxpo_lib.trainer as trainer_module
+
+    poisoned = PoisonedLoss(trainer_module.grpo_objective, {bad_call}, float("nan"))
+    monkeypatch.setattr(trainer_module, "grpo_objective", poisoned)
+    config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": False}))
+    summary = train(config, tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(rows) == 2
+    assert rows[0]["fallback"] or rows[0]["skipped"]
+    assert all(torch.isfinite(p).all() for p in summary["model"].parameters())

@@ -1,0 +1,90 @@
+"""Notebook 04 headless on two tiny real runs (GRPO and GXPO): the tables it stores follow the run folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
+from gxpo_lib.trainer import TrainConfig, read_metrics, train
+
+NOTEBOOK = NOTEBOOK_DIR / "04_compare_runs.ipynb"
+FINAL_SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A GRPO and a GXPO run of 4 steps on the tiny model, evaluated every 2 steps and at the end."""
+    root = tmp_path_factory.mktemp("nb04-runs")
+    for algorithm in ("grpo", "gxpo"):
+        train(TrainConfig(algorithm=algorithm, steps=4, eval_every=2, batch_prompts=4, group_size=4,
+                          eval_problems=16, eval_samples=2, final_eval_sets=("arith",), final_eval_problems=16,
+                          final_eval_samples=FINAL_SAMPLES, checkpoint_every=4, progress=False),
+              root / algorithm)
+    return root
+
+
+def _evals(folder):
+    """(step, pass@1, cumulative backward passes) of every evaluation after step 0."""
+    return [(r["step"], r["pass@1"], r["cumulative_backward_passes"])
+            for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "eval" and r["step"] > 0]
+
+
+def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_runs, tmp_path):
+    out = tmp_path / "out"
+    execute_notebook(NOTEBOOK, out, parameters={"run_dirs": [str(two_runs / "grpo"), str(two_runs / "gxpo")],
+                                                "output_dir": "compare"})
+    results = json.loads((out / "compare" / "04_results.json").read_text())
+    assert sorted(r["name"] for r in results["runs"]) == ["grpo", "gxpo"]
+    assert [g["algorithm"] for g in results["groups"]] == ["grpo", "gxpo"]
+
+    # The speed-up, recomputed by hand from the metrics files.
+    grpo, gxpo = _evals(two_runs / "grpo"), _evals(two_runs / "gxpo")
+    target = max(p for _, p, _ in grpo)
+    ref_step, _, ref_bp = next(e for e in grpo if e[1] >= target)
+    hit = next((e for e in gxpo if e[1] >= target), None)
+    rows = {r["algorithm"]: r for r in results["speedup"]}
+    assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(target)
+    assert rows["grpo"]["speedup_steps"] == 1.0
+    row = rows["gxpo"]
+    assert row["target"] == pytest.approx(target) and row["ref_step"] == ref_step
+    if hit is None:
+        assert row["status"] == "not reached" and row["speedup_steps"] is None
+        assert any("gxpo" in m and "did NOT reach" in m for m in results["messages"])
+    else:
+        assert row["status"] == "reached" and row["step"] == hit[0]
+        assert row["speedup_steps"] == pytest.approx(ref_step / hit[0])
+        assert row["speedup_backward_passes"] == pytest.approx(ref_bp / hit[2])
+        assert not any("did NOT reach" in m for m in results["messages"])
+
+    # The final table repeats each run's final_eval.json, with pass@k at the largest k.
+    finals = {r["run"]: r for r in results["final"]}
+    for name in ("grpo", "gxpo"):
+        stored = json.loads((two_runs / name / "final_eval.json").read_text())["arith"]
+        row = finals[name]
+        assert row["k"] == FINAL_SAMPLES and row["benchmark"] == "arith"
+        assert (row["pass@1"], row["pass@1_lo"], row["pass@1_hi"]) == \
+            pytest.approx((stored["pass@1"], *stored["pass@1_ci"]))
+        assert (row["pass@k"], row["pass@k_lo"], row["pass@k_hi"]) == \
+            pytest.approx((stored[f"pass@{FINAL_SAMPLES}"], *stored[f"pass@{FINAL_SAMPLES}_ci"]))
+    assert (out / "compare" / "curves.html").is_file() and (out / "compare" / "diagnostics.html").is_file()
+    assert "Plotly.newPlot" in (out / "04_compare_runs.html").read_text()   # figures survive the export
+
+
+@pytest.mark.parametrize("copied", [[], ["gxpo"]])
+def test_notebook04_auto_with_no_run_or_one_run_says_so(two_runs, tmp_path, copied):
+    for name in copied:  # "auto" searches the working directory, which execute_notebook makes `tmp_path`
+        shutil.copytree(two_runs / name, tmp_path / "runs" / name)
+    execute_notebook(NOTEBOOK, tmp_path, html=False)
+    results = json.loads((tmp_path / "04-compare" / "04_results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == copied
+    expected = "No run folder found" if not copied else "Only one run found"
+    assert any(m.startswith(expected) for m in results["messages"])
+    if copied:  # one GXPO run: a final row, but no GRPO target to chase
+        assert results["final"][0]["pass@1"] is not None
+        assert [r["status"] for r in results["speedup"]] == ["no reference"]
+        assert any(m.startswith("No grpo run found") for m in results["messages"])
+    else:
+        assert results["final"] == [] and results["speedup"] == [] and results["groups"] == []

@@ -1,0 +1,73 @@
+"""Presets resolve and validate; a 2x2 sweep runs notebook 03 headless, skips finished runs, records failures."""
+
+import json
+
+import pytest
+import yaml
+
+from gxpo_lib.presets import list_presets, load_preset, resolve_config
+from gxpo_lib.sweep import format_table, load_sweep, run_sweep
+
+
+def test_every_preset_resolves_and_the_paper_protocol_is_faithful():
+    assert {"smoke", "cpu-smollm2", "paper-gxpo", "paper-sfpo", "paper-grpo"} <= set(list_presets())
+    for name in list_presets():
+        resolve_config(name)
+    paper = resolve_config("paper-gxpo")
+    assert (paper.batch_prompts, paper.group_size, paper.lr, paper.lora_rank, paper.lora_alpha) == (128, 5, 1e-7, 128, 256)
+    assert paper.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (paper.kl_beta, paper.entropy_coef, paper.steps, paper.alpha, paper.tau) == (0.001, 0.001, 300, 0.5, 0.5)
+    assert paper.train_set == "math_train" and paper.train_levels == (3, 4, 5)
+    assert (paper.eval_samples, paper.temperature, paper.loss_type) == (16, 1.0, "token_mean")
+    assert resolve_config("paper-grpo").algorithm == "grpo" and resolve_config("paper-sfpo").algorithm == "sfpo"
+
+
+def test_overrides_beat_the_preset_and_none_means_not_given():
+    config = resolve_config("smoke", {"algorithm": "grpo", "steps": 7, "k": None})
+    assert (config.algorithm, config.steps, config.k) == ("grpo", 7, load_preset("smoke")["k"])
+
+
+@pytest.mark.parametrize("overrides, name", [({"steps": "10"}, "steps"), ({"lora": "yes"}, "lora"),
+                                             ({"k": 1}, "k"), ({"stpes": 3}, "stpes")])
+def test_bad_parameters_are_named(overrides, name):
+    with pytest.raises(ValueError, match=f"^{name}="):
+        resolve_config("smoke", overrides)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ValueError, match="smoke"):
+        resolve_config("nope")
+
+
+def test_grid_file_errors_name_the_run_and_setting(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "grid": {"algorithm": ["grpo", "ppo"]}}))
+    with pytest.raises(ValueError, match="algorithm=ppo.*algorithm='ppo'"):
+        load_sweep(grid)
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "grids": {}}))
+    with pytest.raises(ValueError, match="grids"):
+        load_sweep(grid)
+
+
+@pytest.mark.slow
+def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "preset": "smoke", "out": str(tmp_path / "sweep"), "parallel": 2,
+        "base": {"steps": 2, "eval_every": 2, "eval_problems": 8, "eval_samples": 2, "batch_prompts": 4,
+                 "group_size": 4, "final_eval_problems": 8, "final_eval_samples": 2},
+        "grid": {"algorithm": ["grpo", "gxpo"], "seed": [0, 1]}}))
+    sweep = load_sweep(grid)
+    rows = run_sweep(sweep)
+    assert [r["state"] for r in rows] == ["done"] * 4, format_table(rows)
+    for row in rows:
+        summary = json.loads((tmp_path / "sweep" / row["run"] / "run_summary.json").read_text())
+        assert summary["steps"] == 2 and 0 <= summary["final_pass@1"] <= 1
+        assert (tmp_path / "sweep" / row["run"] / "03_full_scale_run.ipynb").exists()
+    assert [r["state"] for r in run_sweep(sweep)] == ["skipped (finished)"] * 4
+    # A run that fails (a model path that does not exist) is recorded; the others are unaffected.
+    sweep.base["model"] = str(tmp_path / "missing-model")
+    sweep.grid = {"seed": [5]}
+    failed = run_sweep(sweep)
+    assert failed[0]["state"] == "failed" and "missing-model" in failed[0]["error"]
+    assert "failures:" in format_table(failed)

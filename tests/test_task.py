@@ -1,0 +1,115 @@
+"""The synthetic arithmetic task: determinism, correctness of answers, levels, splits, argument checks."""
+
+import re
+
+import pytest
+
+from gxpo_lib import task
+
+# Independent reading of the story: each phrase's sign, as a human would read it.
+_SIGNS = {"buys": 1, "finds": 1, "puts in": 1, "adds": 1, "got": 1, "won": 1,
+          "gives away": -1, "loses": -1, "takes out": -1, "removes": -1, "sold": -1, "gave away": -1}
+_PHRASE = re.compile(r"\b(" + "|".join(_SIGNS) + r") (\d+)")
+_START = re.compile(r"^(?:\w+ has|\w+ had|There are) (\d+) ")
+
+
+def _answer_from_prompt(prompt: str) -> int:
+    """Recompute the answer from the words of the prompt alone."""
+    total = int(_START.match(prompt).group(1))
+    for phrase, number in _PHRASE.findall(prompt):
+        total += _SIGNS[phrase] * int(number)
+    return total
+
+
+def test_same_seed_same_problems_and_other_seed_differs():
+    first = task.generate_problems(50, seed=3)
+    assert first == task.generate_problems(50, seed=3)
+    assert [p.prompt for p in first] != [p.prompt for p in task.generate_problems(50, seed=4)]
+
+
+@pytest.mark.parametrize("level", task.LEVELS)
+def test_answers_are_correct(level):
+    for problem in task.generate_problems(200, level=level, seed=1):
+        expected = _answer_from_prompt(problem.prompt)
+        assert problem.answer == str(expected)
+        assert problem.answer == str(task.evaluate_ops(problem.operands, problem.ops))
+        assert expected >= 0
+        # The worked line chains correct equations over the prompt's numbers and boxes the result.
+        equations = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", problem.solution)
+        assert len(equations) == len(problem.ops) == level
+        assert int(equations[0][0]) == problem.operands[0]
+        for (a, op, b, result), previous in zip(equations, [None] + equations[:-1]):
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert previous is None or previous[3] == a
+        assert [int(e[2]) for e in equations] == list(problem.operands[1:])
+        assert problem.solution.endswith(f"= {expected}. \\boxed{{{expected}}}")
+        assert task.is_correct(problem.solution, problem.answer)
+
+
+def test_levels_differ_in_operations_and_number_size():
+    for level, (n_ops, high) in {1: (1, 9), 2: (2, 20), 3: (3, 50)}.items():
+        problems = task.generate_problems(300, level=level, seed=2)
+        assert {len(p.ops) for p in problems} == {n_ops}
+        assert {p.level for p in problems} == {level}
+        assert max(max(p.operands) for p in problems) == high
+    mixed = task.generate_problems(30, seed=0)
+    assert [p.level for p in mixed] == [1, 2, 3] * 10
+
+
+def test_prompts_are_distinct_and_use_the_task_vocabulary():
+    problems = task.generate_problems(1000, seed=5)
+    assert len({p.prompt for p in problems}) == 1000
+    words = set(task.task_words())
+    for problem in problems:
+        assert set(re.findall(r"[A-Za-z]+", problem.prompt)) <= words
+
+
+def test_write_splits_is_byte_reproducible_and_disjoint(tmp_path):
+    a = task.write_splits(tmp_path / "a", seed=7, n_train=300, n_test=60)
+    b = task.write_splits(tmp_path / "b", seed=7, n_train=300, n_test=60)
+    for split in task.SPLITS:
+        assert a[split].read_bytes() == b[split].read_bytes()
+    train = task.load_split("train", tmp_path / "a")
+    test = task.load_split("test", tmp_path / "a")
+    assert (len(train), len(test)) == (300, 60)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert len({r["id"] for r in train + test}) == 360
+    assert set(test[0]) >= {"prompt", "answer", "solution", "level", "id"}
+    assert isinstance(test[0]["answer"], str)
+
+
+def test_shipped_splits_match_the_generator_and_stay_small(tmp_path):
+    shipped = task.DATA_DIR
+    rebuilt = task.write_splits(tmp_path, seed=0)
+    for split in task.SPLITS:
+        assert (shipped / f"{split}.jsonl").read_bytes() == rebuilt[split].read_bytes()
+        assert rebuilt[split].stat().st_size < 800_000
+    assert task.load_split("test", limit=5) == task.load_split("test")[:5]
+
+
+def test_boxed_extraction():
+    assert task.extract_boxed_int("1 + 2 = 3. \\boxed{3}") == 3
+    assert task.extract_boxed_int("\\boxed{4} then \\boxed{ 12 }") == 12
+    assert task.extract_boxed_int("no answer") is None
+    assert not task.is_correct("\\boxed{5}", "6")
+    assert not task.is_correct("5", "5")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: task.generate_problems(-1), "n"),
+    (lambda: task.generate_problems(5, level=4), "level"),
+    (lambda: task.generate_problems(5, level=[]), "level"),
+    (lambda: task.generate_problems(5, seed=-2), "seed"),
+    (lambda: task.generate_problems(2.5), "n"),
+    (lambda: task.write_splits("/tmp/unused", n_train=0), "n_train"),
+    (lambda: task.write_splits("/tmp/unused", n_test=-5), "n_test"),
+    (lambda: task.load_split("validation"), "split"),
+])
+def test_bad_arguments_raise_value_error_naming_them(call, name):
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        call()
+
+
+def test_missing_split_file_explains_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m gxpo_lib.task"):
+        task.load_split("train", tmp_path)

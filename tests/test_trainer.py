@@ -1,0 +1,98 @@
+"""train(config, workdir) end to end on the CPU: the whole pipeline, resume, validation, live settings."""
+
+import json
+
+import pytest
+import torch
+
+from gxpo_lib.trainer import TrainConfig, TrainControl, read_metrics, train
+
+TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval"}
+
+
+def small(**overrides):
+    base = dict(algorithm="gxpo", steps=2, batch_prompts=4, group_size=4, max_new_tokens=16, eval_every=2,
+                eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=3)
+    return TrainConfig(**(base | overrides))
+
+
+def strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+def test_one_run_exercises_the_whole_pipeline(tmp_path):
+    summary = train(small(), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    kinds = [(r["kind"], r["step"]) for r in rows]
+    assert kinds == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+    first = rows[1]
+    for key in ("reward_mean", "accuracy", "response_length", "entropy", "clip_frac", "backward_passes",
+                "gate_open", "r_mean", "scale_mean", "jump_norm", "cos_g0_g1", "tau", "k",
+                "seconds_sampling", "seconds_scoring", "seconds_update", "cumulative_backward_passes"):
+        assert key in first, key
+    assert first["backward_passes"] in (1, 2, 3, 4)  # 3 when active; a fallback or closed gate differs
+    assert rows[2]["cumulative_backward_passes"] == first["backward_passes"] + rows[2]["backward_passes"]
+    assert 0 <= rows[0]["pass@1"] <= 1 and "pass@2" in rows[0] and len(rows[0]["pass@1_ci"]) == 2
+    assert (tmp_path / "checkpoints").is_dir() and json.loads((tmp_path / "config.json").read_text())["k"] == 5
+    assert summary["steps_done"] == 2
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "sfpo"])
+def test_other_algorithms_count_their_passes(tmp_path, algorithm):
+    train(small(algorithm=algorithm, k=3, steps=1, eval_every=5), tmp_path)
+    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"][0]
+    assert row["backward_passes"] == (1 if algorithm == "grpo" else 4)
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    config = small(steps=4, eval_every=2, checkpoint_every=1)
+    whole = train(config, tmp_path / "whole")
+    train(small(steps=2, eval_every=2, checkpoint_every=1), tmp_path / "split")
+    resumed = train(config, tmp_path / "split")
+    a = strip_times(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    b = strip_times(read_metrics(tmp_path / "split" / "metrics.jsonl"))
+    assert a == b
+    for (name, p), q in zip(whole["model"].named_parameters(), resumed["model"].parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+
+
+def test_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    train(small(steps=2, checkpoint_every=2, eval_every=10), tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "step": 3, "reward_mean": 0.5}\n{"kind": "tr')  # a kill mid-write
+    train(small(steps=3, checkpoint_every=2, eval_every=10), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert all(line.strip().endswith("}") for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ({"algorithm": "ppo"}, "algorithm"), ({"k": 1}, "k"), ({"tau": -1.0}, "tau"), ({"lr": 0}, "lr"),
+    ({"group_size": 0}, "group_size"), ({"mini_batches": 3}, "mini_batches"), ({"top_p": 2.0}, "top_p"),
+    ({"loss_type": "sum"}, "loss_type"), ({"r_clamp": (1.0, -1.0)}, "r_clamp"), ({"model": "/nonexistent/m"}, "name_or_path"),
+])
+def test_bad_config_fails_before_work_with_the_setting_named(tmp_path, overrides, name):
+    with pytest.raises(ValueError, match=name):
+        train(small(**overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_setting_and_changed_run_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="^lerning_rate="):
+        TrainConfig.from_dict({"lerning_rate": 1e-3})
+    train(small(steps=1, eval_every=5), tmp_path)
+    with pytest.raises(ValueError, match="^alpha="):
+        train(small(steps=2, alpha=0.9, eval_every=5), tmp_path)
+
+
+def test_live_settings_reach_the_next_step(tmp_path):
+    control = TrainControl()
+
+    def on_row(row):
+        if row["kind"] == "train" and row["step"] == 1:
+            control.update(tau=2.0, k=10)
+
+    train(small(steps=3, eval_every=10), tmp_path, callbacks=[on_row], control=control)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [(r["tau"], r["k"]) for r in rows] == [(0.5, 5), (2.0, 10), (2.0, 10)]
