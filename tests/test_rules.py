@@ -7,7 +7,15 @@ import torch
 
 from gxpo_lib import GXPO, SFPO, PlainStep, ShutoffGate
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These tests compare against hand-written float64 iterates; restore the default afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
