@@ -19,7 +19,7 @@ import time
 import torch
 
 from gxpo_lib import GXPO, SFPO, PlainStep
-from gxpo_lib.losses import grpo_objective, group_advantages
+from gxpo_lib.losses import group_advantages, grpo_objective
 from gxpo_lib.models import apply_lora, format_prompt, load_model
 from gxpo_lib.sampling import HFSampler, completion_logprobs
 from gxpo_lib.task import load_split

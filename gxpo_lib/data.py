@@ -137,7 +137,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {lineno}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(  # noqa: TRY004 - bad data, not a bad argument
+                raise ValueError(
                     f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
                 )
             rows.append(row)
@@ -158,7 +158,7 @@ def to_common_schema(rows: Iterable[Mapping[str, Any]], name: str, split: str | 
     for index, row in enumerate(rows):
         prompt = row.get("problem", row.get("question"))
         if not isinstance(prompt, str):
-            raise ValueError(  # noqa: TRY004 - bad data, not a bad argument
+            raise ValueError(
                 f"{name} row {index}: no 'problem' or 'question' text (columns: {sorted(row)})"
             )
         out.append({

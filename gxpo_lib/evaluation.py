@@ -25,7 +25,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """
     for name, value in (("n", n), ("c", c), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004 - the spec asks ValueError
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1 (samples per problem), got {n}")
     if not 0 <= c <= n:

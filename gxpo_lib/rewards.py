@@ -96,7 +96,7 @@ def score_pair(
         return (1.0, "correct") if ok else (0.0, "wrong")
     except TimeoutException:
         return 0.0, "timeout"
-    except Exception:  # noqa: BLE001 - a reward must never crash the run; counted as "error"
+    except Exception:
         return 0.0, "error"
 
 
@@ -302,7 +302,7 @@ def _parse(text: str, config: tuple, timeout_s: int | None) -> list:
         return parse(text, list(config), parsing_timeout=timeout_s, raise_on_error=True)
     except TimeoutException:
         raise
-    except Exception:  # noqa: BLE001 - unparsable text is a parse failure, not an error
+    except Exception:
         return []
 
 

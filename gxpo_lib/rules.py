@@ -235,7 +235,7 @@ class _GatedRule(UpdateRule):
         own = {k: v for k, v in settings.items() if k in self.settings()}
         gate_part = {k: v for k, v in settings.items() if k not in own}
         if gate_part and self.gate is None:
-            name = sorted(gate_part)[0]
+            name = min(gate_part)
             raise ValueError(f"{name}={gate_part[name]!r} is invalid: allowed settings are "
                              f"{sorted(self.settings())} (this rule has no gate)")
         trial = type(self)(self.optimizer, gate=None, **(self.settings() | own))  # validates every value
@@ -367,7 +367,7 @@ class GXPO(_GatedRule):
     def _extrapolate(self, closure: Closure, info: StepInfo, snapshot) -> float:
         """Passes 1-3 and the reposition; returns the statistic the gate should see."""
         loss0, n0, self._g0 = self._probe(closure, info, self._g0)   # theta0 -> theta1
-        loss1, n1, self._g1 = self._probe(closure, info, self._g1)   # theta1 -> theta2
+        _loss1, n1, self._g1 = self._probe(closure, info, self._g1)   # theta1 -> theta2
         c0, c1 = self._clip_scale(n0), self._clip_scale(n1)
         self._jump_to_extrapolated_point(info, c0, c1)                # theta2 -> theta~
         info.g0_norm, info.g1_norm = n0, n1
@@ -492,7 +492,7 @@ class SFPO(_GatedRule):
             return self._finish(self._plain_step(closure, info))
         self._theta0 = self._save_params(self._theta0)
         for _ in range(self.k):                                        # the fast trajectory
-            loss, norm = self._backward(closure)
+            _loss, norm = self._backward(closure)
             info.backward_passes += 1
             if not _finite(norm):
                 return self._finish(self._fallback(closure, info, None))

@@ -43,7 +43,7 @@ class Rollouts:
         """[B, P + T]"""
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
-    def rows(self, index: torch.Tensor | slice) -> "Rollouts":
+    def rows(self, index: torch.Tensor | slice) -> Rollouts:
         """A subset of rows (a mini-batch)."""
         picked = range(len(self.completions))[index] if isinstance(index, slice) else index.tolist()
         return Rollouts(

@@ -57,7 +57,7 @@ def _check_nonnegative(name: str, value: Any) -> float:
 
 def _check_landscape(landscape: Any) -> Landscape:
     if not isinstance(landscape, Landscape):
-        raise ValueError(f"landscape={landscape!r} is invalid: allowed a gxpo_lib.toy.Landscape "  # noqa: TRY004
+        raise ValueError(f"landscape={landscape!r} is invalid: allowed a gxpo_lib.toy.Landscape "
                          f"(or make_landscape(name) with name in {sorted(LANDSCAPES)})")
     return landscape
 

@@ -19,14 +19,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .evaluation import pass_at_k, bootstrap_ci
+from .evaluation import bootstrap_ci, pass_at_k
 from .gate import GATE_MODES, GATE_SIGNALS
 from .losses import LOSS_TYPES, group_advantages, grpo_objective
 from .rules import GXPO, OPTIMIZER_STATE_MODES, RETENTION_MODES, SFPO, PlainStep, StepInfo
@@ -114,7 +114,7 @@ class TrainConfig:
         if self.train_levels is not None:
             self.train_levels = tuple(self.train_levels)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value before any model is loaded; raises ValueError naming the setting."""
         check_choice("algorithm", self.algorithm, ALGORITHMS)
         check_int("k", self.k, minimum=2)
@@ -159,7 +159,7 @@ class TrainConfig:
         return self
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a dict, rejecting unknown names (a typo must not be silently ignored)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -593,7 +593,7 @@ def _train_step(step, config, model, tokenizer, rule, sampler, scorer, problems,
         part = slice(start_row, start_row + size)
         closure = _make_closure(model, rollouts.rows(part), advantages[part],
                                 None if ref_logprobs is None else ref_logprobs[part], config, total_tokens, stats)
-        entropy_signal = float((rollouts.entropy[part].sum() / rollouts.completion_mask[part].sum().clamp(min=1)))
+        entropy_signal = float(rollouts.entropy[part].sum() / rollouts.completion_mask[part].sum().clamp(min=1))
         infos.append(rule.step(closure, gate_signal=entropy_signal))
     counters["seconds_update"] += time.perf_counter() - start
 

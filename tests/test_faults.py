@@ -47,7 +47,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(1, CONFIG["steps"] + 1))           # none lost, none duplicated
     assert without_times(rows) == without_times(read_metrics(tmp_path / "reference" / "metrics.jsonl"))
-    state = torch.load(sorted((killed_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    state = torch.load(max((killed_dir / "checkpoints").glob("step_*.pt")), weights_only=False)
     for name, p in reference["model"].named_parameters():
         if p.requires_grad:
             assert torch.equal(state["trainable"][name], p.detach()), name

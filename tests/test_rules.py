@@ -8,7 +8,6 @@ import torch
 from gxpo_lib import GXPO, SFPO, PlainStep, ShutoffGate
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     """These tests compare against hand-written float64 iterates; restore the default afterwards."""
@@ -369,7 +368,7 @@ def test_state_dict_resume_matches_uninterrupted_run(make_rule):
 def test_rules_work_in_float32_and_bfloat16_parameters():
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.tensor([1.0, -2.0, 0.5], dtype=dtype, requires_grad=True)
-        def closure():
+        def closure(x=x):
             loss = (x.float() ** 2).sum()
             loss.backward()
             return loss

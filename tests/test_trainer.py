@@ -40,7 +40,7 @@ def test_one_run_exercises_the_whole_pipeline(tmp_path):
 @pytest.mark.parametrize("algorithm", ["grpo", "sfpo"])
 def test_other_algorithms_count_their_passes(tmp_path, algorithm):
     train(small(algorithm=algorithm, k=3, steps=1, eval_every=5), tmp_path)
-    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"][0]
+    row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
     assert row["backward_passes"] == (1 if algorithm == "grpo" else 4)
 
 
