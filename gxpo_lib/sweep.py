@@ -10,6 +10,9 @@ A grid file (YAML):
       algorithm: [grpo, gxpo]
       seed: [0, 1]
 
+``preset`` may also be a grid axis (``grid: {preset: [paper-grpo, paper-gxpo], seed: [0, 1, 2]}``); examples
+live in ``sweeps/``.
+
     python -m gxpo_lib sweep grid.yaml [--parallel N] [--dry-run]
 
 A run whose folder holds ``run_summary.json`` is finished and skipped; a failed run is recorded in
@@ -87,7 +90,8 @@ def load_sweep(path: Path | str) -> Sweep:
                   timeout=int(raw.get("timeout", 24 * 3600)))
     for name, settings in sweep.runs():
         try:
-            resolve_config(sweep.preset, settings)
+            overrides = {k: v for k, v in settings.items() if k != "preset"}
+            resolve_config(settings.get("preset", sweep.preset), overrides)
         except ValueError as error:
             raise ValueError(f"run {name}: {error}") from None
     return sweep
@@ -95,7 +99,6 @@ def load_sweep(path: Path | str) -> Sweep:
 
 def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[dict[str, Any]]:
     """Execute every unfinished run (``parallel`` at a time); returns one status row per run."""
-    sweep.out.mkdir(parents=True, exist_ok=True)
     status_path = sweep.out / "sweep_status.json"
 
     def one(name: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[dict[str, Any]]:
         if dry_run:
             return {"run": name, "state": "would run"}
         start = time.perf_counter()
-        parameters = {"preset": sweep.preset, "output_dir": str(folder), **settings}
+        parameters = {"preset": sweep.preset, "output_dir": str(folder), **settings}  # a grid preset wins
         try:
             execute_notebook(sweep.notebook, folder, parameters=parameters, timeout=sweep.timeout)
             return {"run": name, "state": "done", "seconds": round(time.perf_counter() - start, 1),
@@ -115,6 +118,9 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[dict[str, Any]]:
                     "error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"}
 
     runs = sweep.runs()
+    if dry_run:
+        return [one(*run) for run in runs]
+    sweep.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
         rows = list(pool.map(lambda run: one(*run), runs))
     status_path.write_text(json.dumps(rows, indent=2))

@@ -49,6 +49,25 @@ def test_grid_file_errors_name_the_run_and_setting(tmp_path):
         load_sweep(grid)
 
 
+def test_shipped_grid_files_expand_and_a_preset_axis_picks_each_runs_preset(tmp_path):
+    from pathlib import Path
+
+    grids = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+    assert {"smoke-2x2.yaml", "paper-main.yaml", "paper-k.yaml"} <= {g.name for g in grids}
+    for grid in grids:
+        sweep = load_sweep(grid)
+        sweep.out = tmp_path / grid.stem
+        rows = run_sweep(sweep, dry_run=True)
+        assert rows and all(r["state"] == "would run" for r in rows)
+        assert not sweep.out.exists()  # a dry run writes nothing
+    main = load_sweep(grids[[g.name for g in grids].index("paper-main.yaml")])
+    assert [s["preset"] for _, s in main.runs()][::3] == ["paper-grpo", "paper-sfpo", "paper-gxpo"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"grid": {"preset": ["smoke", "nope"]}}))
+    with pytest.raises(ValueError, match="preset=nope"):
+        load_sweep(bad)
+
+
 @pytest.mark.slow
 def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path):
     grid = tmp_path / "grid.yaml"
