@@ -34,6 +34,7 @@ from .sampling import HFSampler, Rollouts, completion_logprobs
 from .validation import check_choice, check_int, check_interval, check_optional_positive, check_positive
 
 ALGORITHMS = ("grpo", "gxpo", "sfpo")
+ROLLOUT_BACKENDS = ("hf", "vllm")
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -105,6 +106,9 @@ class TrainConfig:
     seed: int = 0
     reward_workers: int = 0            # 0: score in this process; >0: a process pool with an outer timeout
     reward_timeout: float = 5.0
+    # engines
+    rollout_backend: str = "hf"        # "hf": model.generate; "vllm": gxpo_lib.vllm_sampler (GPU extra)
+    vllm_gpu_memory: float = 0.3       # vLLM's share of accelerator memory (colocated engine)
     progress: bool = True
 
     def __post_init__(self):
@@ -156,6 +160,9 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed a number >= 0")
         check_positive("lora_alpha", self.lora_alpha)
+        check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        if not 0 < self.vllm_gpu_memory <= 1:
+            raise ValueError(f"vllm_gpu_memory={self.vllm_gpu_memory!r} is invalid: allowed a number in (0, 1]")
         return self
 
     @classmethod
@@ -451,8 +458,7 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     rule = build_rule(config, optimizer)
     format_prompt = _prompt_formatter(config, tokenizer)
-    sampler = HFSampler(model, tokenizer, format_prompt, max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature, top_p=config.top_p)
+    sampler = _make_sampler(config, model, tokenizer, format_prompt, workdir)
     scorer = RewardScorer(workers=config.reward_workers, timeout_s=config.reward_timeout)
 
     # Resume if a checkpoint exists.
@@ -521,12 +527,26 @@ def train(
     finally:
         log.close()
         scorer.close()
+        if hasattr(sampler, "close"):
+            sampler.close()  # a vLLM engine frees its memory and worker processes
         if progress is not None:
             progress.close()
     gate = getattr(rule, "gate", None)
     return {"workdir": str(workdir), "steps_done": rule.num_steps, "last_eval": last_eval, "final_eval": final,
             "shutoff_step": gate.shutoff_step if gate is not None else None, **counters,
             "model": model, "tokenizer": tokenizer}
+
+
+def _make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: Path):
+    """The rollout engine: HF generate, or a colocated vLLM engine that follows the trained weights."""
+    if config.rollout_backend == "vllm":
+        from .vllm_sampler import VLLMSampler
+
+        return VLLMSampler(model, tokenizer, format_prompt, max_new_tokens=config.max_new_tokens,
+                           temperature=config.temperature, top_p=config.top_p,
+                           gpu_memory_utilization=config.vllm_gpu_memory, workdir=workdir / "vllm")
+    return HFSampler(model, tokenizer, format_prompt, max_new_tokens=config.max_new_tokens,
+                     temperature=config.temperature, top_p=config.top_p)
 
 
 def _final_evaluation(workdir, config, sampler, scorer, sets, counters, emit) -> dict[str, Any]:
