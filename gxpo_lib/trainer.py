@@ -332,6 +332,30 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
     return rows
 
 
+def summarize_run(workdir: Path | str) -> dict[str, Any]:
+    """What `train` returns (without the model), read back from a run folder's files.
+
+    Works for folders written by `train` and by the TRL backend (same metrics.jsonl rows), so a notebook
+    that launched a run in another process can report on it.
+    """
+    workdir = Path(workdir)
+    rows = read_metrics(workdir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{str(workdir)!r} holds no metrics.jsonl rows: nothing was trained there")
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    closed = [r["step"] for r in train_rows if r.get("gate_open") is False]
+    last = (eval_rows or rows)[-1]
+    counters = {key: last.get(key, 0.0) for key in ("seconds_sampling", "seconds_scoring", "seconds_update",
+                                                     "seconds_eval")}
+    final_path = workdir / "final_eval.json"
+    return {"workdir": str(workdir), "steps_done": max((r["step"] for r in train_rows), default=0),
+            "last_eval": eval_rows[-1] if eval_rows else None,
+            "final_eval": json.loads(final_path.read_text()) if final_path.exists() else {},
+            "shutoff_step": closed[0] + 1 if closed else None,  # the gate's convention: the first plain step
+            "backward_passes": last.get("cumulative_backward_passes", 0), **counters}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only rows up to `step` (the checkpoint resumed from); rewritten atomically."""
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]

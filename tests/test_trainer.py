@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gxpo_lib.trainer import TrainConfig, TrainControl, read_metrics, train
+from gxpo_lib.trainer import TrainConfig, TrainControl, read_metrics, summarize_run, train
 
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval"}
 
@@ -96,3 +96,18 @@ def test_live_settings_reach_the_next_step(tmp_path):
     train(small(steps=3, eval_every=10), tmp_path, callbacks=[on_row], control=control)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [(r["tau"], r["k"]) for r in rows] == [(0.5, 5), (2.0, 10), (2.0, 10)]
+
+
+def test_summary_read_back_from_the_folder_matches_train(tmp_path):
+    # A gate that trips early (a window gate with a tiny tau trips on the first rise of the corrective
+    # gradient norm) so the shutoff step is part of the comparison.
+    summary = train(small(steps=5, eval_every=5, tau=1e-3, gate_mode="window", gate_window=2, max_new_tokens=32,
+                          final_eval_sets=("arith",),
+                          final_eval_problems=4, final_eval_samples=2), tmp_path)
+    read_back = summarize_run(tmp_path)
+    assert summary["shutoff_step"] is not None
+    for key in ("steps_done", "shutoff_step", "backward_passes", "final_eval", "last_eval"):
+        assert read_back[key] == pytest.approx(summary[key]) if key == "backward_passes" else \
+            read_back[key] == summary[key], key
+    with pytest.raises(ValueError, match="no metrics"):
+        summarize_run(tmp_path / "empty")

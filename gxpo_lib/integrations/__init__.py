@@ -104,7 +104,7 @@ def launch_trl(config: dict[str, Any], workdir: str | os.PathLike, num_processes
         The ``subprocess.Popen`` (stdout and stderr merged, text); read it with `stream`. It runs in its
         own process group, so ``os.killpg(proc.pid, signal.SIGTERM)`` stops every rank.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # the child runs in the repository root
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "trl_launch.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
