@@ -1,119 +1,332 @@
-"""What does GXPO's update cost? Times one rule step against plain steps on the same mini-batch.
+"""What does an update rule cost on top of its backward passes? (issue 6, benchmark 1)
 
-Ratios, not seconds, are the result: every measurement is interleaved with its baseline in the same
-process, many repetitions, medians. The floor for an active GXPO step is three backward passes, so the
-headline is GXPO / (3 x plain) (target <= 1.10); SFPO against K+1 plain steps; the step after shutoff
-against one plain step (target <= 1.02).
+Measures, on one fixed mini-batch of real rollouts (sampled once with HFSampler), the wall time of one
+rule step against plain GRPO steps (PlainStep) on the same batch:
 
-    python bench/bench_update.py [--model tiny|smollm2-135m] [--full] [--reps 30] [--json out.json]
+  * active GXPO (K=5, alpha=0.5, gate open)   vs 3 x PlainStep    target  GXPO / (3 x plain)      <= 1.10
+  * active GXPO, optimizer_state=transactional vs 3 x PlainStep    (informational, same 1.10 bound)
+  * active SFPO (K=3, alpha=0.8, no gate)      vs (K+1) x PlainStep target SFPO / (4 x plain)     <= 1.10
+  * GXPO after shutoff (gate forced closed)    vs 1 x PlainStep    target  closed / plain          <= 1.02
+
+Method. All rules share one model, one AdamW and the batch. Before every timed step the trainable
+parameters, the optimizer state (moments, step counters) and the gradients are restored in place from a
+snapshot, so every repetition does exactly the same work (a warm-up step first allocates the AdamW state
+and each rule's buffers). Each repetition times, in a shuffled order, three single PlainSteps and one step
+of every rule; the per-repetition ratios use that repetition's own plain steps (their sum is "three
+PlainStep updates"), which cancels slow drifts of the machine's load. Results are medians with IQR and a
+bootstrap 95% interval of the median ratio. The machine is shared, so repetitions run until a per-case time
+budget is spent (at least --min-reps).
+
+Because the forward/backward passes dominate and are noisy, the closure's own time is also recorded: a
+rule's *overhead* is its step time minus the time spent inside closure() (clipping, optimizer steps, the
+snapshots, the extrapolation). The "projected" ratio (passes x median closure + median overhead of the
+rule) / (passes x (median closure + median plain overhead)) is a low-noise estimate of the same target.
+A last phase splits GXPO's overhead into its parts by timing wrappers put on one rule instance.
+
+Cases: tiny model + LoRA, tiny model full fine-tuning, and with --smollm2 SmolLM2-135M + LoRA (slow on a
+2-core CPU: minutes per repetition; the batch is smaller there).
+
+    python bench/bench_update.py                   # tiny LoRA + tiny full, ~4-5 min
+    python bench/bench_update.py --quick           # < 1 min, smoke test
+    python bench/bench_update.py --smollm2         # adds SmolLM2-135M + LoRA (long)
+    python bench/bench_update.py --cases tiny-lora --budget-s 60 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import statistics
+import random
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gxpo_lib import GXPO, SFPO, PlainStep
-from gxpo_lib.losses import group_advantages, grpo_objective
-from gxpo_lib.models import apply_lora, format_prompt, load_model
-from gxpo_lib.sampling import HFSampler, completion_logprobs
-from gxpo_lib.task import load_split
+from _benchlib import (  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch is imported)
+    TimedClosure,
+    TrainingState,
+    bootstrap_median_ci,
+    finish_record,
+    machine_info,
+    make_rollouts,
+    make_trainable,
+    print_table,
+    quiet_transformers,
+    setup_torch,
+    summary,
+    verdict,
+    write_json,
+)
+import torch  # noqa: E402
 
-
-def make_batch(model, tokenizer, prompts: int, group: int, new_tokens: int):
-    """One real rollout batch from the model (fixed seed) and its advantages."""
-    sampler = HFSampler(model, tokenizer, lambda t: format_prompt(t, tokenizer), max_new_tokens=new_tokens)
-    rollouts = sampler.sample([p["prompt"] for p in load_split("train", limit=prompts)], group, seed=0)
-    rewards = torch.rand(len(rollouts.completions), generator=torch.Generator().manual_seed(0)).round()
-    return rollouts, group_advantages(rewards, group)
-
-
-def closure_for(model, rollouts, advantages):
-    def closure():
-        logprobs = completion_logprobs(model, rollouts)
-        loss, _ = grpo_objective(logprobs, rollouts.old_logprobs, advantages, rollouts.completion_mask)
-        loss.backward()
-        return loss
-    return closure
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+TARGETS = {"gxpo": 1.10, "gxpo_tx": 1.10, "sfpo": 1.10, "closed": 1.02}
+SFPO_K = 3
+GXPO_K = 5
+CASES = {  # name: (model, lora)
+    "tiny-lora": ("tiny", True),
+    "tiny-full": ("tiny", False),
+    "smollm2-lora": ("smollm2-135m", True),
+}
 
 
-def measure(model, rollouts, advantages, reps: int, lr: float) -> dict[str, float]:
-    """Interleaved timings of each rule against its plain-step floor; returns median ratios."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    start_state = copy.deepcopy({id(p): p.detach().clone() for p in trainable})
-    closure = closure_for(model, rollouts, advantages)
+def build_rules(optimizer, transactional: bool):
+    from gxpo_lib import GXPO, SFPO, PlainStep
 
-    def fresh(rule_factory):
-        with torch.no_grad():
-            for p in trainable:
-                p.copy_(start_state[id(p)])
-        return rule_factory(torch.optim.AdamW(trainable, lr=lr))
-
-    gxpo = fresh(lambda opt: GXPO(opt, k=5, alpha=0.5, gate=None))
-    sfpo = fresh(lambda opt: SFPO(opt, k=3, alpha=0.8, gate=None))
-    closed = fresh(lambda opt: GXPO(opt, k=5, alpha=0.5, tau=1e-6, warmup=0))
-    plain = fresh(lambda opt: PlainStep(opt))
-    closed.step(closure)  # trips the gate: every later call is the post-shutoff path
-    assert not closed.gate.is_open
-    for rule in (gxpo, sfpo, plain):  # warm-up: allocate buffers and optimizer state
-        rule.step(closure)
-
-    samples = {"plain": [], "gxpo": [], "sfpo": [], "closed": []}
-    for _ in range(reps):
-        samples["plain"].append(timed(lambda: plain.step(closure)))
-        samples["gxpo"].append(timed(lambda: gxpo.step(closure)))
-        samples["plain"].append(timed(lambda: plain.step(closure)))
-        samples["sfpo"].append(timed(lambda: sfpo.step(closure)))
-        samples["plain"].append(timed(lambda: plain.step(closure)))
-        samples["closed"].append(timed(lambda: closed.step(closure)))
-    median = {k: statistics.median(v) for k, v in samples.items()}
-    return {
-        "plain_s": median["plain"], "gxpo_s": median["gxpo"], "sfpo_s": median["sfpo"],
-        "closed_s": median["closed"],
-        "gxpo_over_3_plain": median["gxpo"] / (3 * median["plain"]),
-        "sfpo_over_k_plus_1_plain": median["sfpo"] / (4 * median["plain"]),
-        "closed_over_plain": median["closed"] / median["plain"],
+    rules = {
+        "plain": PlainStep(optimizer),
+        # A real (default EMA) gate that cannot trip: the gate's bookkeeping is part of an active step.
+        "gxpo": GXPO(optimizer, k=GXPO_K, alpha=0.5, tau=1e9),
+        "sfpo": SFPO(optimizer, k=SFPO_K, alpha=0.8, gate=None),
+        "closed": GXPO(optimizer, k=GXPO_K, alpha=0.5, tau=0.5),
     }
+    if transactional:
+        rules["gxpo_tx"] = GXPO(optimizer, k=GXPO_K, alpha=0.5, tau=1e9, optimizer_state="transactional")
+    rules["closed"].gate.is_open = False  # forced shut (permanent gate): every step is the plain path
+    return rules
+
+
+EXPECTED = {  # (backward passes, active) of one step of each unit
+    "plain": (1, False), "gxpo": (3, True), "gxpo_tx": (3, True), "sfpo": (SFPO_K + 1, True),
+    "closed": (1, False),
+}
+
+
+def floor_passes(unit: str) -> int:
+    return {"gxpo": 3, "gxpo_tx": 3, "sfpo": SFPO_K + 1, "closed": 1}[unit]
+
+
+def measure_case(name: str, args) -> dict:
+    from gxpo_lib.models import count_parameters, load_model
+
+    model_name, lora = CASES[name]
+    prompts, group, new_tokens = ((args.smollm2_prompts, args.smollm2_group, args.smollm2_new_tokens)
+                                  if model_name != "tiny" else (args.prompts, args.group, args.new_tokens))
+    print(f"\n[{name}] loading {model_name}, sampling {prompts} prompts x {group} (max {new_tokens} new tokens)",
+          flush=True)
+    model, tokenizer = load_model(model_name, device="cpu")
+    rollouts, advantages = make_rollouts(model, tokenizer, prompts, group, new_tokens, seed=args.seed)
+    model = make_trainable(model, lora, args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    closure = TimedClosure(model, rollouts, advantages)
+    rules = build_rules(optimizer, transactional=not args.no_transactional)
+
+    # Warm-up: AdamW state, then the snapshot every timed step starts from; then each rule's buffers.
+    rules["plain"].step(closure)
+    state = TrainingState(params, optimizer)
+    gate_state = rules["gxpo"].gate.state_dict()
+    for unit, rule in rules.items():
+        state.restore()
+        info = rule.step(closure)
+        check(unit, info)
+    budget = args.budget_s if model_name == "tiny" else args.smollm2_budget_s
+    units = ["plain", "plain", "plain"] + [u for u in rules if u != "plain"]
+    samples: dict[str, list[dict]] = {u: [] for u in rules}
+    per_rep: list[dict[str, dict]] = []
+    order_rng = random.Random(args.seed)
+    started = time.perf_counter()
+    while len(per_rep) < args.max_reps and (len(per_rep) < args.min_reps or time.perf_counter() - started < budget):
+        order = units[:]
+        order_rng.shuffle(order)
+        rep: dict[str, list[dict]] = {u: [] for u in rules}
+        for unit in order:
+            state.restore()
+            if unit.startswith("gxpo"):
+                rules[unit].gate.load_state_dict(gate_state)
+            closure.reset()
+            t0 = time.perf_counter()
+            info = rules[unit].step(closure)
+            total = time.perf_counter() - t0
+            check(unit, info)
+            row = {"total": total, "closure": closure.seconds, "passes": closure.calls,
+                   "overhead": total - closure.seconds}
+            rep[unit].append(row)
+            samples[unit].append(row)
+        per_rep.append(rep)
+        plain3 = sum(r["total"] for r in rep["plain"])
+        print(f"[{name}] rep {len(per_rep):>3}  plain {plain3 / 3:7.3f}s  gxpo/3plain "
+              f"{rep['gxpo'][0]['total'] / plain3:6.3f}  sfpo/4plain "
+              f"{rep['sfpo'][0]['total'] / (plain3 * (SFPO_K + 1) / 3):6.3f}  closed/plain "
+              f"{rep['closed'][0]['total'] / (plain3 / 3):6.3f}  ({time.perf_counter() - started:5.0f}s)", flush=True)
+
+    result = {
+        "case": name, "model": model_name, "mode": "lora" if lora else "full",
+        "trainable_params": count_parameters(model, trainable_only=True),
+        "trainable_tensors": len(params), "rows": len(rollouts.completions),
+        "prompt_length": rollouts.prompt_ids.shape[1], "completion_length": rollouts.completion_ids.shape[1],
+        "completion_tokens": int(rollouts.completion_mask.sum()), "reps": len(per_rep),
+        "measure_seconds": round(time.perf_counter() - started, 1),
+        "units": {u: {k: summary([r[k] for r in rows]) for k in ("total", "closure", "overhead")}
+                  for u, rows in samples.items()},
+    }
+    closure_per_pass = summary([r["closure"] / r["passes"] for rows in samples.values() for r in rows])["median"]
+    plain_overhead = result["units"]["plain"]["overhead"]["median"]
+    plain_median = result["units"]["plain"]["total"]["median"]
+    ratios = {}
+    for unit in rules:
+        if unit == "plain":
+            continue
+        n = floor_passes(unit)
+        values = [rep[unit][0]["total"] / (sum(r["total"] for r in rep["plain"]) / 3 * n) for rep in per_rep]
+        stats = summary(values)
+        ci = bootstrap_median_ci(values, seed=args.seed)
+        overhead = result["units"][unit]["overhead"]["median"]
+        projected = (n * closure_per_pass + overhead) / (n * (closure_per_pass + plain_overhead))
+        ratios[unit] = {
+            "baseline": f"{n} x PlainStep", "target": TARGETS[unit], "per_rep": stats, "ci95": list(ci),
+            "ratio_of_medians": result["units"][unit]["total"]["median"] / (n * plain_median),
+            "projected": projected, "verdict": verdict(stats["median"], ci, TARGETS[unit]),
+            "projected_verdict": "pass" if projected <= TARGETS[unit] else "FAIL",
+            "overhead_s": overhead, "extra_overhead_vs_floor_s": overhead - n * plain_overhead,
+        }
+    result.update(ratios=ratios, closure_per_pass_s=closure_per_pass, plain_overhead_s=plain_overhead)
+    result["gxpo_breakdown"] = breakdown(rules, state, closure, gate_state, args.breakdown_steps)
+    del model, optimizer, rules, state
+    return result
+
+
+def check(unit: str, info) -> None:
+    passes, active = EXPECTED[unit]
+    if info.backward_passes != passes or info.active != active or info.fallback or info.skipped:
+        raise RuntimeError(f"{unit}: unexpected step {info.backward_passes} passes, active={info.active}, "
+                           f"fallback={info.fallback}, skipped={info.skipped}: the timing would be wrong")
+
+
+def breakdown(rules, state, closure, gate_state, steps: int) -> dict:
+    """Where an active GXPO step's time goes: timing wrappers on one rule instance (and plain for scale)."""
+    import gxpo_lib.rules as rules_module
+
+    spent: dict[str, float] = {}
+
+    def timed(label, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    out = {}
+    for unit in ("plain", "gxpo"):
+        rule = rules[unit]
+        optimizer = rule.optimizer
+        originals = {"cosine": rules_module._cosine, "norm": torch.nn.utils.get_total_norm}
+        patched = ["_save_params", "_save_grads", "_jump_to_extrapolated_point", "_snapshot_optimizer",
+                   "_restore_optimizer", "_load_params"]
+        for attr in patched:
+            if hasattr(rule, attr):
+                setattr(rule, attr, timed(attr, getattr(rule, attr)))
+        optimizer.step = timed("optimizer.step", optimizer.step)
+        rules_module._cosine = timed("_cosine", originals["cosine"])
+        torch.nn.utils.get_total_norm = timed("get_total_norm (every pass)", originals["norm"])
+        rows = []
+        try:
+            for _ in range(steps):
+                state.restore()
+                if unit == "gxpo":
+                    rule.gate.load_state_dict(gate_state)
+                spent.clear()
+                closure.reset()
+                t0 = time.perf_counter()
+                rule.step(closure)
+                total = time.perf_counter() - t0
+                rows.append(dict(spent, total=total, **{"closure (forward+backward)": closure.seconds}))
+        finally:
+            for attr in patched:
+                rule.__dict__.pop(attr, None)
+            del optimizer.step
+            rules_module._cosine = originals["cosine"]
+            torch.nn.utils.get_total_norm = originals["norm"]
+        keys = sorted({k for r in rows for k in r})
+        medians = {k: summary([r.get(k, 0.0) for r in rows])["median"] for k in keys}
+        measured = sum(v for k, v in medians.items() if k not in ("total",))
+        medians["other (rule bookkeeping, clip, zero_grad, info)"] = medians["total"] - measured
+        out[unit] = medians
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument("--quick", action="store_true", help="tiny cases, small batch, ~10 s each (< 1 min)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None,
+                        help="default: tiny-lora tiny-full (+ smollm2-lora with --smollm2)")
+    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M + LoRA (minutes per rep here)")
+    parser.add_argument("--prompts", type=int, default=4, help="tiny: prompts in the mini-batch")
+    parser.add_argument("--group", type=int, default=8, help="tiny: completions per prompt")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tiny: max new tokens")
+    parser.add_argument("--smollm2-prompts", type=int, default=1)
+    parser.add_argument("--smollm2-group", type=int, default=4)
+    parser.add_argument("--smollm2-new-tokens", type=int, default=16)
+    parser.add_argument("--budget-s", type=float, default=100.0, help="tiny: seconds of repetitions per case")
+    parser.add_argument("--smollm2-budget-s", type=float, default=420.0)
+    parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--max-reps", type=int, default=200)
+    parser.add_argument("--breakdown-steps", type=int, default=3)
+    parser.add_argument("--no-transactional", action="store_true", help="skip the transactional GXPO unit")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: the most stable timings on this shared 2-core machine)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="default bench/results/update[_quick].json")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
+    if args.quick:
+        args.prompts, args.group, args.new_tokens = 2, 4, 12
+        args.budget_s, args.min_reps, args.breakdown_steps = 6.0, 3, 2
+        args.smollm2_budget_s = 30.0
+        args.smollm2_prompts, args.smollm2_group, args.smollm2_new_tokens = 1, 2, 8
+    cases = args.cases or (["tiny-lora", "tiny-full"] + (["smollm2-lora"] if args.smollm2 else []))
+    quiet_transformers()
+    setup_torch(args.threads, args.seed)
+    started = time.perf_counter()
+    record = {"benchmark": "update", "argv": sys.argv[1:], "settings": vars(args), "machine": machine_info(),
+              "targets": TARGETS, "cases": []}
+    for name in cases:
+        record["cases"].append(measure_case(name, args))
+        finish_record(record, started)
+        path = write_json(record, args.json, "update_quick" if args.quick else "update")  # partial results too
+    report(record)
+    print(f"\nwrote {path}  ({record['machine']['wall_seconds']} s, load {record['machine']['loadavg_start']} -> "
+          f"{record['machine']['loadavg_end']})")
 
-    model, tokenizer = load_model(args.model)
-    rollouts, advantages = make_batch(model, tokenizer, args.prompts, args.group, args.new_tokens)
-    model = model if args.full else apply_lora(model)
-    result = {"model": args.model, "mode": "full" if args.full else "lora", "reps": args.reps,
-              "rows": len(rollouts.completions), "torch_threads": torch.get_num_threads(),
-              **measure(model, rollouts, advantages, args.reps, lr=1e-4)}
-    print(f"{'measure':<28}{'value':>10}  target")
-    for key, target in (("gxpo_over_3_plain", "<= 1.10"), ("sfpo_over_k_plus_1_plain", "~1"),
-                        ("closed_over_plain", "<= 1.02")):
-        print(f"{key:<28}{result[key]:>10.3f}  {target}")
-    print(f"{'plain step (median, s)':<28}{result['plain_s']:>10.4f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+
+def report(record: dict) -> None:
+    rows = []
+    for case in record["cases"]:
+        for unit, r in case["ratios"].items():
+            rows.append({"case": case["case"], "rule": unit, "baseline": r["baseline"], "reps": case["reps"],
+                         "median": r["per_rep"]["median"], "iqr": f"{r['per_rep']['q25']:.3f}-{r['per_rep']['q75']:.3f}",
+                         "ci": f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}", "rom": r["ratio_of_medians"],
+                         "proj": r["projected"], "target": f"<= {r['target']:.2f}", "verdict": r["verdict"],
+                         "pverdict": r["projected_verdict"]})
+    print_table(rows, [("case", "case", ""), ("rule", "rule", ""), ("baseline", "vs", ""), ("reps", "reps", "d"),
+                       ("median", "ratio (median)", ".3f"), ("iqr", "IQR", ""), ("ci", "95% CI", ""),
+                       ("rom", "ratio of medians", ".3f"), ("proj", "projected", ".4f"), ("target", "target", ""),
+                       ("verdict", "verdict (measured)", ""), ("pverdict", "verdict (projected)", "")],
+                title="Update cost: rule step / floor of plain steps, per repetition (interleaved)")
+    rows = []
+    for case in record["cases"]:
+        for unit, u in case["units"].items():
+            rows.append({"case": case["case"], "unit": unit, "total": u["total"]["median"] * 1e3,
+                         "iqr": u["total"]["iqr"] * 1e3, "closure": u["closure"]["median"] * 1e3,
+                         "overhead": u["overhead"]["median"] * 1e3, "n": u["total"]["n"]})
+    print_table(rows, [("case", "case", ""), ("unit", "step", ""), ("n", "n", "d"), ("total", "median ms", ".1f"),
+                       ("iqr", "IQR ms", ".1f"), ("closure", "in closure ms", ".1f"),
+                       ("overhead", "outside closure ms", ".2f")],
+                title="Step times (median over repetitions; 'outside closure' = the rule's own cost)")
+    for case in record["cases"]:
+        bd = case["gxpo_breakdown"]
+        keys = sorted(set(bd["gxpo"]) | set(bd["plain"]), key=lambda k: -bd["gxpo"].get(k, 0.0))
+        rows = [{"part": k, "plain": bd["plain"].get(k), "gxpo": bd["gxpo"].get(k),
+                 "share": bd["gxpo"].get(k, 0.0) / bd["gxpo"]["total"] * 100} for k in keys]
+        for r in rows:
+            r["plain"] = None if r["plain"] is None else r["plain"] * 1e3
+            r["gxpo"] = None if r["gxpo"] is None else r["gxpo"] * 1e3
+        print_table(rows, [("part", "part of one step", ""), ("plain", "PlainStep ms", ".2f"),
+                           ("gxpo", "GXPO ms", ".2f"), ("share", "% of GXPO step", ".2f")],
+                    title=f"[{case['case']}] where the time goes (median of {record['settings']['breakdown_steps']} "
+                          f"instrumented steps; {case['trainable_tensors']} trainable tensors, "
+                          f"{case['trainable_params']:,} parameters)")
 
 
 if __name__ == "__main__":

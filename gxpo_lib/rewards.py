@@ -62,8 +62,12 @@ def format_reward(completion: str) -> float:
     return float(len(_BOX_RE.findall(completion)) == 1 and len(boxes) == 1 and boxes[0].strip() != "")
 
 
+MAX_PARSE_CHARS = 2000
+
+
 def score_pair(
-    completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3
+    completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3,
+    max_parse_chars: int | None = MAX_PARSE_CHARS,
 ) -> tuple[float, str]:
     """Score one completion against one gold answer: ``(reward, status)``.
 
@@ -73,6 +77,9 @@ def score_pair(
         require_boxed: score a completion without a well-formed box as ``no_answer``.
         timeout_s: math-verify's own per-call limit in whole seconds (``signal.alarm``); it is dropped
             (None) off the main thread, where signals cannot be used.
+        max_parse_chars: a guard of ours (verl has none): a box longer than this is ``no_answer``
+            (no final answer is that long, and sympy on it can run for minutes); a completion without a
+            box has only its last ``max_parse_chars`` characters parsed. None: parse everything.
 
     Returns:
         ``(1.0, "correct")`` or ``(0.0, status)`` with status in ``STATUSES``. Never raises.
@@ -88,6 +95,10 @@ def score_pair(
         box = last_boxed(completion)
         if box is None and require_boxed:
             return 0.0, "no_answer"
+        if box is not None and max_parse_chars is not None and len(box) > max_parse_chars:
+            return 0.0, "no_answer"
+        if box is None and max_parse_chars is not None:
+            completion = completion[-max_parse_chars:]
         pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", PRED_CONFIG, timeout_s)
         if not pred_parsed:
             return 0.0, "no_answer"

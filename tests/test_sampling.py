@@ -1,5 +1,7 @@
 """HFSampler on the shipped tiny model: masks, fixed old log-probs, seeding, padding independence."""
 
+import copy
+
 import pytest
 import torch
 
@@ -72,3 +74,11 @@ def test_bad_sampler_settings(tiny, kwargs, name):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=f"^{name}="):
         make_sampler(model, tokenizer, **kwargs)
+
+
+def test_a_tokenizer_without_pad_token_is_rejected_before_sampling(tiny):
+    model, tokenizer = tiny
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="tokenizer has no pad token"):
+        make_sampler(model, tokenizer)
