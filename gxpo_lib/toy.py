@@ -676,8 +676,10 @@ def build_explorer(K: int = 5, alpha: float = 1.0, tau: float = 0.5, r_min: floa
                                    description="gate tau", style=style, layout=layout),
         "omega": widgets.FloatSlider(value=omega, min=0.01, max=0.99, step=0.01, description="gate omega",
                                      style=style, layout=layout),
-        "lr": widgets.FloatLogSlider(value=lr, base=10, min=-2.5, max=0.5, step=0.05,
-                                     description="learning rate", style=style, layout=layout),
+        # A linear slider: a log slider's grid (10 ** 0.05n) cannot hold 0.3, and the browser would
+        # silently send the nearest grid value back, changing the figures' learning rate.
+        "lr": widgets.FloatSlider(value=lr, min=0.01, max=max(3.0, lr), step=0.01, readout_format=".3g",
+                                  description="learning rate", style=style, layout=layout),
         "noise": widgets.FloatSlider(value=noise, min=0.0, max=max(1.0, noise), step=0.01,
                                      description="gradient noise", style=style, layout=layout),
         "landscape": widgets.Dropdown(options=list(LANDSCAPES), value=landscape, description="landscape",

@@ -55,4 +55,5 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make run" in readme
-    assert re.search(r"^make test$", ci, re.MULTILINE)
+    assert re.search(r"^(GXPO_REQUIRE_BROWSER=1 )?make test$", ci, re.MULTILINE)
+    assert "GXPO_REQUIRE_BROWSER" in readme  # CI adds nothing the README does not show

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def missing_tools() -> str | None:
         reasons.append(f"{error.name} is not installed in this environment (the notebooks extra)")
     if not reasons:
         return None
-    return "browser tests need " + "; ".join(reasons) + ": run tests/browser/setup.sh"
+    return "browser tests skipped: " + "; ".join(reasons) + "; tests/browser/setup.sh installs them"
 
 
 def pytest_configure(config):
@@ -82,9 +83,12 @@ class Lab:
         return json.loads(body) if body else None
 
     def shutdown_kernels(self) -> None:
-        """Stop every kernel (frees the CPU between tests)."""
-        for kernel in self.api("GET", "/api/kernels"):
-            self.api("DELETE", f"/api/kernels/{kernel['id']}")
+        """Stop every kernel (frees the CPU between tests); quiet if the server is gone."""
+        try:
+            for kernel in self.api("GET", "/api/kernels"):
+                self.api("DELETE", f"/api/kernels/{kernel['id']}")
+        except OSError:
+            pass
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")[-chars:]
@@ -142,13 +146,15 @@ def stop_lab(lab: Lab) -> None:
         try:
             lab.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            lab.process.kill()
+            os.killpg(lab.process.pid, signal.SIGKILL)  # its session: the server and what it started
             lab.process.wait(timeout=5)
 
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     reason = missing_tools()
+    if reason and os.environ.get("GXPO_REQUIRE_BROWSER"):
+        pytest.fail(reason + " (GXPO_REQUIRE_BROWSER is set, as in CI)")
     if reason:
         pytest.skip(reason)
     server = start_lab(tmp_path_factory.mktemp("jupyterlab"))
@@ -170,13 +176,17 @@ def run_driver(lab: Lab, scenario: str, notebook: str, out: Path, timeout: float
     options = {"scenario": scenario, "url": lab.url, "token": lab.token, "root": str(lab.root),
                "notebook": notebook, "out": str(out), **extra}
     start = time.monotonic()
+    # its own process group, so a timeout also ends the Chromium processes playwright started
+    process = subprocess.Popen(["node", str(DRIVER), json.dumps(options)], cwd=HERE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
     try:
-        done = subprocess.run(["node", str(DRIVER), json.dumps(options)], cwd=HERE, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as error:
-        log = (error.stderr or b"").decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr
-        pytest.fail(f"drive.mjs {scenario} ran past {timeout:.0f} s\n--- driver log\n{(log or '')[-6000:]}"
-                    f"\n--- jupyterlab log\n{lab.log_tail()}")
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"drive.mjs {scenario} ran past {timeout:.0f} s\n--- driver log\n{stderr[-6000:]}"
+                    f"\n--- jupyterlab log\n{lab.log_tail()}", pytrace=False)
     seconds = time.monotonic() - start
     shots = sorted(out.glob("*.png"))
     copies = SCREENSHOTS / scenario
@@ -185,16 +195,16 @@ def run_driver(lab: Lab, scenario: str, notebook: str, out: Path, timeout: float
         copies.mkdir(parents=True, exist_ok=True)
         for shot in shots:
             shutil.copy2(shot, copies / shot.name)
-    print(f"\n[{scenario}] driver: {seconds:.1f} s, rc {done.returncode}; screenshots in {out} "
+    print(f"\n[{scenario}] driver: {seconds:.1f} s, rc {process.returncode}; screenshots in {out} "
           f"(copied to {copies}):")
     for shot in shots:
         print("   ", copies / shot.name)
-    print(done.stderr[-3000:])
-    if done.returncode != 0:
-        pytest.fail(f"drive.mjs {scenario} failed (rc {done.returncode}):\n{done.stderr[-8000:]}\n"
-                    f"{done.stdout[-2000:]}\n--- jupyterlab log\n{lab.log_tail()}", pytrace=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"drive.mjs {scenario} reported nothing:\n{done.stdout[-2000:]}"
+    print(stderr[-3000:])
+    if process.returncode != 0:
+        pytest.fail(f"drive.mjs {scenario} failed (rc {process.returncode}):\n{stderr[-8000:]}\n"
+                    f"{stdout[-2000:]}\n--- jupyterlab log\n{lab.log_tail()}", pytrace=False)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"drive.mjs {scenario} reported nothing:\n{stdout[-2000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
     result["driver_seconds"] = seconds
     return result

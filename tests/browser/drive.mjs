@@ -178,19 +178,31 @@ async function explorer(page) {
   const clamp0 = readoutNumbers(await clamp.readout.innerText());
   check(k0 === 5 && clamp0.length === 2 && clamp0[0] === -2 && clamp0[1] === 3,
         `the explorer starts at the notebook's defaults K = 5, clamp [-2, 3]: got ${k0}, ${clamp0}`);
-  // Scroll the explorer into view as a reader would. The figures must then show the learning rate that the
-  // lr slider shows: 10 ** (the handle's exponent). (A FloatLogSlider with step 0.05 in the exponent cannot
-  // show 0.3: it shows 10 ** -0.5 = 0.316, and once it is on screen it sends that value to the kernel;
-  // test_browser.py records the shown value against the notebook's lr = 0.3.)
+  // Scroll the explorer into view as a reader would, then take the learning rate the kernel used from the
+  // figure (the first GD step: theta1 = theta0 (1 - lr h)) and check it is the one the lr slider shows, to
+  // the readout's precision. (A FloatLogSlider with step 0.05 in the exponent cannot show the notebook's
+  // lr = 0.3: it shows 10 ** -0.5 = 0.316, and once on screen it sends that value to the kernel;
+  // test_browser.py compares the lr used with the notebook's.)
   await box.scrollIntoViewIfNeeded();
-  const lrSlider = slider(page, 'learning rate');
   const shown = {};
   for (const [name, label] of [['lr', 'learning rate'], ['tau', 'gate tau'], ['omega', 'gate omega'],
                                ['alpha', 'alpha'], ['noise', 'gradient noise']]) {
     shown[name] = await slider(page, label).readout.innerText();
   }
-  LAND.lr = 10 ** Number(await lrSlider.handles.first().getAttribute('aria-valuenow'));
-  log(`the explorer shows ${JSON.stringify(shown)}; expecting the figures at lr = ${LAND.lr}`);
+  const decimals = (shown.lr.split('.')[1] ?? '').length;
+  const lrShown = Number(shown.lr);
+  const lrUsed = async () => {
+    const gd = trace(figure(await figures(area), 'one update from theta0'), 'true GD path');
+    return (LAND.theta0[0] - gd.x[1]) / (LAND.h[0] * LAND.theta0[0]);
+  };
+  const lrDeadline = Date.now() + 30_000;
+  while (Math.abs((await lrUsed()) - lrShown) > 0.5 * 10 ** -decimals + 1e-12) {
+    check(Date.now() < lrDeadline, `the figures use the learning rate the slider shows (${shown.lr}); `
+          + `they use ${await lrUsed()}`);
+    await page.waitForTimeout(200);
+  }
+  LAND.lr = await lrUsed();
+  log(`the explorer shows ${JSON.stringify(shown)}; its figures use lr = ${LAND.lr}`);
   states.initial = await waitForFigures(page, area, 5, [-2, 3], 'initial state');
   await shoot(box, '01-explorer-initial-K5.png');
 
@@ -225,7 +237,7 @@ async function explorer(page) {
   check(/clamped ratios: 0\.5/.test(readout), `the explorer's readout counts 1 of 2 ratios clamped: "${readout}"`);
   log(`clamp [-2, 3] -> [-2, 0.8]: theta~ ${JSON.stringify(states.clamp.tilde)}; q ${JSON.stringify(states.clamp.q)}`);
   await shoot(box, '03-explorer-K8-clamp0.8.png');
-  return { states, readout, shown_settings: shown, shown_lr: LAND.lr };
+  return { states, readout, shown_settings: shown, used_lr: LAND.lr };
 }
 
 // -- scenario 2: notebook 02's live dashboard -------------------------------------------------------------
@@ -283,8 +295,10 @@ async function dashboard(page) {
   await page.keyboard.press('Control+A');
   await page.keyboard.type(String(NEW_TAU));
   await page.keyboard.press('Enter');
-  await page.waitForFunction((el) => el.textContent.includes("'tau': 1.0,"), await status.elementHandle(),
-                             { timeout: 10_000 });
+  await page.waitForFunction((el) => el.textContent.startsWith('queued') && el.textContent.includes("'tau': "),
+                             await status.elementHandle(), { timeout: 10_000 });
+  const queuedTau = Number((await status.innerText()).match(/'tau': ([-+0-9.e]+)/)[1]);
+  check(close(queuedTau, NEW_TAU, 1e-9), `the kernel queued tau = ${NEW_TAU}: "${await status.innerText()}"`);
   const shownTau = Number(await tau.readout.innerText());
   check(close(shownTau, NEW_TAU, 1e-9), `tau readout shows ${NEW_TAU}: "${await tau.readout.innerText()}"`);
   const doneAtChange = readRows(metrics).length;  // steps logged when the kernel queued the change
@@ -315,13 +329,13 @@ async function dashboard(page) {
   const taus = rows.map((r) => r.tau);
   check(rows.every((r, i) => r.step === i + 1), `train rows are steps 1..${rows.length}`);
   check(rows.length < 200, `Stop ended the 200-step run early (${rows.length} steps)`);
-  const first = taus.findIndex((t) => t === NEW_TAU);
+  const first = taus.findIndex((t) => close(t, NEW_TAU, 1e-9));
   const tauBefore = taus[0];
   check(Math.abs(tauBefore - 0.5) < 0.01, `the run starts with tau near 0.5: ${JSON.stringify(taus)}`);
   check(first >= before, `steps seen before the change keep the old tau: ${JSON.stringify(taus)}`);
   check(first >= 0 && first <= doneAtChange + 1,
         `the new tau is logged by step ${doneAtChange + 2} at the latest: ${JSON.stringify(taus)}`);
-  check(taus.slice(0, first).every((t) => t === tauBefore) && taus.slice(first).every((t) => t === NEW_TAU),
+  check(taus.slice(0, first).every((t) => t === tauBefore) && taus.slice(first).every((t) => close(t, NEW_TAU, 1e-9)),
         `tau is ${tauBefore} then ${NEW_TAU} in metrics.jsonl: ${JSON.stringify(taus)}`);
   check(taus.length - first >= 2, `at least 2 steps ran with tau = ${NEW_TAU}: ${JSON.stringify(taus)}`);
   // the figure: one point per logged step, the tau trace shows the change
