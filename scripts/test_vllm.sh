@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 bash scripts/vllm_cpu_env.sh
 start=$(date +%s.%N)
 status=0
-.venv-vllm/bin/python -m pytest -q tests/vllm "$@" || status=$?
+.venv-vllm/bin/python -m pytest -q tests/vllm_backend "$@" || status=$?
 awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "test_vllm: pytest took %.1f s\n", b - a }'
 exit "$status"

@@ -1,4 +1,4 @@
-"""Settings for the vLLM tests (tests/vllm), run in .venv-vllm by `bash scripts/test_vllm.sh`.
+"""Settings for the vLLM tests (tests/vllm_backend), run in .venv-vllm by `bash scripts/test_vllm.sh`.
 
 In an environment without vLLM (the main .venv) this file changes nothing and the tests skip.
 
