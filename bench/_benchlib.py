@@ -25,7 +25,7 @@ from typing import Any
 # with 1 thread or with passive waiting). Set before torch is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -93,9 +93,10 @@ def _version(name: str) -> str | None:
 
 def _git_commit() -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
+                              check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "gxpo_lib"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10)
+                               text=True, timeout=10, check=False)
         return done.stdout.strip() + ("+dirty-gxpo_lib" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None

@@ -24,25 +24,31 @@ rule) / (passes x (median closure + median plain overhead)) is a low-noise estim
 A last phase splits GXPO's overhead into its parts by timing wrappers put on one rule instance.
 
 Cases: tiny model + LoRA, tiny model full fine-tuning, and with --smollm2 SmolLM2-135M + LoRA (slow on a
-2-core CPU: minutes per repetition; the batch is smaller there).
+2-core CPU: ~45 s per repetition; the batch is smaller there, 1 prompt x 4).
 
-    python bench/bench_update.py                   # tiny LoRA + tiny full, ~4-5 min
+Threads: 1 by default, and OMP_WAIT_POLICY=PASSIVE unless set: on the shared, oversubscribed 2-core
+machine, 2 spin-waiting OpenMP threads made a tiny-model step 10-50x slower and erratic.
+
+    python bench/bench_update.py                   # tiny LoRA + tiny full, ~4 min
     python bench/bench_update.py --quick           # < 1 min, smoke test
-    python bench/bench_update.py --smollm2         # adds SmolLM2-135M + LoRA (long)
+    python bench/bench_update.py --smollm2         # adds SmolLM2-135M + LoRA (+ ~8 min)
     python bench/bench_update.py --cases tiny-lora --budget-s 60 --json out.json
 """
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: passive OpenMP waiting (see _benchlib.py; an explicit setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _benchlib import (  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch is imported)
+import torch
+from _benchlib import (
     TimedClosure,
     TrainingState,
     bootstrap_median_ci,
@@ -57,7 +63,6 @@ from _benchlib import (  # noqa: E402  (first: sets OMP_WAIT_POLICY before torch
     verdict,
     write_json,
 )
-import torch  # noqa: E402
 
 TARGETS = {"gxpo": 1.10, "gxpo_tx": 1.10, "sfpo": 1.10, "closed": 1.02}
 SFPO_K = 3
