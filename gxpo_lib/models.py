@@ -364,6 +364,9 @@ def _find_smollm2_gguf() -> Path:
     return files[0]
 
 
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-fp32-v2"  # v2: eos/pad fixed to <|im_end|>
+
+
 def smollm2_dir() -> Path:
     """A plain fp32 safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF once and cached.
 
@@ -373,12 +376,15 @@ def smollm2_dir() -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    target = cache_dir() / "smollm2-135m-instruct-fp32"
+    target = cache_dir() / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file():
         return target
     gguf = _find_smollm2_gguf()
     # Dequantise the GGUF (Q4_1) into fp32 and rebuild a plain, serialisable model.
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF's tokenizer metadata names <|im_start|> as eos; the hub's SmolLM2-135M-Instruct (and this
+    # model's own generation config, eos id 2) end a turn with <|im_end|>, which is also its pad token.
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config

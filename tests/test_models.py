@@ -240,10 +240,13 @@ def test_smollm2_converts_once_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("GXPO_CACHE", str(tmp_path))
     torch.set_num_threads(2)
     model, tokenizer = models.load_model("smollm2-135m", device="cpu")
-    assert (tmp_path / "smollm2-135m-instruct-fp32" / "model.safetensors").is_file()
+    assert (tmp_path / models.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     assert 130e6 < models.count_parameters(model) < 140e6
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "left"
+    # A turn ends with <|im_end|>: the tokenizer's eos agrees with the model's generation config.
+    assert tokenizer.eos_token == "<|im_end|>" == tokenizer.pad_token
+    assert tokenizer.eos_token_id == model.generation_config.eos_token_id
     prompt = models.format_prompt("What is 12+7?", tokenizer)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(**ids, do_sample=False, max_new_tokens=8)
