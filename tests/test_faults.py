@@ -32,17 +32,24 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     rng = random.Random(0)
     kills = 0
-    for _ in range(4):  # several kills at random moments (during sampling, the update or a checkpoint)
+    # Several kills at random moments, tied to the run's progress rather than to the clock (a fast machine
+    # would otherwise finish before a timed kill): once the log holds `target` train rows, wait a random
+    # fraction of a step (sampling, the update or the checkpoint write is in flight) and SIGKILL.
+    for target in sorted(rng.sample(range(1, CONFIG["steps"] - 1), 3)):
         proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env)
-        time.sleep(rng.uniform(4.0, 9.0))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and _train_rows(killed_dir) < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        for line in (killed_dir / "metrics.jsonl").read_text().splitlines()[:-1]:
+        metrics = killed_dir / "metrics.jsonl"
+        for line in (metrics.read_text().splitlines()[:-1] if metrics.exists() else []):
             json.loads(line)  # every complete line parses; only the last may be torn
     subprocess.run([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env, check=True)
-    assert kills >= 1
+    assert kills >= 2
     rows = read_metrics(killed_dir / "metrics.jsonl")
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(1, CONFIG["steps"] + 1))           # none lost, none duplicated
@@ -51,6 +58,11 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     for name, p in reference["model"].named_parameters():
         if p.requires_grad:
             assert torch.equal(state["trainable"][name], p.detach()), name
+
+
+def _train_rows(folder: Path) -> int:
+    """Complete train rows logged so far (a torn last line is not counted)."""
+    return sum(1 for r in read_metrics(folder / "metrics.jsonl") if r.get("kind") == "train")
 
 
 class PoisonedLoss:
