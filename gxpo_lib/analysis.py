@@ -4,7 +4,9 @@
     groups = group_runs(runs)                      # one group per setting, the seeds inside it
     band(groups[0].runs, "pass@1", x="backward_passes")
     speedup_table(runs, reference="grpo")          # GRPO's peak, how much sooner each method reaches it
+    speedup_table(runs, resamples=2000)            # ... with intervals over seeds (seed bootstrap)
     final_table(runs)                              # pass@1 and pass@k per benchmark, with intervals
+    activity_table(runs)                           # how long GXPO extrapolated, passes and seconds spent
     plot_curves(runs); plot_diagnostics(runs)      # plotly figures
 
 **Run folders.** A folder written by `gxpo_lib.trainer.train` (or notebook 03) holds ``config.json``,
@@ -673,7 +675,8 @@ def seed_mean_curve(runs: Sequence[Run], metric: str = "pass@1", include_initial
 # Tables
 # ---------------------------------------------------------------------------------------------------
 def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "pass@1",
-                  by: Sequence[str] = DEFAULT_BY, include_initial: bool = False):
+                  by: Sequence[str] = DEFAULT_BY, include_initial: bool = False, resamples: int = 0,
+                  level: float = 0.95, seed: int = 0):
     """The paper's speed-up table: how much sooner each method reaches the reference's (GRPO's) peak.
 
     Per group of seeds, evaluations are averaged over seeds at each step (`seed_mean_curve`; seconds and
@@ -684,6 +687,14 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
     something a method reached) unless `include_initial`. A group is compared with a reference group that
     has the same model, data and budget settings (`Group.context`).
 
+    **Intervals over seeds** (``resamples > 0``): the seeds of the method's group and of its reference
+    group are resampled with replacement, independently, `resamples` times; each draw recomputes the whole
+    entry on its own seed-averaged curves (so the target moves with GRPO's resampled peak). A draw in which
+    the method misses the target within the budget counts as a speed-up of 0 ("not reached"), so a lower
+    bound of 0 says the method failed to reach GRPO's peak in more than (1 - level) / 2 of the draws.
+    ``reached_share`` is the fraction of draws that reached it. With five seeds a percentile bootstrap is
+    coarse: read the interval as the spread the seeds allow, not as an exact coverage guarantee.
+
     Returns:
         A DataFrame, one row per group: ``group, algorithm, seeds, reference, target``, the reference's
         ``ref_step, ref_hours, ref_backward_passes``, the method's ``step, hours, backward_passes`` (NaN if
@@ -691,29 +702,70 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
         ``"reference"``, ``"reached"``, ``"not reached"``, ``"no evaluations"`` or ``"no reference"`` (no
         matching reference run; ``note`` then names the settings that differ from the first reference
         group). ``df.attrs["reference_improved"]`` maps each reference group to whether its peak beat its
-        initial evaluation. `format_speedups` renders it like the paper.
+        initial evaluation. With ``resamples``: ``speedup_<x>_lo, speedup_<x>_hi`` for each ratio and
+        ``reached_share``. `format_speedups` renders it like the paper.
     """
     import pandas as pd
 
+    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 0:
+        raise ValueError(f"resamples={resamples!r} is invalid: allowed an integer >= 0 (0: no intervals)")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} is invalid: allowed a number in (0, 1)")
     groups = group_runs(runs, by)
     references = [g for g in groups if g.algorithm == reference]
     improved = {g.label: _improved(g, metric) for g in references}
     rows = []
     for group in groups:
         ref = _matching_reference(group, references)
-        row = _speedup_row(group, ref, metric, include_initial, is_ref=group.algorithm == reference)
+        is_ref = group.algorithm == reference
+        row = _speedup_row(group, ref, metric, include_initial, is_ref=is_ref)
         if ref is None and references:
             nearest = references[0]
             row["note"] = f"differs from {nearest.label}: {_context_difference(group, nearest)}"
+        if resamples and ref is not None and not is_ref and row["status"] in ("reached", "not reached"):
+            row.update(_speedup_intervals(group, ref, metric, include_initial, resamples, level, seed))
         rows.append(row)
-    df = pd.DataFrame(rows, columns=_SPEEDUP_COLUMNS)
+    columns = _SPEEDUP_COLUMNS + (_INTERVAL_COLUMNS if resamples else [])
+    df = pd.DataFrame(rows, columns=columns)
     df.attrs["metric"], df.attrs["reference_improved"] = metric, improved
+    df.attrs["level"] = level
     return df
 
 
 _SPEEDUP_COLUMNS = ["group", "algorithm", "seeds", "reference", "target", "ref_step", "ref_hours",
                     "ref_backward_passes", "step", "hours", "backward_passes", "speedup_steps",
                     "speedup_hours", "speedup_backward_passes", "status", "note"]
+# speed-up column suffix -> the x key of `speedup_to_peak`
+_RATIO_X = {"steps": "step", "hours": "seconds", "backward_passes": "backward_passes"}
+_INTERVAL_COLUMNS = [f"speedup_{name}_{end}" for name in _RATIO_X for end in ("lo", "hi")] + ["reached_share"]
+
+
+def _speedup_intervals(group: Group, ref: Group, metric: str, include_initial: bool, resamples: int,
+                       level: float, seed: int) -> dict[str, float]:
+    """Percentile intervals of the three ratios over seed resamples (see `speedup_table`)."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in _RATIO_X}
+    reached = 0
+    for _ in range(resamples):
+        method_runs = [group.runs[i] for i in rng.integers(len(group.runs), size=len(group.runs))]
+        ref_runs = [ref.runs[i] for i in rng.integers(len(ref.runs), size=len(ref.runs))]
+        ref_curve = seed_mean_curve(ref_runs, metric, include_initial)
+        method_curve = seed_mean_curve(method_runs, metric, include_initial)
+        if not ref_curve or not method_curve:
+            continue
+        result = speedup_to_peak(ref_curve, method_curve, metric=metric, x_keys=SPEEDUP_X)
+        hit = result["step_method"] is not None
+        reached += hit
+        for name, x in _RATIO_X.items():
+            draws[name].append(_nan(result[f"{x}_speedup"]) if hit else 0.0)
+    tails = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
+    out: dict[str, float] = {"reached_share": reached / resamples}
+    for name, values in draws.items():
+        finite = np.asarray(values, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        lo, hi = np.percentile(finite, tails) if finite.size else (math.nan, math.nan)
+        out[f"speedup_{name}_lo"], out[f"speedup_{name}_hi"] = float(lo), float(hi)
+    return out
 
 
 def _matching_reference(group: Group, references: list[Group]) -> Group | None:
@@ -768,15 +820,68 @@ def _improved(group: Group, metric: str) -> bool:
 
 
 def format_speedups(df):
-    """The speed-up table as the paper prints it: ``1.50×`` or ``not reached`` in the ratio columns."""
+    """The speed-up table as the paper prints it: ``1.50×`` or ``not reached`` in the ratio columns.
+
+    With intervals (``speedup_table(..., resamples=N)``) each ratio is followed by its interval,
+    ``1.50× [0.90×, 2.10×]``, where a lower end of 0 reads ``not reached``; a ``reached in`` column gives
+    the share of resamples that reached the target.
+    """
+    with_intervals = "reached_share" in df.columns
     shown = df[["group", "seeds", "target", "speedup_steps", "speedup_hours", "speedup_backward_passes",
                 "status"]].copy()
-    for col in ("speedup_steps", "speedup_hours", "speedup_backward_passes"):
-        shown[col] = [(f"{v:.2f}×" if _is_number(v) else "n/a") if s in ("reached", "reference") else s
-                      for v, s in zip(df[col], df["status"])]
+    for name in _RATIO_X:
+        col = f"speedup_{name}"
+        cells = []
+        for i, (value, status) in enumerate(zip(df[col], df["status"])):
+            cell = (f"{value:.2f}×" if _is_number(value) else "n/a") if status in ("reached", "reference") \
+                else status
+            if with_intervals and _is_number(df[f"{col}_lo"].iloc[i]):
+                lo, hi = df[f"{col}_lo"].iloc[i], df[f"{col}_hi"].iloc[i]
+                cell += f" [{_ratio_text(lo)}, {_ratio_text(hi)}]"
+            cells.append(cell)
+        shown[col] = cells
     shown["target"] = [f"{v:.3f}" if _is_number(v) else "" for v in df["target"]]
+    if with_intervals:
+        shown["reached in"] = [f"{v:.0%} of resamples" if _is_number(v) else "" for v in df["reached_share"]]
     return shown.rename(columns={"speedup_steps": "steps", "speedup_hours": "hours",
                                  "speedup_backward_passes": "backward passes"})
+
+
+def _ratio_text(value: float) -> str:
+    return "not reached" if value == 0 else f"{value:.2f}×"
+
+
+def activity_table(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, level: float = 0.95):
+    """How long extrapolation stayed on, and what each group spent, with Student-t intervals over seeds.
+
+    Per group: ``steps`` (train rows per run, mean), ``active_steps`` (steps whose update extrapolated:
+    train rows with ``active``), ``shutoff_step`` (the first step without extrapolation, over the runs whose
+    gate shut), ``never_shut`` (runs whose gate stayed open to the end), and the cost to the last
+    evaluation: ``backward_passes`` (cumulative) and ``seconds`` (training seconds: sampling, scoring and
+    update). Each numeric column has ``_lo`` / ``_hi`` bounds (NaN with one seed). GRPO groups appear too
+    (0 active steps, 1 pass per step): they are the baseline the costs compare with.
+    """
+    import pandas as pd
+
+    rows = []
+    for group in group_runs(runs, by):
+        per_run = {
+            "steps": [len(r.train) for r in group.runs],
+            "active_steps": [sum(bool(t.get("active")) for t in r.train) for r in group.runs],
+            "shutoff_step": [r.shutoff_step for r in group.runs if r.shutoff_step is not None],
+            "backward_passes": [r.eval[-1].get("backward_passes") for r in group.runs if r.eval],
+            "seconds": [r.eval[-1].get("seconds") for r in group.runs if r.eval],
+        }
+        row: dict[str, Any] = {"group": group.label, "algorithm": group.algorithm, "seeds": len(group.runs)}
+        for name, values in per_run.items():
+            values = np.asarray([v for v in values if _is_number(v)], dtype=float)
+            lo, hi = _interval(values, "t", level)
+            row[name] = float(values.mean()) if values.size else math.nan
+            row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
+        row["never_shut"] = 0 if group.algorithm == "grpo" else \
+            sum(r.shutoff_step is None for r in group.runs)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def final_table(runs: Sequence[Run], by: Sequence[str] | None = None, level: float = 0.95):

@@ -11,6 +11,7 @@ import pytest
 
 from gxpo_lib import analysis
 from gxpo_lib.analysis import (
+    activity_table,
     band,
     final_table,
     find_run_folders,
@@ -261,6 +262,60 @@ def test_speedup_needs_a_reference_with_the_same_budget(tmp_path):
     assert row["status"] == "no reference" and row["note"] == "differs from grpo: steps 60 vs 30"
     only_gxpo = speedup_table([load_run(tmp_path / "gxpo")])
     assert list(only_gxpo["status"]) == ["no reference"] and only_gxpo.attrs["reference_improved"] == {}
+
+
+def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_path):
+    # GRPO (both seeds alike) peaks at 0.5 at step 30. GXPO seed 0 reaches 0.5 at step 10 (3x steps); seed 1
+    # never does, and neither does their mean, so only the draws {0, 0} (1/4 of them) reach the target.
+    for seed in (0, 1):
+        write_run(tmp_path / f"grpo{seed}", "grpo", seed, evals=curve_rows([0.1, 0.2, 0.3, 0.5]))
+    write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.1, 0.5, 0.5, 0.5], 20.0, 3))
+    write_run(tmp_path / "gxpo1", "gxpo", 1, evals=curve_rows([0.1, 0.1, 0.1, 0.1], 20.0, 3))
+    # SFPO: both seeds reach it at step 10, so every draw gives the same ratios and the interval is a point.
+    for seed in (0, 1):
+        write_run(tmp_path / f"sfpo{seed}", "sfpo", seed, evals=curve_rows([0.1, 0.6, 0.6], 20.0, 4),
+                  k=3, alpha=0.8)
+    runs = load_runs(str(tmp_path))
+    df = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")
+    gx, sf = df.loc["gxpo"], df.loc["sfpo"]
+    assert gx["status"] == "not reached" and 0.21 < gx["reached_share"] < 0.29
+    assert (gx["speedup_steps_lo"], gx["speedup_steps_hi"]) == (0.0, 3.0)
+    assert sf["status"] == "reached" and sf["reached_share"] == 1.0
+    assert (sf["speedup_steps_lo"], sf["speedup_steps_hi"]) == (3.0, 3.0)
+    assert sf["speedup_hours_lo"] == pytest.approx(1.5) and sf["speedup_backward_passes_hi"] == pytest.approx(0.75)
+    assert math.isnan(df.loc["grpo", "speedup_steps_lo"])             # the reference has no interval
+    shown = format_speedups(df.reset_index()).set_index("group")
+    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "not reached [not reached, 3.00×]"
+    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "hours"] == "1.50× [1.50×, 1.50×]"
+    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "reached in"] == "100% of resamples"
+    same = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")
+    assert same.loc["gxpo", "reached_share"] == gx["reached_share"]   # seeded
+    assert "reached_share" not in speedup_table(runs).columns         # no resamples: no interval columns
+    for bad in ({"resamples": -1}, {"resamples": 2.5}, {"level": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            speedup_table(runs, **bad)
+
+
+def test_activity_table_counts_extrapolating_steps_and_shutoffs_with_t_intervals(tmp_path):
+    def train(active_steps, steps=8):
+        """Extrapolating steps 1..active_steps; the gate closes during the last of them (if before the end)."""
+        return [{"step": s, "active": s <= active_steps, "gate_open": s < active_steps or active_steps == steps}
+                for s in range(1, steps + 1)]
+
+    write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.1, 0.2], 10.0, 3), train=train(4))
+    write_run(tmp_path / "gxpo1", "gxpo", 1, evals=curve_rows([0.1, 0.3], 30.0, 2), train=train(6))
+    write_run(tmp_path / "gxpo2", "gxpo", 0, evals=curve_rows([0.1, 0.3]), train=train(8), tau=2.0)
+    write_run(tmp_path / "grpo0", "grpo", 0, evals=curve_rows([0.1, 0.2]), train=train(0))
+    df = activity_table(load_runs(str(tmp_path))).set_index("group")
+    gx = df.loc["gxpo K=5 α=0.5 τ=0.5"]
+    assert gx["seeds"] == 2 and gx["steps"] == 8 and gx["active_steps"] == 5
+    half = t_critical(1) * np.std([4, 6], ddof=1) / math.sqrt(2)      # Student-t over the two seeds
+    assert (gx["active_steps_lo"], gx["active_steps_hi"]) == pytest.approx((5 - half, 5 + half))
+    assert gx["shutoff_step"] == 6 and gx["never_shut"] == 0         # no extrapolation from steps 5 and 7
+    assert gx["backward_passes"] == 25 and gx["seconds"] == 200      # (30 + 20) / 2 and (100 + 300) / 2
+    never = df.loc["gxpo K=5 α=0.5 τ=2.0"]
+    assert never["never_shut"] == 1 and math.isnan(never["shutoff_step"]) and never["active_steps"] == 8
+    assert df.loc["grpo", "active_steps"] == 0 and df.loc["grpo", "never_shut"] == 0
 
 
 def test_speedup_with_the_authors_pass_at_16(tmp_path):
