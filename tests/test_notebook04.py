@@ -50,6 +50,8 @@ def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_run
     assert rows["grpo"]["speedup_steps"] == 1.0
     row = rows["gxpo"]
     assert row["target"] == pytest.approx(target) and row["ref_step"] == ref_step
+    # One seed each: every resample is the same pair of runs, so the interval collapses onto the estimate.
+    assert row["reached_share"] == (0.0 if hit is None else 1.0)
     if hit is None:
         assert row["status"] == "not reached" and row["speedup_steps"] is None
         assert any("gxpo" in m and "did NOT reach" in m for m in results["messages"])
@@ -58,6 +60,13 @@ def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_run
         assert row["speedup_steps"] == pytest.approx(ref_step / hit[0])
         assert row["speedup_backward_passes"] == pytest.approx(ref_bp / hit[2])
         assert not any("did NOT reach" in m for m in results["messages"])
+
+    # The activity table counts the extrapolating steps and the passes spent, from the train rows.
+    activity = {r["algorithm"]: r for r in results["activity"]}
+    train_rows = [r for r in read_metrics(two_runs / "gxpo" / "metrics.jsonl") if r["kind"] == "train"]
+    assert activity["gxpo"]["active_steps"] == sum(r["active"] for r in train_rows) > 0
+    assert activity["gxpo"]["backward_passes"] == train_rows[-1]["cumulative_backward_passes"]
+    assert activity["grpo"]["active_steps"] == 0 and activity["grpo"]["backward_passes"] == 4
 
     # The final table repeats each run's final_eval.json, with pass@k at the largest k.
     finals = {r["run"]: r for r in results["final"]}
