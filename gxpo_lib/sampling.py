@@ -27,8 +27,8 @@ class Rollouts:
     prompt_mask: torch.Tensor       # [B, P] 1 on real prompt tokens
     completion_ids: torch.Tensor    # [B, T] sampled tokens (pad after EOS)
     completion_mask: torch.Tensor   # [B, T] 1 up to and including the first EOS
-    old_logprobs: torch.Tensor      # [B, T] log pi_old(token) at the sampling temperature
-    entropy: torch.Tensor           # [B, T] entropy of pi_old at each completion position
+    old_logprobs: torch.Tensor | None  # [B, T] log pi_old(token) at the sampling temperature (None: not scored)
+    entropy: torch.Tensor | None       # [B, T] entropy of pi_old at each completion position (None: not scored)
     completions: list[str]          # B decoded completions (special tokens removed)
     prompt_index: list[int]         # B indices into the prompt list
     group_size: int
@@ -48,14 +48,23 @@ class Rollouts:
         picked = range(len(self.completions))[index] if isinstance(index, slice) else index.tolist()
         return Rollouts(
             self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-            self.completion_mask[index], self.old_logprobs[index], self.entropy[index],
+            self.completion_mask[index], _rows_or_none(self.old_logprobs, index),
+            _rows_or_none(self.entropy, index),
             [self.completions[i] for i in picked], [self.prompt_index[i] for i in picked], self.group_size)
 
 
-class Sampler(Protocol):
-    """What the trainer needs from a rollout engine."""
+def _rows_or_none(tensor: torch.Tensor | None, index) -> torch.Tensor | None:
+    return None if tensor is None else tensor[index]
 
-    def sample(self, prompts: list[str], group_size: int, seed: int) -> Rollouts: ...
+
+class Sampler(Protocol):
+    """What the trainer needs from a rollout engine.
+
+    ``score_policy=False`` skips the sampling policy's own forward over the completions: ``old_logprobs``
+    and ``entropy`` are then None (evaluation needs neither; a trainer may take them from its first pass).
+    """
+
+    def sample(self, prompts: list[str], group_size: int, seed: int, score_policy: bool = True) -> Rollouts: ...
 
 
 def completion_logprobs(model, rollouts_or_ids, attention_mask=None, prompt_length=None,
@@ -114,8 +123,12 @@ class HFSampler:
             raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], group_size: int, seed: int) -> Rollouts:
-        """`group_size` completions for each prompt; the same seed gives the same rollouts."""
+    def sample(self, prompts: list[str], group_size: int, seed: int, score_policy: bool = True) -> Rollouts:
+        """`group_size` completions for each prompt; the same seed gives the same rollouts.
+
+        `score_policy`: also run the no-grad forward that gives the sampling policy's log-probs and entropies
+        (``old_logprobs`` / ``entropy``); False leaves them None.
+        """
         check_int("group_size", group_size, minimum=1)
         if not prompts:
             raise ValueError("prompts=[] is invalid: allowed a non-empty list of problem texts")
@@ -140,14 +153,13 @@ class HFSampler:
         mask = completion_mask(completion_ids, self.tokenizer.eos_token_id)
         completion_ids = torch.where(mask.bool(), completion_ids, self.tokenizer.pad_token_id)
         rollouts = Rollouts(
-            encoded["input_ids"], encoded["attention_mask"], completion_ids, mask,
-            torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device),
+            encoded["input_ids"], encoded["attention_mask"], completion_ids, mask, None, None,
             self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
             [i for i in range(len(prompts)) for _ in range(group_size)], group_size)
-        # The sampling policy's own view of its tokens: the fixed old log-probs of the ratio.
-        logprobs, entropy = completion_logprobs(self.model, rollouts, temperature=self.temperature,
-                                                with_entropy=True)
-        rollouts.old_logprobs, rollouts.entropy = logprobs * mask, entropy * mask
+        if score_policy:  # the sampling policy's own view of its tokens: the fixed old log-probs of the ratio
+            logprobs, entropy = completion_logprobs(self.model, rollouts, temperature=self.temperature,
+                                                    with_entropy=True)
+            rollouts.old_logprobs, rollouts.entropy = logprobs * mask, entropy * mask
         self.model.train(was_training)
         return rollouts
 

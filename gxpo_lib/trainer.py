@@ -35,6 +35,7 @@ from .validation import check_choice, check_int, check_interval, check_optional_
 
 ALGORITHMS = ("grpo", "gxpo", "sfpo")
 ROLLOUT_BACKENDS = ("hf", "vllm")
+OLD_LOGPROB_SOURCES = ("sampler", "first_pass")
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -107,6 +108,7 @@ class TrainConfig:
     reward_workers: int = 0            # 0: score in this process; >0: a process pool with an outer timeout
     reward_timeout: float = 5.0
     # engines
+    old_logprobs: str = "sampler"      # "sampler": a no-grad forward after sampling (verl); "first_pass": TRL's
     rollout_backend: str = "hf"        # "hf": model.generate; "vllm": gxpo_lib.vllm_sampler (GPU extra)
     vllm_gpu_memory: float = 0.3       # vLLM's share of accelerator memory (colocated engine)
     progress: bool = True
@@ -161,9 +163,30 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed a number >= 0")
         check_positive("lora_alpha", self.lora_alpha)
         check_choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        self._check_old_logprobs()
         if not 0 < self.vllm_gpu_memory <= 1:
             raise ValueError(f"vllm_gpu_memory={self.vllm_gpu_memory!r} is invalid: allowed a number in (0, 1]")
         return self
+
+    def _check_old_logprobs(self) -> None:
+        """"first_pass" needs one mini-batch (all rows at the sampling weights) and a gate that reads no entropy."""
+        check_choice("old_logprobs", self.old_logprobs, OLD_LOGPROB_SOURCES)
+        if self.old_logprobs != "first_pass":
+            return
+        if self.mini_batches != 1:
+            raise ValueError(f"old_logprobs='first_pass' is invalid with mini_batches={self.mini_batches}: only a "
+                             "single mini-batch sees every rollout at the sampling weights; use 'sampler'")
+        if self.entropy_gate:
+            raise ValueError("old_logprobs='first_pass' is invalid with an entropy-signal gate (SFPO's official "
+                             "gate, or gate_signal='entropy'): the gate needs the sampling policy's entropy "
+                             "before the update; use 'sampler' (or sfpo_official_gate=False)")
+
+    @property
+    def entropy_gate(self) -> bool:
+        """Does the rule's shut-off gate read the sampling policy's entropy (passed before each update)?"""
+        if self.algorithm == "sfpo" and self.sfpo_official_gate:
+            return True
+        return self.algorithm != "grpo" and self.gate and self.gate_signal == "entropy"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -385,7 +408,7 @@ class _MetricsLog:
 # ---------------------------------------------------------------------------------------------------
 def evaluate(sampler, scorer, problems: Sequence[dict], samples: int, seed: int) -> dict[str, Any]:
     """Sampled pass@1 (mean over `samples` per problem) and unbiased pass@k with bootstrap intervals."""
-    rollouts = sampler.sample([p["prompt"] for p in problems], samples, seed=seed)
+    rollouts = sampler.sample([p["prompt"] for p in problems], samples, seed=seed, score_policy=False)
     scored = scorer.score(rollouts.completions, [problems[i]["answer"] for i in rollouts.prompt_index])
     correct = np.asarray(scored.rewards).reshape(len(problems), samples) >= 0.95  # the authors' threshold
     result: dict[str, Any] = {}
@@ -613,7 +636,8 @@ def _train_step(step, config, model, tokenizer, rule, sampler, scorer, problems,
     chosen = [problems[i] for i in rng.choice(len(problems), size=config.batch_prompts, replace=False)]
 
     start = time.perf_counter()
-    rollouts = sampler.sample([p["prompt"] for p in chosen], config.group_size, seed=_step_seed(config.seed, step))
+    rollouts = sampler.sample([p["prompt"] for p in chosen], config.group_size, seed=_step_seed(config.seed, step),
+                              score_policy=config.old_logprobs == "sampler")
     counters["seconds_sampling"] += time.perf_counter() - start
 
     start = time.perf_counter()
@@ -635,9 +659,12 @@ def _train_step(step, config, model, tokenizer, rule, sampler, scorer, problems,
     model.train()
     for start_row in range(0, rows, size):
         part = slice(start_row, start_row + size)
-        closure = _make_closure(model, rollouts.rows(part), advantages[part],
+        # One mini-batch: all rows (then the closure may fill in the rollouts' old log-probs) or a slice.
+        batch = rollouts if size == rows else rollouts.rows(part)
+        closure = _make_closure(model, batch, advantages[part],
                                 None if ref_logprobs is None else ref_logprobs[part], config, total_tokens, stats)
-        entropy_signal = float(rollouts.entropy[part].sum() / rollouts.completion_mask[part].sum().clamp(min=1))
+        entropy_signal = None if config.old_logprobs == "first_pass" else \
+            float(rollouts.entropy[part].sum() / rollouts.completion_mask[part].sum().clamp(min=1))
         infos.append(rule.step(closure, gate_signal=entropy_signal))
     counters["seconds_update"] += time.perf_counter() - start
 
@@ -658,15 +685,26 @@ def _train_step(step, config, model, tokenizer, rule, sampler, scorer, problems,
 
 
 def _make_closure(model, batch: Rollouts, advantages, ref_logprobs, config, total_tokens, stats):
-    """forward + loss.backward() on one mini-batch; the loss uses the fixed sampling log-probs."""
+    """forward + loss.backward() on one mini-batch; the loss uses the fixed sampling log-probs.
+
+    With ``old_logprobs="first_pass"`` the rollouts arrive without them: the first call runs at the
+    sampling weights, so its own log-probs (detached) become the fixed old log-probs of every later pass
+    (GXPO's probes and corrective step included), and its entropies the logged ones. That is TRL's
+    shortcut for a single-iteration step; it saves the sampler's extra forward.
+    """
 
     def closure():
-        want_entropy = config.entropy_coef > 0
+        first_pass = batch.old_logprobs is None
+        want_entropy = config.entropy_coef > 0 or first_pass
         out = completion_logprobs(model, batch, temperature=config.temperature, with_entropy=want_entropy)
         logprobs, entropy = out if want_entropy else (out, None)
+        if first_pass:
+            mask = batch.completion_mask
+            batch.old_logprobs, batch.entropy = logprobs.detach() * mask, entropy.detach() * mask
         loss, step_stats = grpo_objective(
             logprobs, batch.old_logprobs, advantages, batch.completion_mask, ref_logprobs=ref_logprobs,
-            beta=config.kl_beta, entropy=entropy, entropy_coef=config.entropy_coef,
+            beta=config.kl_beta, entropy=entropy if config.entropy_coef > 0 else None,
+            entropy_coef=config.entropy_coef,
             loss_type=config.loss_type, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
             max_completion_length=config.max_new_tokens, num_items_in_batch=total_tokens)
         loss.backward()
@@ -685,7 +723,8 @@ def _check_resumable(workdir: Path, config: TrainConfig) -> None:
     may_change = {"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress", "reward_workers",
                   "reward_timeout"}
     current = json.loads(json.dumps(config.to_dict()))
-    differing = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # a setting newer than the run: its default
+    differing = sorted(k for k in current if k not in may_change and saved.get(k, defaults[k]) != current[k])
     if differing:
         name = differing[0]
         raise ValueError(f"{name}={current[name]!r} differs from the run in {workdir} ({saved.get(name)!r}): "

@@ -332,13 +332,14 @@ class VLLMSampler:
     # ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], group_size: int, seed: int) -> Rollouts:
+    def sample(self, prompts: list[str], group_size: int, seed: int, score_policy: bool = True) -> Rollouts:
         """`group_size` completions for each prompt from the current weights; same seed, same rollouts.
 
         Returns `Rollouts` with B = len(prompts) * group_size rows (group_size consecutive rows per
         prompt): prompt_ids / prompt_mask [B, P] (left padding), completion_ids [B, T] (pad after EOS),
         completion_mask [B, T] (1 up to and including EOS), old_logprobs / entropy [B, T] from the HF
-        model at the sampling temperature (0 on padding), B decoded completions.
+        model at the sampling temperature (0 on padding; None with ``score_policy=False``), B decoded
+        completions.
         """
         check_int("group_size", group_size, minimum=1)
         check_int("seed", seed, minimum=0)
@@ -386,11 +387,13 @@ class VLLMSampler:
         repeat = torch.arange(len(prompts)).repeat_interleave(group_size)
         rollouts = Rollouts(
             encoded["input_ids"][repeat].to(device), encoded["attention_mask"][repeat].to(device),
-            completion_ids.to(device), mask.to(device),
-            torch.zeros(mask.shape, device=device), torch.zeros(mask.shape, device=device),
+            completion_ids.to(device), mask.to(device), None, None,
             self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
             repeat.tolist(), group_size)
         self.last_engine_logprobs = engine_logprobs.to(device)
+        if not score_policy:
+            self.timings.update(timings)
+            return rollouts
 
         # The training policy's view of the sampled tokens: the fixed old log-probs of the ratio.
         start = time.perf_counter()

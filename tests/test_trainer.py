@@ -78,6 +78,38 @@ def test_bad_config_fails_before_work_with_the_setting_named(tmp_path, overrides
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "gxpo"])
+def test_first_pass_old_logprobs_train_like_the_samplers_forward(tmp_path, algorithm):
+    """TRL's shortcut (old log-probs from the first backward pass) changes the cost, not the run."""
+    runs = {}
+    for source in ("sampler", "first_pass"):
+        config = small(algorithm=algorithm, steps=3, eval_every=3, old_logprobs=source)
+        summary = train(config, tmp_path / source)
+        rows = [r for r in read_metrics(tmp_path / source / "metrics.jsonl") if r["kind"] == "train"]
+        runs[source] = (summary["model"], rows)
+    (model_a, rows_a), (model_b, rows_b) = runs["sampler"], runs["first_pass"]
+    for a, b in zip(rows_a, rows_b, strict=True):
+        same = ("reward_mean", "backward_passes", "active")
+        assert [a[k] for k in same] == [b[k] for k in same]
+        assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
+        assert b["clip_frac"] == pytest.approx(a["clip_frac"], abs=1e-6)
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mini_batches": 2}, "mini_batches=2"),
+    ({"algorithm": "sfpo"}, "entropy-signal gate"),
+    ({"gate_signal": "entropy"}, "entropy-signal gate"),
+    ({"old_logprobs": "cached"}, "old_logprobs"),
+])
+def test_first_pass_old_logprobs_refuse_settings_that_need_the_samplers_forward(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small(**({"old_logprobs": "first_pass"} | overrides)).validate()
+    small(algorithm="sfpo", sfpo_official_gate=False, old_logprobs="first_pass").validate()  # a grad-norm gate
+
+
 def test_unknown_setting_and_changed_run_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="^lerning_rate="):
         TrainConfig.from_dict({"lerning_rate": 1e-3})
