@@ -514,8 +514,11 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY) -> list[Grou
 
 
 def _key(run: Run, by: Sequence[str]) -> tuple:
-    """The `by` settings of a run (GRPO: the algorithm only)."""
-    names = [b for b in by if not (run.algorithm == "grpo" and b in RULE_SETTINGS)]
+    """The `by` settings of a run (GRPO: the algorithm only; SFPO with its official gate: no tau, which
+    that gate does not read)."""
+    official_sfpo = run.algorithm == "sfpo" and run.config.get("sfpo_official_gate") is True
+    names = [b for b in by if not (run.algorithm == "grpo" and b in RULE_SETTINGS)
+             and not (official_sfpo and b == "tau")]
     return tuple((name, _hashable(run.config.get(name))) for name in names)
 
 

@@ -286,6 +286,9 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     assert math.isnan(df.loc["grpo", "speedup_steps_lo"])             # the reference has no interval
     shown = format_speedups(df.reset_index()).set_index("group")
     assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "not reached [not reached, 3.00×]"
+    write_run(tmp_path / "sfpo-official", "sfpo", 0, evals=curve_rows([0.1, 0.6]), k=3, alpha=0.8,
+              sfpo_official_gate=True)   # its gate ignores tau, so the label leaves it out
+    assert "sfpo K=3 α=0.8" in {g.label for g in group_runs(load_runs(str(tmp_path)))}
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "hours"] == "1.50× [1.50×, 1.50×]"
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "reached in"] == "100% of resamples"
     same = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")

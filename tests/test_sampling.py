@@ -49,6 +49,11 @@ def test_same_seed_same_rollouts_other_seed_differs(tiny):
     c = sampler.sample(prompts, 4, seed=8)
     assert a.completions == b.completions
     assert a.completions != c.completions
+    # Without the policy's own forward (evaluation): the same samples, and no old log-probs or entropies.
+    unscored = sampler.sample(prompts, 4, seed=7, score_policy=False)
+    assert torch.equal(unscored.completion_ids, a.completion_ids)
+    assert unscored.old_logprobs is None and unscored.entropy is None
+    assert unscored.rows(slice(0, 4)).old_logprobs is None
 
 
 def test_left_padding_does_not_change_a_rows_logprobs(tiny):

@@ -127,6 +127,8 @@ def test_same_seed_same_rollouts_other_seed_differs(lora):
     a, b, c = (sampler.sample(texts, 4, seed=s) for s in (7, 7, 8))
     assert torch.equal(a.completion_ids, b.completion_ids) and a.completions == b.completions
     assert a.completions != c.completions
+    unscored = sampler.sample(texts, 4, seed=7, score_policy=False)   # evaluation: no HF forward
+    assert torch.equal(unscored.completion_ids, a.completion_ids) and unscored.old_logprobs is None
     # The same prompt twice gets different samples (each prompt has its own seed stream).
     twice = sampler.sample([texts[0], texts[0]], 4, seed=7)
     assert twice.completions[:4] != twice.completions[4:]
