@@ -203,8 +203,21 @@ class _GatedRule(UpdateRule):
             raise ValueError(f"gate={gate!r} is invalid: allowed a ShutoffGate or None")
         self.gate = gate
 
+    _BUFFERS: tuple[str, ...] = ()  # the names of the extrapolation's parameter-sized work buffers
+
     def _gate_allows(self) -> bool:
-        return True if self.gate is None else self.gate.begin_step()
+        """Does this step extrapolate? While it does not, the work buffers are freed (a gate that re-opens
+        gets them allocated again), so a shut-off rule holds no more memory than a PlainStep."""
+        allowed = True if self.gate is None else self.gate.begin_step()
+        if not allowed:
+            for name in self._BUFFERS:
+                setattr(self, name, None)
+        return allowed
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the work buffers (GXPO: theta0, g0, g1; SFPO: theta0); 0 after a shut-off."""
+        return sum(t.numel() * t.element_size() for name in self._BUFFERS for t in (getattr(self, name) or ()))
 
     def _feed_gate(self, info: StepInfo, grad_norm_signal: float, gate_signal: float | None) -> None:
         """Give the gate this step's statistic (the caller's entropy when its signal is "entropy")."""
@@ -315,9 +328,11 @@ class GXPO(_GatedRule):
         self.retention = check_choice("retention", retention, RETENTION_MODES)
         self.skip_corrective = bool(skip_corrective)
         super().__init__(optimizer, max_grad_norm, _make_gate(gate, gate_settings))
-        self._theta0: list[torch.Tensor] | None = None
+        self._theta0: list[torch.Tensor] | None = None   # theta0 and the two probe gradients: 3 P-sized buffers
         self._g0: list[torch.Tensor] | None = None
         self._g1: list[torch.Tensor] | None = None
+
+    _BUFFERS = ("_theta0", "_g0", "_g1")
 
     @property
     def backward_passes_per_step(self) -> int:  # while active
@@ -477,6 +492,8 @@ class SFPO(_GatedRule):
             gate = sfpo_official_gate()
         super().__init__(optimizer, max_grad_norm, _make_gate(gate, gate_settings))
         self._theta0: list[torch.Tensor] | None = None
+
+    _BUFFERS = ("_theta0",)
 
     @property
     def backward_passes_per_step(self) -> int:  # while active

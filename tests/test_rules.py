@@ -229,6 +229,8 @@ def test_after_shutoff_gxpo_is_bit_for_bit_plain_step():
         rule.step(closure)
         steps += 1
         assert steps < 50
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert rule.buffer_bytes == 3 * param_bytes          # theta0, g0, g1 kept from the last active step
     twin, twin_closure = mlp_setup()
     twin.load_state_dict(model.state_dict())
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
@@ -238,6 +240,7 @@ def test_after_shutoff_gxpo_is_bit_for_bit_plain_step():
         info = rule.step(closure)
         assert not info.active and info.backward_passes == 1 and not info.gate_open
         plain.step(twin_closure)
+        assert rule.buffer_bytes == 0                    # freed once the gate holds the rule at plain steps
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
 
