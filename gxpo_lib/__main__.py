@@ -2,12 +2,15 @@
 
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)
     strip-notebooks [folder]         remove outputs from the stored notebooks
-    sweep GRID.yaml [--parallel N] [--dry-run]   run a grid of notebook-03 runs, skipping finished ones
+    sweep GRID.yaml [--parallel N] [--gpus 0,1] [--dry-run]   run a grid of notebook-03 runs, skipping
+                                     finished ones, each run its own process (CUDA_VISIBLE_DEVICES per slot)
+    execute NOTEBOOK OUT_DIR [--parameters FILE.json] [--timeout S]   one notebook headless into OUT_DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import notebooks
@@ -26,12 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("grid")
     sweep.add_argument("--parallel", type=int, default=None, help="runs at a time (overrides the file)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs without executing them")
+    sweep.add_argument("--gpus", default=None, help="GPU per parallel run, e.g. 0,1,2,3 (or 0,1|2,3 per run)")
+    execute = commands.add_parser("execute", help="execute one notebook headless (papermill) into a folder")
+    execute.add_argument("notebook")
+    execute.add_argument("out_dir")
+    execute.add_argument("--parameters", default=None, help="a JSON file of parameters")
+    execute.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     args = parser.parse_args(argv)
 
+    if args.command == "execute":
+        parameters = json.loads(open(args.parameters, encoding="utf-8").read()) if args.parameters else {}
+        print(f"[gxpo] wrote {notebooks.execute_notebook(args.notebook, args.out_dir, parameters, args.timeout)}")
+        return 0
+
     if args.command == "sweep":
-        from .sweep import format_table, load_sweep, run_sweep
+        from .sweep import format_table, load_sweep, parse_gpus, run_sweep
 
         plan = load_sweep(args.grid)
+        if args.gpus is not None:
+            try:
+                plan.gpus = parse_gpus(args.gpus)
+            except ValueError as error:
+                parser.error(str(error))
         if args.parallel is not None:
             if args.parallel < 1:
                 parser.error(f"--parallel={args.parallel} is invalid: allowed an integer >= 1")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 X_KEYS = ("step", "seconds", "backward_passes")
+CORRECT_THRESHOLD = 0.95  # a reward at or above this counts as solved (the authors' threshold)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -178,3 +179,37 @@ def _as_correct(values, ndim: tuple[int, ...]) -> np.ndarray:
     if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
         raise ValueError("correctness must be booleans or 0/1; threshold rewards first (e.g. reward >= 0.95)")
     return arr.astype(bool)
+
+
+def correct_counts(sampler, scorer, problems: Sequence[dict], samples: int, seed: int) -> tuple[list[int], list[float]]:
+    """Sample `samples` completions per problem and grade them: (correct count per problem, lengths per sample)."""
+    rollouts = sampler.sample([p["prompt"] for p in problems], samples, seed=seed, score_policy=False)
+    scored = scorer.score(rollouts.completions, [problems[i]["answer"] for i in rollouts.prompt_index])
+    correct = np.asarray(scored.rewards).reshape(len(problems), samples) >= CORRECT_THRESHOLD
+    return [int(c) for c in correct.sum(axis=1)], rollouts.completion_mask.sum(1).float().tolist()
+
+
+def summarize_counts(counts: Sequence[int], samples: int, lengths: Sequence[float], seed: int) -> dict:
+    """pass@k for k = 1, 2, 4, ... <= samples with bootstrap intervals over problems, and the mean length.
+
+    Returns {"pass@k": float, "pass@k_ci": [low, high], ..., "response_length": float}.
+    """
+    result: dict = {}
+    k = 1
+    while k <= samples:
+        per_problem = [pass_at_k(samples, int(c), k) for c in counts]
+        low, high = bootstrap_ci(per_problem, seed=seed)
+        result[f"pass@{k}"] = float(np.mean(per_problem))
+        result[f"pass@{k}_ci"] = [float(low), float(high)]
+        k *= 2
+    result["response_length"] = float(np.mean(lengths))
+    return result
+
+
+def evaluate(sampler, scorer, problems: Sequence[dict], samples: int, seed: int) -> dict:
+    """Sampled pass@1 (mean over `samples` per problem) and unbiased pass@k with bootstrap intervals.
+
+    `sampler` follows the `Sampler` protocol, `scorer` is a `RewardScorer`; see `summarize_counts`.
+    """
+    counts, lengths = correct_counts(sampler, scorer, problems, samples, seed)
+    return summarize_counts(counts, samples, lengths, seed)

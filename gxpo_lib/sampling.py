@@ -92,6 +92,26 @@ def completion_logprobs(model, rollouts_or_ids, attention_mask=None, prompt_leng
     return logprobs
 
 
+def micro_batches(rows: int, micro_batch_size: int | None) -> list[slice]:
+    """Row slices of at most `micro_batch_size` rows (None: one slice of everything)."""
+    size = rows if micro_batch_size is None else max(1, min(micro_batch_size, rows))
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+@torch.no_grad()
+def batched_logprobs(model, rollouts: Rollouts, temperature: float, micro_batch_size: int | None,
+                     with_entropy: bool = False):
+    """`completion_logprobs` of every row without gradients, one micro-batch at a time (bounded memory).
+
+    Returns logprobs [B, T] (and entropy [B, T] when `with_entropy`).
+    """
+    parts = [completion_logprobs(model, rollouts.rows(rows), temperature=temperature, with_entropy=with_entropy)
+             for rows in micro_batches(len(rollouts.completions), micro_batch_size)]
+    if with_entropy:
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return torch.cat(parts)
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 up to and including the first EOS of each row, 0 after. [B, T] -> [B, T] (long)."""
     is_eos = completion_ids == eos_token_id
@@ -108,10 +128,11 @@ class HFSampler:
         max_new_tokens: completion length cap.
         temperature, top_p: sampling settings (top_k is off).
         batch_size: rows per ``generate`` call.
+        score_batch_size: rows per no-grad forward of the old log-probs (None: every row at once).
     """
 
     def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 256):
+                 top_p: float = 1.0, batch_size: int = 256, score_batch_size: int | None = None):
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
         self.temperature = check_positive("temperature", temperature)
@@ -119,6 +140,8 @@ class HFSampler:
             raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
         self.top_p = float(top_p)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.score_batch_size = None if score_batch_size is None else check_int("score_batch_size",
+                                                                                score_batch_size, minimum=1)
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
 
@@ -157,8 +180,8 @@ class HFSampler:
             self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
             [i for i in range(len(prompts)) for _ in range(group_size)], group_size)
         if score_policy:  # the sampling policy's own view of its tokens: the fixed old log-probs of the ratio
-            logprobs, entropy = completion_logprobs(self.model, rollouts, temperature=self.temperature,
-                                                    with_entropy=True)
+            logprobs, entropy = batched_logprobs(self.model, rollouts, self.temperature, self.score_batch_size,
+                                                 with_entropy=True)
             rollouts.old_logprobs, rollouts.entropy = logprobs * mask, entropy * mask
         self.model.train(was_training)
         return rollouts

@@ -13,8 +13,12 @@ A grid file (YAML):
 ``preset`` may also be a grid axis (``grid: {preset: [paper-grpo, paper-gxpo], seed: [0, 1, 2]}``); examples
 live in ``sweeps/``.
 
-    python -m gxpo_lib sweep grid.yaml [--parallel N] [--dry-run]
+    python -m gxpo_lib sweep grid.yaml [--parallel N] [--gpus 0,1,...] [--dry-run]
 
+Every run executes in its own process (``python -m gxpo_lib execute``, papermill inside) with its own
+working directory, its output streamed to ``run.log`` in its folder; one line is printed per finished run.
+Notebook 03's own parameters (``backend``, ``num_processes``, ...) may be grid axes. ``--gpus`` pins
+``CUDA_VISIBLE_DEVICES`` per parallel run (one GPU list entry per slot; "0,1|2,3" gives each slot two).
 A run whose folder holds ``run_summary.json`` is finished and skipped; a failed run is recorded in
 ``sweep_status.json`` and the others go on. A rerun resumes unfinished runs from their checkpoints.
 """
@@ -23,19 +27,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import queue
+import subprocess
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .notebooks import NOTEBOOK_DIR, execute_notebook
-from .presets import resolve_config
+from .config import BACKENDS, NOTEBOOK_PARAMETERS, resolve_config
+from .notebooks import NOTEBOOK_DIR
+from .runlog import SUMMARY_FILE, atomic_write_text
 
 RUN_NOTEBOOK = NOTEBOOK_DIR / "03_full_scale_run.ipynb"
-GRID_KEYS = {"preset", "out", "parallel", "base", "grid", "notebook", "timeout"}
+GRID_KEYS = {"preset", "out", "parallel", "base", "grid", "notebook", "timeout", "gpus"}
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Sweep:
     parallel: int = 1
     notebook: Path = RUN_NOTEBOOK
     timeout: int = 24 * 3600
+    gpus: list[str] = field(default_factory=list)   # CUDA_VISIBLE_DEVICES per parallel slot
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """(run name, settings) for every point of the grid, in a stable order."""
@@ -87,48 +97,112 @@ def load_sweep(path: Path | str) -> Sweep:
     out = raw.get("out") or f"runs/{path.stem}"
     sweep = Sweep(out=Path(out), preset=raw.get("preset"), base=raw.get("base") or {}, grid=grid,
                   parallel=parallel, notebook=Path(raw.get("notebook", RUN_NOTEBOOK)),
-                  timeout=int(raw.get("timeout", 24 * 3600)))
+                  timeout=int(raw.get("timeout", 24 * 3600)), gpus=parse_gpus(_gpu_text(raw.get("gpus"))))
     for name, settings in sweep.runs():
         try:
-            overrides = {k: v for k, v in settings.items() if k != "preset"}
+            _check_notebook_parameters(settings)
+            overrides = {k: v for k, v in settings.items() if k not in NOTEBOOK_PARAMETERS}
             resolve_config(settings.get("preset", sweep.preset), overrides)
         except ValueError as error:
             raise ValueError(f"run {name}: {error}") from None
     return sweep
 
 
+def _check_notebook_parameters(settings: dict[str, Any]) -> None:
+    """Notebook 03's own parameters in a grid: the ones a sweep sets itself are refused, the rest checked."""
+    for name in ("output_dir", "resume"):
+        if name in settings:
+            raise ValueError(f"{name}: set by the sweep itself (each run's folder under out, resumed)")
+    if "backend" in settings and settings["backend"] not in BACKENDS:
+        raise ValueError(f"backend={settings['backend']!r} is invalid: allowed one of {BACKENDS}")
+    processes = settings.get("num_processes", 1)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"num_processes={processes!r} is invalid: allowed an integer >= 1")
+
+
+def _gpu_text(value: Any) -> str | None:
+    """A grid file's ``gpus``: "0,1", [0, 1] or None."""
+    if value is None or isinstance(value, str):
+        return value
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def parse_gpus(text: str | None) -> list[str]:
+    """"0,1,2" -> ["0", "1", "2"] (one GPU per parallel slot); "0,1|2,3" -> ["0,1", "2,3"]."""
+    if not text:
+        return []
+    parts = text.split("|") if "|" in text else text.split(",")
+    if not all(p.strip() and all(x.strip().isdigit() for x in p.split(",")) for p in parts):
+        raise ValueError(f"--gpus={text!r} is invalid: allowed GPU indices like 0,1,2 (or 0,1|2,3 per slot)")
+    return [p.strip() for p in parts]
+
+
 def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[dict[str, Any]]:
-    """Execute every unfinished run (``parallel`` at a time); returns one status row per run."""
-    status_path = sweep.out / "sweep_status.json"
-
-    def one(name: str, settings: dict[str, Any]) -> dict[str, Any]:
-        folder = (sweep.out / name).resolve()
-        if (folder / "run_summary.json").exists():
-            return {"run": name, "state": "skipped (finished)", **_summary(folder)}
-        if dry_run:
-            return {"run": name, "state": "would run"}
-        start = time.perf_counter()
-        parameters = {"preset": sweep.preset, "output_dir": str(folder), **settings}  # a grid preset wins
-        try:
-            execute_notebook(sweep.notebook, folder, parameters=parameters, timeout=sweep.timeout)
-            return {"run": name, "state": "done", "seconds": round(time.perf_counter() - start, 1),
-                    **_summary(folder)}
-        except Exception as error:  # one failed run must not stop the others
-            return {"run": name, "state": "failed", "seconds": round(time.perf_counter() - start, 1),
-                    "error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"}
-
+    """Execute every unfinished run (``parallel`` at a time, each its own process); one status row per run."""
+    out = sweep.out.resolve()  # relative to where the sweep started, whatever a run does later
     runs = sweep.runs()
     if dry_run:
-        return [one(*run) for run in runs]
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
-        rows = list(pool.map(lambda run: one(*run), runs))
-    status_path.write_text(json.dumps(rows, indent=2))
-    return rows
+        return [_finished_row(name, out / name) or {"run": name, "state": "would run"} for name, _ in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    slots: queue.Queue = queue.Queue()
+    for slot in range(sweep.parallel):
+        slots.put(sweep.gpus[slot % len(sweep.gpus)] if sweep.gpus else None)
+
+    def one(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        finished = _finished_row(name, out / name)
+        if finished:
+            return finished
+        gpu = slots.get()
+        try:
+            return _execute_run(sweep, name, settings, out / name, gpu)
+        finally:
+            slots.put(gpu)
+
+    rows: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:  # threads only wait on run processes
+        futures = {pool.submit(one, name, settings): name for name, settings in runs}
+        for done, future in enumerate(as_completed(futures), 1):
+            row = rows[futures[future]] = future.result()
+            print(f"[gxpo] sweep {done}/{len(runs)} {row['run']}: {row['state']}"
+                  + "".join(f" {k}={_cell(row.get(k))}" for k in ("seconds", "final_pass@1") if k in row), flush=True)
+    ordered = [rows[name] for name, _ in runs]
+    atomic_write_text(out / "sweep_status.json", json.dumps(ordered, indent=2))
+    return ordered
+
+
+def _finished_row(name: str, folder: Path) -> dict[str, Any] | None:
+    if (folder / SUMMARY_FILE).exists():
+        return {"run": name, "state": "skipped (finished)", **_summary(folder)}
+    return None
+
+
+def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path, gpu: str | None) -> dict[str, Any]:
+    """One run as its own process in its own folder, its output streamed to ``run.log`` there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parameters = {"preset": sweep.preset, **settings, "output_dir": str(folder)}  # a grid preset wins
+    params_file = folder / "sweep_parameters.json"
+    atomic_write_text(params_file, json.dumps(parameters, indent=2))
+    env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
+    command = [sys.executable, "-m", "gxpo_lib", "execute", str(Path(sweep.notebook).resolve()), str(folder),
+               "--parameters", str(params_file), "--timeout", str(sweep.timeout)]
+    start = time.perf_counter()
+    with (folder / "run.log").open("a", encoding="utf-8") as log:
+        process = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    seconds = round(time.perf_counter() - start, 1)
+    if process.returncode == 0:
+        return {"run": name, "state": "done", "seconds": seconds, **_summary(folder)}
+    return {"run": name, "state": "failed", "seconds": seconds, "error": _last_error(folder / "run.log")}
+
+
+def _last_error(log: Path) -> str:
+    """The last line of a failed run's log that names an error (else its last line)."""
+    lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return ((errors or lines or ["no output"])[-1])[:300]
 
 
 def _summary(folder: Path) -> dict[str, Any]:
-    path = folder / "run_summary.json"
+    path = folder / SUMMARY_FILE
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())

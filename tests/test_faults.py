@@ -16,7 +16,7 @@ import torch
 from gxpo_lib.trainer import TrainConfig, read_metrics, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
-TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval"}
+TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 CONFIG = dict(algorithm="gxpo", steps=8, batch_prompts=4, group_size=4, max_new_tokens=12, eval_every=4,
               eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=11, tau=5.0)
 

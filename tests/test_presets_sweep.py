@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from gxpo_lib.presets import list_presets, load_preset, resolve_config
-from gxpo_lib.sweep import format_table, load_sweep, run_sweep
+from gxpo_lib.config import list_presets, load_preset, resolve_config
+from gxpo_lib.sweep import format_table, load_sweep, parse_gpus, run_sweep
 
 
 def test_every_preset_resolves_and_the_paper_protocol_is_faithful():
@@ -69,10 +69,13 @@ def test_shipped_grid_files_expand_and_a_preset_axis_picks_each_runs_preset(tmp_
 
 
 @pytest.mark.slow
-def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path):
+def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path, monkeypatch):
+    # A relative out and two runs at a time: each run is its own process with its own working directory,
+    # so every run's files land in its own folder (its config.json's seed matches its folder name).
+    monkeypatch.chdir(tmp_path)
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
-        "preset": "smoke", "out": str(tmp_path / "sweep"), "parallel": 2,
+        "preset": "smoke", "out": "sweep", "parallel": 2,
         "base": {"steps": 2, "eval_every": 2, "eval_problems": 8, "eval_samples": 2, "batch_prompts": 4,
                  "group_size": 4, "final_eval_problems": 8, "final_eval_samples": 2},
         "grid": {"algorithm": ["grpo", "gxpo"], "seed": [0, 1]}}))
@@ -83,6 +86,10 @@ def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path):
         summary = json.loads((tmp_path / "sweep" / row["run"] / "run_summary.json").read_text())
         assert summary["steps"] == 2 and 0 <= summary["final_pass@1"] <= 1
         assert (tmp_path / "sweep" / row["run"] / "03_full_scale_run.ipynb").exists()
+        config = json.loads((tmp_path / "sweep" / row["run"] / "config.json").read_text())
+        assert row["run"].endswith(f"seed={config['seed']}") and f"algorithm={config['algorithm']}" in row["run"]
+        assert (tmp_path / "sweep" / row["run"] / "run.log").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == sorted(r["run"] for r in rows)
     assert [r["state"] for r in run_sweep(sweep)] == ["skipped (finished)"] * 4
     # A run that fails (a model path that does not exist) is recorded; the others are unaffected.
     sweep.base["model"] = str(tmp_path / "missing-model")
@@ -90,3 +97,40 @@ def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path):
     failed = run_sweep(sweep)
     assert failed[0]["state"] == "failed" and "missing-model" in failed[0]["error"]
     assert "failures:" in format_table(failed)
+
+
+def test_parallel_runs_get_their_own_folder_cwd_and_gpu(tmp_path, monkeypatch):
+    # A probe notebook records where it ran and which GPUs it saw; four runs, two at a time, two GPUs.
+    import nbformat
+
+    probe = nbformat.v4.new_notebook()
+    probe.cells = [
+        nbformat.v4.new_code_cell("preset = None\noutput_dir = None\nseed = 0\nbackend = 'gxpo'",
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import json, os, time\ntime.sleep(0.5)\n"
+                                  "json.dump({'cwd': os.getcwd(), 'gpu': os.environ.get('CUDA_VISIBLE_DEVICES'),"
+                                  " 'seed': seed}, open('probe.json', 'w'))\n"
+                                  "json.dump({'final_pass@1': 0.5}, open('run_summary.json', 'w'))")]
+    probe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(probe, tmp_path / "probe.ipynb")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "preset": "smoke", "out": "gpu-sweep", "parallel": 2, "notebook": str(tmp_path / "probe.ipynb"),
+        "grid": {"seed": [0, 1, 2, 3], "backend": ["gxpo"]}}))
+    sweep = load_sweep(tmp_path / "grid.yaml")
+    sweep.gpus = parse_gpus("0,1")
+    rows = run_sweep(sweep)
+    assert [r["state"] for r in rows] == ["done"] * 4, format_table(rows)
+    seen = set()
+    for row in rows:
+        folder = (tmp_path / "gpu-sweep" / row["run"]).resolve()
+        probe_row = json.loads((folder / "probe.json").read_text())
+        assert probe_row["cwd"] == str(folder) and row["run"].endswith(f"seed={probe_row['seed']}")
+        seen.add(probe_row["gpu"])
+    assert seen == {"0", "1"}
+    assert [r["state"] for r in run_sweep(sweep)] == ["skipped (finished)"] * 4
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("0,a")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"preset": "smoke", "grid": {"backend": ["jax"]}}))
+    with pytest.raises(ValueError, match="backend='jax'"):
+        load_sweep(tmp_path / "bad.yaml")

@@ -7,7 +7,7 @@ import torch
 
 from gxpo_lib.trainer import TrainConfig, TrainControl, read_metrics, summarize_run, train
 
-TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval"}
+TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 
 
 def small(**overrides):

@@ -44,40 +44,34 @@ fp16 is refused (the rule steps the optimizer outside accelerate's GradScaler), 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 from importlib.metadata import version as _installed_version
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from packaging.specifiers import SpecifierSet
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from gxpo_lib import runlog
+from gxpo_lib.config import RULE_SETTINGS, TrainConfig, accept_old_names, field_help, uses_entropy_gate
 from gxpo_lib.gate import ShutoffGate
-from gxpo_lib.integrations import PROGRESS_PREFIX, launch_trl, stream
 from gxpo_lib.rules import StepInfo
-from gxpo_lib.trainer import TrainConfig, build_rule, read_metrics
+from gxpo_lib.trainer import build_rule
 
 TESTED_TRL = ">=1.16,<1.17"  # the TRL versions this module was run against (pyproject: trl>=1.16,<1.17)
 STATE_FILE = "gxpo_state.json"
 LOSS_TYPES = {"token_mean": "bnpo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}
-# Settings of the update rule, named as in gxpo_lib.trainer.TrainConfig.
-RULE_FIELDS = ("algorithm", "k", "alpha", "r_clamp", "optimizer_state", "retention", "skip_corrective", "gate",
-               "tau", "omega", "gate_warmup", "gate_patience", "gate_mode", "gate_window",
-               "gate_window_includes_current", "gate_signal", "gate_permanent", "sfpo_official_gate")
 # Multimodal inputs TRL's loss forwards to the model; the forced old-log-prob pass forwards them too.
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -130,61 +124,48 @@ def trl_version_is_tested() -> bool:
 # ---------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class GXPOConfig(GRPOConfig):
-    """TRL's ``GRPOConfig`` plus the update rule's settings (names as in ``gxpo_lib.trainer.TrainConfig``).
-
-    ``algorithm``: "grpo" (`PlainStep`), "gxpo" or "sfpo". ``max_grad_norm`` (TRL's) is the rule's clip C
-    (0 = no clipping). ``gradient_accumulation_steps`` must stay 1. ``gxpo_metrics_file``: where rank 0
-    writes gxpo_lib-format rows (default ``output_dir/metrics.jsonl``; "" for none).
-    """
-
-    algorithm: str = field(default="gxpo", metadata={"help": "Update rule: grpo, gxpo or sfpo."})
-    k: int = field(default=5, metadata={"help": "GXPO's lookahead K or SFPO's number of fast steps (>= 2)."})
-    alpha: float = field(default=0.5, metadata={"help": "Reposition factor alpha (> 0)."})
-    r_clamp: list[float] = field(default_factory=lambda: [-2.0, 3.0],
-                                 metadata={"help": "Stability clamp (r_min, r_max) on the retention ratio."})
-    optimizer_state: str = field(default="carry", metadata={"help": "carry or transactional."})
-    retention: str = field(default="grad", metadata={"help": "grad or clip_corrected."})
-    skip_corrective: bool = field(default=False, metadata={"help": "Ablation: no corrective pass."})
-    gate: bool = field(default=True, metadata={"help": "False: never shut extrapolation off."})
-    tau: float = field(default=0.5, metadata={"help": "Gate threshold on the z-score."})
-    omega: float = field(default=0.1, metadata={"help": "Gate EMA rate."})
-    gate_warmup: int = field(default=2, metadata={"help": "Observations before the gate may trip."})
-    gate_patience: int = field(default=1, metadata={"help": "Consecutive z >= tau needed to trip."})
-    gate_mode: str = field(default="ema", metadata={"help": "ema or window."})
-    gate_window: int = field(default=30, metadata={"help": "Window length (gate_mode=window)."})
-    gate_window_includes_current: bool = field(default=False, metadata={"help": "Score inside own window."})
-    gate_signal: str = field(default="grad_norm", metadata={"help": "grad_norm or entropy."})
-    gate_permanent: bool = field(default=True, metadata={"help": "Once closed, stay closed."})
-    sfpo_official_gate: bool = field(default=True, metadata={"help": "SFPO: official entropy-window gate."})
-    gxpo_metrics_file: str | None = field(default=None, metadata={"help": "gxpo_lib metrics.jsonl path."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.r_clamp = [float(x) for x in self.r_clamp]
-        if self.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps} is invalid: allowed 1 (the "
-                "update rule takes its optimizer steps inside one training_step, each on the whole batch; "
-                "raise per_device_train_batch_size instead)")
-        rule_config(self)  # validates every rule setting now, before a model is loaded
+def _rule_fields() -> list[tuple[str, Any, Any]]:
+    """GXPOConfig's extra fields: every rule and gate setting of TrainConfig, same name, default and help."""
+    defaults, helps = TrainConfig(), field_help()
+    fields = []
+    for name in RULE_SETTINGS:
+        value = getattr(defaults, name)
+        meta = {"help": helps[name]}
+        if isinstance(value, tuple):  # HfArgumentParser reads lists, not tuples
+            fields.append((name, list[type(value[0])], field(default_factory=lambda v=value: list(v), metadata=meta)))
+        else:
+            fields.append((name, type(value), field(default=value, metadata=meta)))
+    fields.append(("gxpo_metrics_file", str | None, field(default=None, metadata={
+        "help": "where rank 0 writes gxpo_lib metrics.jsonl rows (default output_dir/metrics.jsonl; '' none)"})))
+    return fields
 
 
-def rule_config(args: GXPOConfig) -> TrainConfig:
+def _post_init(self) -> None:
+    GRPOConfig.__post_init__(self)
+    self.r_clamp = [float(x) for x in self.r_clamp]
+    if self.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps} is invalid: allowed 1 (the "
+            "update rule takes its optimizer steps inside one training_step, each on the whole batch; "
+            "raise per_device_train_batch_size instead)")
+    rule_config(self)  # validates every rule setting now, before a model is loaded
+
+
+GXPOConfig = accept_old_names(make_dataclass("GXPOConfig", _rule_fields(), bases=(GRPOConfig,), namespace={
+    "__post_init__": _post_init, "__module__": __name__,
+    "__doc__": """TRL's ``GRPOConfig`` plus the update rule's settings: the fields of ``gxpo_lib.config.RULE_SETTINGS``
+    with TrainConfig's names, defaults and help (old names accepted with a FutureWarning).
+
+    ``max_grad_norm`` (TRL's) is the rule's clip C (0 = no clipping). ``gradient_accumulation_steps`` must
+    stay 1. ``gxpo_metrics_file``: where rank 0 writes gxpo_lib-format rows.
+    """}))
+
+
+def rule_config(args) -> TrainConfig:
     """The rule's settings as a validated TrainConfig, for ``gxpo_lib.trainer.build_rule``."""
-    values = {name: getattr(args, name) for name in RULE_FIELDS}
+    values = {name: getattr(args, name) for name in RULE_SETTINGS}
     max_grad_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
     return TrainConfig(**values, max_grad_norm=max_grad_norm).validate()
-
-
-def uses_entropy_gate(args: GXPOConfig) -> bool:
-    """Whether the rule's gate watches the policy entropy (then it is computed at sampling time)."""
-    if args.algorithm == "grpo" or not args.gate:
-        return False
-    if args.algorithm == "sfpo" and args.sfpo_official_gate:
-        return True
-    return args.gate_signal == "entropy"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,29 +228,6 @@ class ReducedGate(ShutoffGate):
         return super().observe(self.reduce(float(value)), step=step)
 
 
-class _MetricsLog:
-    """Appends gxpo_lib-format rows to a metrics.jsonl, one flushed JSON line each."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.handle = None
-
-    def write(self, row: dict[str, Any]) -> None:
-        if self.handle is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = self.path.open("a", encoding="utf-8")
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.handle.write(json.dumps(clean) + "\n")
-        self.handle.flush()
-
-    def truncate(self, step: int) -> None:
-        """Keep only rows up to `step` (the checkpoint resumed from)."""
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
 def _float(value: Any) -> float:
     """StepInfo value -> float for TRL's logs (None -> nan, which TRL's log() drops)."""
     return float("nan") if value is None else float(value)
@@ -303,17 +261,19 @@ class GXPOTrainer(GRPOTrainer):
                              "outside accelerate's GradScaler)")
         self.rule = None
         self._pending_rule_state: dict[str, Any] | None = None
-        self.counters = {"backward_passes": 0, "seconds_sampling": 0.0, "seconds_scoring": 0.0,
-                         "seconds_update": 0.0, "seconds_eval": 0.0}
+        self.counters = runlog.new_counters()
         self.last_info: StepInfo | None = None
         self.last_row: dict[str, Any] | None = None
         self.pass_metrics: list[dict[str, list[float]]] = []
         self._sampling_entropy: float | None = None
         self._last_rewards: torch.Tensor | None = None
         self._reward_seconds = 0.0
+        self._cpu_start = time.process_time()
         path = self.args.gxpo_metrics_file
-        path = os.path.join(self.args.output_dir, "metrics.jsonl") if path is None else path
-        self.metrics_log = _MetricsLog(Path(path)) if path and self.accelerator.is_main_process else None
+        path = os.path.join(self.args.output_dir, runlog.METRICS_FILE) if path is None else path
+        self.metrics_path = path if path and self.accelerator.is_main_process else None
+        self.metrics_log: runlog.MetricsLog | None = None   # opened at the first row (after a resume's cut)
+        self._resume_step: int | None = None
 
     # -- the rule ----------------------------------------------------------------------------------
     def ensure_rule(self):
@@ -341,13 +301,13 @@ class GXPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         """Generate + score, then one rule step (1, 3 or K+1 passes) on the same batch."""
         if self.native_update:
-            start = time.perf_counter()
+            start, self._cpu_start = time.perf_counter(), time.process_time()
             self._reward_seconds = 0.0
             loss = super().training_step(model, inputs, num_items_in_batch)
             info = StepInfo(step=self.state.global_step + 1, loss=float(loss), backward_passes=1)
             self._record_step(info, time.perf_counter() - start, 0.0, None)
             return loss
-        start = time.perf_counter()
+        start, self._cpu_start = time.perf_counter(), time.process_time()
         rule = self.ensure_rule()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -410,7 +370,7 @@ class GXPOTrainer(GRPOTrainer):
         if not self.model.training:
             return output
         need_old = "old_per_token_logps" not in output
-        need_entropy = uses_entropy_gate(self.args)
+        need_entropy = uses_entropy_gate(rule_config(self.args))
         if need_old or need_entropy:
             logps, entropies = self._sampling_policy_view(output, need_entropy)
             if need_old:
@@ -468,8 +428,7 @@ class GXPOTrainer(GRPOTrainer):
                 self.rule.load_state_dict(state["rule"])
             else:
                 self._pending_rule_state = state["rule"]
-        if self.metrics_log is not None and self.metrics_log.path.exists():
-            self.metrics_log.truncate(int(state["step"]))
+        self._resume_step = int(state["step"])
 
     def _load_optimizer_and_scheduler_on_cpu(self, checkpoint: str) -> None:
         """What transformers does, for several CPU processes: its loader maps the optimizer state to
@@ -537,298 +496,49 @@ class GXPOTrainer(GRPOTrainer):
         self.counters["seconds_sampling"] += rollout_seconds - scoring
         self.counters["seconds_scoring"] += scoring
         self.counters["seconds_update"] += update_seconds
+        self.counters["cpu_seconds"] += time.process_time() - self._cpu_start
         self._metrics["train"]["gxpo/cumulative_backward_passes"].append(float(self.counters["backward_passes"]))
         length = None
         if inputs is not None:  # mean completion length over every rank
             lengths = self.accelerator.gather(inputs["completion_mask"].sum(1).float())
             length = float(lengths.mean())
-        row = self._train_row(info, length)
-        self.last_row = row
-        if self.metrics_log is not None:
-            self.metrics_log.write(row)
-
-    def _train_row(self, info: StepInfo, response_length: float | None) -> dict[str, Any]:
-        """One gxpo_lib-format "train" row (the keys gxpo_lib.trainer writes)."""
-        rewards = self._last_rewards
-        valid = rewards[~torch.isnan(rewards)] if rewards is not None else torch.empty(0)
+        rewards = [] if self._last_rewards is None else self._last_rewards.tolist()
         last = self.pass_metrics[-1] if self.pass_metrics else {}
-        rule = self.rule
-        gate = getattr(rule, "gate", None)
-        r_clamp = getattr(rule, "r_clamp", None) or (None, None)
-        return {
-            "kind": "train", **info.to_dict(), "step": self.state.global_step + 1,
-            "k": getattr(rule, "k", None), "alpha": getattr(rule, "alpha", None),
-            "r_min": r_clamp[0], "r_max": r_clamp[1], "tau": None if gate is None else gate.tau,
-            "reward_mean": float(valid.mean()) if valid.numel() else None,
-            "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
-            "accuracy": float((valid >= 0.95).float().mean()) if valid.numel() else None,
-            "response_length": response_length,
-            "entropy": last.get("entropy", [None])[0], "kl": last.get("kl", [None])[0],
-            "clip_frac": last.get("clip_ratio/region_mean", [None])[0],
-            "learning_rate": self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate,
-            **self.x_values(),
-        }
+        learning_rate = self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate
+        self.last_row = runlog.train_row(
+            self.state.global_step + 1, info.to_dict(), self.rule, rewards, self.counters,
+            response_length=length, entropy=last.get("entropy", [None])[0], kl=last.get("kl", [None])[0],
+            clip_frac=last.get("clip_ratio/region_mean", [None])[0], learning_rate=learning_rate)
+        self.write_row(self.last_row)
 
     def x_values(self) -> dict[str, float]:
         """Cumulative backward passes and training seconds (as gxpo_lib.trainer writes them)."""
-        c = self.counters
-        return {"cumulative_backward_passes": c["backward_passes"],
-                "seconds": c["seconds_sampling"] + c["seconds_scoring"] + c["seconds_update"],
-                "seconds_sampling": c["seconds_sampling"], "seconds_scoring": c["seconds_scoring"],
-                "seconds_update": c["seconds_update"], "seconds_eval": c["seconds_eval"]}
+        return runlog.x_values(self.counters)
 
     def write_row(self, row: dict[str, Any]) -> None:
-        """Append a row (e.g. an evaluation) to metrics.jsonl on rank 0."""
-        if self.metrics_log is not None:
-            self.metrics_log.write(row)
-
-
-# ---------------------------------------------------------------------------------------------------
-# TrainConfig -> TRL, and the headless entry point
-# ---------------------------------------------------------------------------------------------------
-def _bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLike, num_processes: int = 1,
-                                  **overrides: Any) -> GXPOConfig:
-    """Map a gxpo_lib TrainConfig onto a GXPOConfig (what has a TRL counterpart; ``overrides`` win).
-
-    ``batch_prompts * group_size`` completions per step in total, split over the processes (so a run is
-    the same experiment on 1 or N GPUs); ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant,
-    as in gxpo_lib.trainer; ``mini_batches`` must be 1 (one rule step per batch).
-    """
-    config = config.validate()
-    if config.mini_batches != 1:
-        raise ValueError(f"mini_batches={config.mini_batches} is invalid for a TRL run: allowed 1")
-    completions = config.batch_prompts * config.group_size
-    if completions % num_processes:
-        raise ValueError(f"batch_prompts * group_size = {completions} is invalid for {num_processes} processes: "
-                         "allowed a multiple of the number of processes")
-    values = dict(
-        output_dir=str(workdir), per_device_train_batch_size=completions // num_processes,
-        num_generations=config.group_size, max_completion_length=config.max_new_tokens,
-        temperature=config.temperature, top_p=config.top_p, top_k=0, learning_rate=config.lr,
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch",
-        lr_scheduler_type="constant", loss_type=LOSS_TYPES[config.loss_type], epsilon=config.clip_eps,
-        epsilon_high=config.clip_eps_high, scale_rewards=config.adv_scale, beta=config.kl_beta,
-        entropy_coef=config.entropy_coef, max_steps=config.steps, seed=config.seed, save_strategy="steps",
-        save_steps=config.checkpoint_every, save_total_limit=config.keep_checkpoints, logging_steps=1,
-        report_to="none", disable_tqdm=True, bf16=_bf16_available(), use_cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=1, log_completions=False,
-        **{name: getattr(config, name) for name in RULE_FIELDS},
-    )
-    values["r_clamp"] = list(values["r_clamp"])
-    return GXPOConfig(**(values | overrides))
-
-
-def _completion_text(completion: Any) -> str:
-    """A TRL completion (a string, or a conversational list of messages) as text."""
-    if isinstance(completion, list):
-        return "".join(m["content"] for m in completion if isinstance(m.get("content"), str))
-    return str(completion)
-
-
-def math_reward_func(completions, answer, **kwargs) -> list[float]:
-    """TRL reward function: gxpo_lib.rewards.math_reward of each completion against the ``answer`` column."""
-    from gxpo_lib.rewards import math_reward
-
-    return [math_reward(_completion_text(c), str(a)) for c, a in zip(completions, answer)]
-
-
-math_reward_func.__name__ = "math_reward"
-
-
-def _instruction_suffix(config: TrainConfig) -> str:
-    from gxpo_lib.trainer import MATH_INSTRUCTION
-
-    instruction = config.instruction
-    if instruction is None and config.train_set != "arith":
-        instruction = MATH_INSTRUCTION
-    return f"\n{instruction}" if instruction else ""
-
-
-def build_dataset(config: TrainConfig, tokenizer):
-    """The training prompts as a ``datasets.Dataset`` with ``prompt`` (chat messages) and ``answer``."""
-    from datasets import Dataset
-
-    from gxpo_lib.models import format_prompt
-    from gxpo_lib.trainer import load_problems
-
-    suffix = _instruction_suffix(config)
-    problems = load_problems(config.train_set, config.train_path, "train", config.train_levels,
-                             data_dir=config.data_dir)
-    if getattr(tokenizer, "chat_template", None):
-        prompts = [[{"role": "user", "content": p["prompt"] + suffix}] for p in problems]
-    else:
-        prompts = [format_prompt(p["prompt"] + suffix, tokenizer) for p in problems]
-    return Dataset.from_list([{"prompt": q, "answer": str(p["answer"])} for q, p in zip(prompts, problems)])
-
-
-def _eval_seed(seed: int, salt: int) -> int:
-    """The evaluation seed gxpo_lib.trainer uses, so TRL and gxpo_lib runs sample the same eval draws."""
-    return int(np.random.SeedSequence([seed, 0, salt]).generate_state(1)[0])
-
-
-class EvaluationCallback(TrainerCallback):
-    """Sampled pass@k on held-out problems (rank 0) at step 0, every ``eval_every`` steps and at the end;
-    final benchmark evaluations after training. Rows go to metrics.jsonl like gxpo_lib.trainer's."""
-
-    def __init__(self, trainer: GXPOTrainer, config: TrainConfig, tokenizer, workdir: Path):
-        from gxpo_lib.trainer import load_problems
-
-        self.trainer, self.config, self.tokenizer, self.workdir = trainer, config, tokenizer, workdir
-        self.problems = load_problems(config.eval_set, config.eval_path, "test", limit=config.eval_problems,
-                                      data_dir=config.data_dir)
-        self.final_sets = {name: load_problems(name, None, "test", limit=config.final_eval_problems,
-                                               data_dir=config.data_dir) for name in config.final_eval_sets}
-
-    def _evaluate(self, problems, samples: int, salt: int) -> dict[str, Any]:
-        from gxpo_lib.models import format_prompt
-        from gxpo_lib.rewards import RewardScorer
-        from gxpo_lib.sampling import HFSampler
-        from gxpo_lib.trainer import evaluate
-
-        cfg, suffix = self.config, _instruction_suffix(self.config)
-        sampler = HFSampler(self.trainer.model, self.tokenizer, lambda t: format_prompt(t + suffix, self.tokenizer),
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-        with RewardScorer(workers=0, timeout_s=cfg.reward_timeout) as scorer:
-            return evaluate(sampler, scorer, problems, samples, seed=_eval_seed(cfg.seed, salt))
-
-    def _eval_row(self, step: int) -> None:
-        trainer = self.trainer
-        if trainer.accelerator.is_main_process:
-            start = time.perf_counter()
-            result = self._evaluate(self.problems, self.config.eval_samples, salt=1)
-            trainer.counters["seconds_eval"] += time.perf_counter() - start
-            row = {"kind": "eval", "step": step, **trainer.x_values(), **result}
-            trainer.write_row(row)
-            print(f"{PROGRESS_PREFIX} eval step {step} pass@1={result['pass@1']:.3f}", flush=True)
-        trainer.accelerator.wait_for_everyone()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:
-            self._eval_row(0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.config.eval_every == 0 or state.global_step == state.max_steps:
-            self._eval_row(state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if state.global_step >= state.max_steps and trainer.accelerator.is_main_process and self.final_sets:
-            path = self.workdir / "final_eval.json"
-            done = json.loads(path.read_text()) if path.exists() else {}
-            for name, problems in self.final_sets.items():
-                if name in done:
-                    continue
-                result = self._evaluate(problems, self.config.final_eval_samples, salt=3)
-                done[name] = {"problems": len(problems), "samples": self.config.final_eval_samples, **result}
-                trainer.write_row({"kind": "final_eval", "step": state.global_step, "benchmark": name, **done[name]})
-                path.write_text(json.dumps(done, indent=2))
-        trainer.accelerator.wait_for_everyone()
-
-
-class ProgressCallback(TrainerCallback):
-    """Prints one ``[gxpo] step ...`` line per step on rank 0 (what ``stream(progress_only=True)`` shows)."""
-
-    def __init__(self, trainer: GXPOTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        row = self.trainer.last_row
-        if row is None or not self.trainer.accelerator.is_main_process:
+        """Append a row (e.g. an evaluation) to metrics.jsonl on rank 0 (opened at the first row, cut back
+        to the checkpoint when resuming)."""
+        if self.metrics_path is None:
             return
-        reward = row["reward_mean"]
-        print(f"{PROGRESS_PREFIX} step {state.global_step}/{state.max_steps} "
-              f"reward_mean={'nan' if reward is None else f'{reward:.3f}'} backward_passes={row['backward_passes']} "
-              f"cumulative_backward_passes={row['cumulative_backward_passes']} gate_open={row['gate_open']} "
-              f"active={row['active']} seconds={row['seconds']:.1f}", flush=True)
+        if self.metrics_log is None:
+            self.metrics_log = runlog.MetricsLog(self.metrics_path, resume_step=self._resume_step)
+        self.metrics_log.write(row)
 
 
-def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_overrides: dict[str, Any] | None = None,
-                   model_and_tokenizer=None) -> GXPOTrainer:
-    """Train (or resume) a TrainConfig-described run with GXPOTrainer in this process (one rank of a launch).
-
-    Writes ``workdir/config.json`` (the TrainConfig), ``workdir/metrics.jsonl`` (gxpo_lib rows),
-    ``checkpoint-*`` folders (TRL's, with ``gxpo_state.json``). Returns the trainer.
-    """
-    from accelerate import PartialState
-    from peft import LoraConfig
-
-    from gxpo_lib.models import load_model
-
-    config = TrainConfig.from_dict(config.to_dict()).validate()
-    workdir = Path(workdir)
-    # cpu=True on a machine without CUDA: otherwise accelerate sets up no process group at all there
-    # (each rank would silently train alone); it must also be the first PartialState of the process.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise RuntimeError(f"{launched} processes were launched but accelerate sees {state.num_processes}")
-    args = grpo_config_from_train_config(config, workdir, state.num_processes, **(trl_overrides or {}))
-    # Records of the run, and a fresh metrics.jsonl unless resuming.
-    checkpoint = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
-    if state.is_main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        (workdir / "trl_args.json").write_text(args.to_json_string())
-        if checkpoint is None and (workdir / "metrics.jsonl").exists():
-            (workdir / "metrics.jsonl").unlink()
-    state.wait_for_everyone()
-    # Model (on the CPU: the Trainer places it), LoRA, data, reward.
-    dtype = config.dtype or ("bfloat16" if _bf16_available() else None)
-    model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=dtype, device="cpu")
-    peft_config = None
-    if config.lora:
-        peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                 target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
-    trainer = GXPOTrainer(model=model, reward_funcs=math_reward_func, args=args,
-                          train_dataset=build_dataset(config, tokenizer), processing_class=tokenizer,
-                          peft_config=peft_config)
-    trainer.add_callback(ProgressCallback(trainer))
-    trainer.add_callback(EvaluationCallback(trainer, config, tokenizer, workdir))
-    trainer.train(resume_from_checkpoint=checkpoint)
-    return trainer
+# The run-level names live in trl_run (which imports this module); they stay importable from here.
+_RUN_NAMES = ("EvaluationCallback", "ProgressCallback", "build_dataset", "grpo_config_from_train_config", "main",
+              "math_reward_func", "train_with_trl")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m gxpo_lib.integrations.trl --config run.json --workdir DIR`` (one rank of a launch).
+def __getattr__(name: str):
+    if name in _RUN_NAMES:
+        from gxpo_lib.integrations import trl_run
 
-    The JSON holds TrainConfig settings, optionally with a ``"trl"`` dict of raw GXPOConfig overrides.
-    """
-    parser = argparse.ArgumentParser(description="Train with TRL's GRPOTrainer and a gxpo_lib update rule")
-    parser.add_argument("--config", required=True, help="JSON of TrainConfig settings (+ optional 'trl' dict)")
-    parser.add_argument("--workdir", required=True, help="run folder (resumed if it holds a checkpoint)")
-    args = parser.parse_args(argv)
-    values = json.loads(Path(args.config).read_text(encoding="utf-8"))
-    overrides = values.pop("trl", None) or {}
-    config = TrainConfig.from_dict(values)
-    config.progress = False
-    trainer = train_with_trl(config, args.workdir, overrides)
-    if trainer.accelerator.is_main_process:
-        print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "
-              f"cumulative_backward_passes={trainer.counters['backward_passes']}", flush=True)
+        return getattr(trl_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "TESTED_TRL",
-    "TRL_HOOKS",
-    "GXPOConfig",
-    "GXPOTrainer",
-    "ReducedGate",
-    "RuleOwnedOptimizer",
-    "check_trl_hooks",
-    "grpo_config_from_train_config",
-    "launch_trl",
-    "main",
-    "math_reward_func",
-    "rule_config",
-    "stream",
-    "train_with_trl",
-    "uses_entropy_gate",
-]
+if __name__ == "__main__":  # one rank of a launch: the entry point lives in trl_run
+    from gxpo_lib.integrations.trl_run import main as _main
 
-
-if __name__ == "__main__":
-    main()
+    _main()

@@ -1,0 +1,248 @@
+"""A TrainConfig-described run on TRL: the GXPOConfig it maps to, the dataset, the reward, evaluation
+callbacks and the headless entry point (``python -m gxpo_lib.integrations.trl_run``, one rank of a launch).
+
+The run folder is the native trainer's (``gxpo_lib.runlog``): ``config.json``, ``metrics.jsonl`` (the same
+rows), ``final_eval.json``, plus TRL's ``checkpoint-*`` folders and ``trl_args.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from gxpo_lib import runlog
+from gxpo_lib.config import RULE_SETTINGS, TrainConfig
+from gxpo_lib.integrations import PROGRESS_PREFIX
+from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
+from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
+
+LOSS_TYPES = {"token_mean": "bnpo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}
+
+
+def _bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLike, num_processes: int = 1,
+                                  **overrides: Any) -> GXPOConfig:
+    """Map a gxpo_lib TrainConfig onto a GXPOConfig (what has a TRL counterpart; ``overrides`` win).
+
+    ``batch_prompts * group_size`` completions per step in total, split over the processes (so a run is
+    the same experiment on 1 or N GPUs); ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant,
+    as in gxpo_lib.trainer; ``mini_batches`` must be 1 (one rule step per batch).
+    """
+    config = config.validate()
+    if config.mini_batches != 1:
+        raise ValueError(f"mini_batches={config.mini_batches} is invalid for a TRL run: allowed 1")
+    completions = config.batch_prompts * config.group_size
+    if completions % num_processes:
+        raise ValueError(f"batch_prompts * group_size = {completions} is invalid for {num_processes} processes: "
+                         "allowed a multiple of the number of processes")
+    values = dict(
+        output_dir=str(workdir), per_device_train_batch_size=completions // num_processes,
+        num_generations=config.group_size, max_completion_length=config.max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=0, learning_rate=config.lr,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch",
+        lr_scheduler_type="constant", loss_type=LOSS_TYPES[config.loss_type], epsilon=config.clip_eps,
+        epsilon_high=config.clip_eps_high, scale_rewards=config.adv_scale, beta=config.kl_beta,
+        entropy_coef=config.entropy_coef, max_steps=config.steps, seed=config.seed, save_strategy="steps",
+        save_steps=config.checkpoint_every, save_total_limit=config.keep_checkpoints, logging_steps=1,
+        report_to=[name for name in config.report_to if name != "none"] or "none", disable_tqdm=True,
+        bf16=_bf16_available(), use_cpu=not torch.cuda.is_available(), gradient_accumulation_steps=1,
+        log_completions=False, gradient_checkpointing=config.gradient_checkpointing,
+        **{name: getattr(config, name) for name in RULE_SETTINGS},
+    )
+    values["r_clamp"] = list(values["r_clamp"])
+    return GXPOConfig(**(values | overrides))
+
+
+def _completion_text(completion: Any) -> str:
+    """A TRL completion (a string, or a conversational list of messages) as text."""
+    if isinstance(completion, list):
+        return "".join(m["content"] for m in completion if isinstance(m.get("content"), str))
+    return str(completion)
+
+
+def math_reward_func(completions, answer, **kwargs) -> list[float]:
+    """TRL reward function: gxpo_lib.rewards.math_reward of each completion against the ``answer`` column."""
+    from gxpo_lib.rewards import math_reward
+
+    return [math_reward(_completion_text(c), str(a)) for c, a in zip(completions, answer)]
+
+
+math_reward_func.__name__ = "math_reward"
+
+
+def build_dataset(config: TrainConfig, tokenizer):
+    """The training prompts as a ``datasets.Dataset`` with ``prompt`` (chat messages) and ``answer``."""
+    from datasets import Dataset
+
+    from gxpo_lib.models import format_prompt
+
+    suffix = instruction_suffix(config)
+    problems = load_problems(config.train_set, config.train_path, "train", config.train_levels,
+                             data_dir=config.data_dir)
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [[{"role": "user", "content": p["prompt"] + suffix}] for p in problems]
+    else:
+        prompts = [format_prompt(p["prompt"] + suffix, tokenizer) for p in problems]
+    return Dataset.from_list([{"prompt": q, "answer": str(p["answer"])} for q, p in zip(prompts, problems)])
+
+
+class EvaluationCallback(TrainerCallback):
+    """Sampled pass@k on held-out problems at step 0, every ``eval_every`` steps and at the end; final
+    benchmark evaluations after training. Every rank samples and grades its own share of the problems
+    (no rank idles at a barrier while another generates); rank 0 writes the rows, as gxpo_lib.trainer's."""
+
+    def __init__(self, trainer: GXPOTrainer, config: TrainConfig, tokenizer, workdir: Path):
+        self.trainer, self.config, self.tokenizer, self.workdir = trainer, config, tokenizer, workdir
+        _, self.problems, self.final_sets = run_problems(config)
+
+    def _evaluate(self, problems, samples: int, final: bool) -> dict[str, Any]:
+        from gxpo_lib.evaluation import correct_counts, summarize_counts
+        from gxpo_lib.models import format_prompt
+        from gxpo_lib.rewards import RewardScorer
+        from gxpo_lib.sampling import HFSampler
+
+        cfg, accelerator = self.config, self.trainer.accelerator
+        suffix, seed = instruction_suffix(cfg), runlog.eval_seed(cfg.seed, final=final)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        share = problems[rank::world]
+        counts, lengths = [], []
+        if share:
+            sampler = HFSampler(accelerator.unwrap_model(self.trainer.model), self.tokenizer,
+                                lambda t: format_prompt(t + suffix, self.tokenizer), max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, top_p=cfg.top_p)
+            with RewardScorer(workers=0, timeout_s=cfg.reward_timeout) as scorer:
+                counts, lengths = correct_counts(sampler, scorer, share, samples, seed)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(counts, lengths)])
+            counts = [c for part, _ in gathered for c in part]
+            lengths = [x for _, part in gathered for x in part]
+        return summarize_counts(counts, samples, lengths, seed)
+
+    def _eval_row(self, step: int) -> None:
+        trainer = self.trainer
+        start = time.perf_counter()
+        result = self._evaluate(self.problems, self.config.eval_samples, final=False)
+        trainer.counters["seconds_eval"] += time.perf_counter() - start
+        if trainer.accelerator.is_main_process:
+            trainer.write_row({"kind": "eval", "step": step, **trainer.x_values(), **result})
+            print(f"{PROGRESS_PREFIX} eval step {step} pass@1={result['pass@1']:.3f}", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self._eval_row(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.config.eval_every == 0 or state.global_step == state.max_steps:
+            self._eval_row(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if state.global_step < state.max_steps or not self.final_sets:
+            return
+        done = runlog.read_final_eval(self.workdir)
+        for name, problems in self.final_sets.items():
+            if name in done:
+                continue
+            result = self._evaluate(problems, self.config.final_eval_samples, final=True)
+            done[name] = {"problems": len(problems), "samples": self.config.final_eval_samples, **result}
+            if trainer.accelerator.is_main_process:
+                trainer.write_row({"kind": "final_eval", "step": state.global_step, "benchmark": name, **done[name]})
+                runlog.write_final_eval(self.workdir, done)
+        trainer.accelerator.wait_for_everyone()
+
+
+class ProgressCallback(TrainerCallback):
+    """Prints one ``[gxpo] step ...`` line per step on rank 0 (what ``stream(progress_only=True)`` shows)."""
+
+    def __init__(self, trainer: GXPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        row = self.trainer.last_row
+        if row is None or not self.trainer.accelerator.is_main_process:
+            return
+        reward = row["reward_mean"]
+        print(f"{PROGRESS_PREFIX} step {state.global_step}/{state.max_steps} "
+              f"reward_mean={'nan' if reward is None else f'{reward:.3f}'} backward_passes={row['backward_passes']} "
+              f"cumulative_backward_passes={row['cumulative_backward_passes']} gate_open={row['gate_open']} "
+              f"active={row['active']} seconds={row['seconds']:.1f}", flush=True)
+def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_overrides: dict[str, Any] | None = None,
+                   model_and_tokenizer=None) -> GXPOTrainer:
+    """Train (or resume) a TrainConfig-described run with GXPOTrainer in this process (one rank of a launch).
+
+    Writes ``workdir/config.json`` (the TrainConfig), ``workdir/metrics.jsonl`` (gxpo_lib rows),
+    ``checkpoint-*`` folders (TRL's, with ``gxpo_state.json``). Returns the trainer.
+    """
+    from accelerate import PartialState
+    from peft import LoraConfig
+
+    from gxpo_lib.models import load_model
+
+    config = TrainConfig.from_dict(config.to_dict()).validate()
+    workdir = Path(workdir)
+    # cpu=True on a machine without CUDA: otherwise accelerate sets up no process group at all there
+    # (each rank would silently train alone); it must also be the first PartialState of the process.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate sees {state.num_processes}")
+    args = grpo_config_from_train_config(config, workdir, state.num_processes, **(trl_overrides or {}))
+    # Records of the run, and a fresh metrics.jsonl unless resuming.
+    checkpoint = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    if state.is_main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        runlog.write_config(workdir, config.to_dict())
+        runlog.atomic_write_text(workdir / "trl_args.json", args.to_json_string())
+        if checkpoint is None:
+            (workdir / runlog.METRICS_FILE).unlink(missing_ok=True)
+    state.wait_for_everyone()
+    # Model (on the CPU: the Trainer places it), LoRA, data, reward.
+    dtype = config.dtype or ("bfloat16" if _bf16_available() else None)
+    model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=dtype, device="cpu")
+    peft_config = None
+    if config.lora:
+        peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                 target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    trainer = GXPOTrainer(model=model, reward_funcs=math_reward_func, args=args,
+                          train_dataset=build_dataset(config, tokenizer), processing_class=tokenizer,
+                          peft_config=peft_config)
+    trainer.add_callback(ProgressCallback(trainer))
+    trainer.add_callback(EvaluationCallback(trainer, config, tokenizer, workdir))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gxpo_lib.integrations.trl_run --config run.json --workdir DIR`` (one rank of a launch).
+
+    The JSON holds TrainConfig settings, optionally with a ``"trl"`` dict of raw GXPOConfig overrides.
+    """
+    parser = argparse.ArgumentParser(description="Train with TRL's GRPOTrainer and a gxpo_lib update rule")
+    parser.add_argument("--config", required=True, help="JSON of TrainConfig settings (+ optional 'trl' dict)")
+    parser.add_argument("--workdir", required=True, help="run folder (resumed if it holds a checkpoint)")
+    args = parser.parse_args(argv)
+    values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    overrides = values.pop("trl", None) or {}
+    config = TrainConfig.from_dict(values)
+    config.progress = False
+    trainer = train_with_trl(config, args.workdir, overrides)
+    if trainer.accelerator.is_main_process:
+        print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "
+              f"cumulative_backward_passes={trainer.counters['backward_passes']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
