@@ -4,6 +4,7 @@
     strip-notebooks [folder]         remove outputs from the stored notebooks
     sweep GRID.yaml [--parallel N] [--gpus 0,1] [--dry-run]   run a grid of notebook-03 runs, skipping
                                      finished ones, each run its own process (CUDA_VISIBLE_DEVICES per slot)
+    doctor [--no-train]              check this machine for a workshop: versions, kernel, widgets, a timed step
     execute NOTEBOOK OUT_DIR [--parameters FILE.json] [--timeout S]   one notebook headless into OUT_DIR
 """
 
@@ -35,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     execute.add_argument("out_dir")
     execute.add_argument("--parameters", default=None, help="a JSON file of parameters")
     execute.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    doctor = commands.add_parser("doctor", help="check the environment and estimate each notebook's minutes")
+    doctor.add_argument("--no-train", action="store_true", help="skip the timed tiny training step")
     args = parser.parse_args(argv)
 
+    if args.command == "doctor":
+        from .doctor import format_report, run_doctor
+
+        findings = run_doctor(train_step=not args.no_train)
+        print(format_report(findings))
+        return 1 if any(f.status == "fail" for f in findings) else 0
     if args.command == "execute":
         parameters = json.loads(open(args.parameters, encoding="utf-8").read()) if args.parameters else {}
         print(f"[gxpo] wrote {notebooks.execute_notebook(args.notebook, args.out_dir, parameters, args.timeout)}")

@@ -21,9 +21,13 @@ name               hub dataset (config)                                         
                    answer = ``final_answer[0]`` without ``$``
 =================  ===========================================================  =====================
 
-Local files (``path=``) are the ones in ``../shared/data`` (see its README): gsm8k uses ``question``,
-the others ``problem``. Their ``math_train.jsonl`` is the prm800k train split (12,000 rows: MATH train
-plus MATH test minus MATH-500), a superset of the hub's 7,500; both are disjoint from MATH-500.
+Local files (``path=``, or a run's ``data_dir`` holding the file names of ``LOCAL_FILES``) are JSONL,
+one problem per line: gsm8k rows carry ``question`` and ``answer`` (the final number), the others
+``problem`` and ``answer`` (plus ``level``/``subject``/``subfield``/``final_answer`` where the set has
+them); the hub's column names are read too. A ``math_train.jsonl`` may be the prm800k train split
+(12,000 rows: MATH train plus MATH test minus MATH-500), a superset of the hub's 7,500; both are disjoint
+from MATH-500. ``tests/fixtures/benchmarks`` in the repository holds 50-row samples in this layout, with
+their sources and licences.
 The paper trains on Hendrycks MATH levels 3-5: ``load_benchmark("math_train", levels=(3, 4, 5))``.
 """
 
@@ -88,7 +92,7 @@ def load_benchmark(
         levels: keep only these MATH levels (1-5); rows without a level are dropped. Only for
             ``math500`` and ``math_train``.
         limit: keep the first ``limit`` rows (after filtering).
-        drop_empty: drop rows whose answer is empty (2 rows of the local ``math_train``).
+        drop_empty: drop rows whose answer is empty (2 rows of prm800k's ``math_train``).
 
     Returns:
         A list of row dicts (see the module docstring), in file/hub order.
@@ -113,7 +117,7 @@ def load_benchmark(
 
 
 def local_path(name: str, data_dir: str | Path, split: str | None = None) -> Path:
-    """The shared data file of a benchmark under ``data_dir`` (e.g. ``../shared/data``)."""
+    """The local JSONL file of a benchmark's split under ``data_dir`` (file names: ``LOCAL_FILES``)."""
     _check_name(name)
     return Path(data_dir) / LOCAL_FILES[name][_check_split(name, split)]
 
@@ -244,6 +248,7 @@ def _check_levels(name: str, levels: Sequence[int]) -> tuple[int, ...]:
     if name not in LEVELLED:
         raise ValueError(f"levels only applies to {LEVELLED}, not {name!r}")
     levels = tuple(levels)
-    if not levels or any(isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= 5 for lv in levels):
+    if not levels or any(isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= 5
+                         for lv in levels):
         raise ValueError(f"levels must be a non-empty sequence of integers in 1-5, got {levels!r}")
     return levels

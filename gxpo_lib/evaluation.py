@@ -184,7 +184,8 @@ def _as_correct(values, ndim: tuple[int, ...]) -> np.ndarray:
 def correct_counts(sampler, scorer, problems: Sequence[dict], samples: int, seed: int) -> tuple[list[int], list[float]]:
     """Sample `samples` completions per problem and grade them: (correct count per problem, lengths per sample)."""
     rollouts = sampler.sample([p["prompt"] for p in problems], samples, seed=seed, score_policy=False)
-    scored = scorer.score(rollouts.completions, [problems[i]["answer"] for i in rollouts.prompt_index])
+    picked = [problems[i] for i in rollouts.prompt_index]
+    scored = scorer.score(rollouts.completions, [p["answer"] for p in picked], [p["prompt"] for p in picked])
     correct = np.asarray(scored.rewards).reshape(len(problems), samples) >= CORRECT_THRESHOLD
     return [int(c) for c in correct.sum(axis=1)], rollouts.completion_mask.sum(1).float().tolist()
 

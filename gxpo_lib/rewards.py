@@ -1,16 +1,20 @@
-"""Binary math-answer rewards on math-verify, safe to call inside an RL loop.
+"""Binary math-answer rewards on math-verify, graded as a careful human would, safe inside an RL loop.
 
-Protocol (``score_pair``), the one the paper's verl code uses, made deterministic about boxes:
+Protocol (``score_pair``): verl's math-verify protocol with a grading layer in front (``gxpo_lib.grading``):
 
 * The gold answer is wrapped as ``\\boxed{gold}`` and parsed with math-verify's LaTeX extraction (verl's
-  ``math_verify`` reward does the same).
-* If the completion contains a well-formed ``\\boxed{...}`` (or ``\\fbox{...}``), only the *last* one is
-  parsed: earlier boxes, scratch work and restated problem numbers cannot earn or lose the reward.
-* If it contains none, the whole completion goes to math-verify, which picks an answer by its own
-  priorities (anchors such as "final answer is", then the rightmost LaTeX or plain expression it can
-  parse). That is verl's behaviour, so a small model that ends with "... is 42." still gets credit;
-  ``require_boxed=True`` instead scores such a completion 0 as a parse failure (``no_answer``).
-* ``verify(gold, pred)``, gold first (math-verify's comparison is deliberately asymmetric).
+  ``math_verify`` reward does the same); a gold that does not parse is ``bad_gold``.
+* The answer is the *last* well-formed ``\\boxed{...}`` (or ``\\fbox{...}``): earlier boxes, scratch work
+  and restated problem numbers cannot earn or lose the reward. Without a box it is the completion's final
+  answer line ("The answer is 243.", "#### 18", "Final answer: \\frac{5}{13}"); ``require_boxed=True``
+  instead scores such a completion 0 as ``no_answer``.
+* The grader cleans both sides (bare LaTeX, ``\\sqrt3``, thousands separators, Unicode, units, number and
+  magnitude words, mixed numbers, ...), reads their structure (tuples in order, lists and sets in any order,
+  intervals and inequalities, unions, named components, equations, vectors, text, choice letters) and
+  compares the scalars with ``verify(gold, pred)``, gold first (math-verify's comparison is deliberately
+  asymmetric). An equal answer still scores 0 when it breaks a form or unit the problem demands (given as
+  ``problem`` text or ``required_form``). Where the grader cannot read the answer, plain math-verify on the
+  box (or on the whole completion, by its own priorities) decides, as before.
 
 Every outcome has a status: ``correct``, ``wrong``, ``no_answer`` (nothing parsable in the completion),
 ``bad_gold`` (the gold itself did not parse), ``timeout`` and ``error``. Everything but ``correct`` scores
@@ -30,11 +34,14 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal
 from typing import Self
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
+
+from .grading import Form, final_answer, grade, guards_ok, infer_form, parse_form
 
 STATUSES = ("correct", "wrong", "no_answer", "bad_gold", "timeout", "error")
 GOLD_CONFIG = (LatexExtractionConfig(),)
@@ -43,6 +50,7 @@ _COUNTER = {"correct": "n_correct", "wrong": "n_wrong", "no_answer": "n_parse_fa
             "timeout": "n_timeout", "error": "n_error"}
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(\s*)")
 _BRACE_RE = re.compile(r"\\[{}]|[{}]")
+_NUMERIC = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 
 
 def last_boxed(text: str) -> str | None:
@@ -67,7 +75,8 @@ MAX_PARSE_CHARS = 2000
 
 def score_pair(
     completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3,
-    max_parse_chars: int | None = MAX_PARSE_CHARS,
+    max_parse_chars: int | None = MAX_PARSE_CHARS, problem: str | None = None,
+    required_form: str | Form | None = None,
 ) -> tuple[float, str]:
     """Score one completion against one gold answer: ``(reward, status)``.
 
@@ -80,10 +89,17 @@ def score_pair(
         max_parse_chars: a guard of ours (verl has none): a box longer than this is ``no_answer``
             (no final answer is that long, and sympy on it can run for minutes); a completion without a
             box has only its last ``max_parse_chars`` characters parsed. None: parse everything.
+        problem: the problem text, if known: the grader reads demanded forms ("as a common fraction",
+            "in simplest radical form", "as a decimal", "factor", "interval notation"), asked units
+            ("in hours") and multiple-choice options off it.
+        required_form: a demanded form given directly (names in ``grading.FORM_NAMES``, comma-separated,
+            or a ``grading.Form``); it replaces the forms read off ``problem`` (asked units still apply).
 
     Returns:
-        ``(1.0, "correct")`` or ``(0.0, status)`` with status in ``STATUSES``. Never raises.
+        ``(1.0, "correct")`` or ``(0.0, status)`` with status in ``STATUSES``. Never raises on content
+        (a bad ``required_form`` raises ``ValueError``).
     """
+    form = _form(problem, required_form)
     if threading.current_thread() is not threading.main_thread():
         timeout_s = None
     try:
@@ -91,7 +107,7 @@ def score_pair(
         gold_parsed = _parse(f"\\boxed{{{gold}}}", GOLD_CONFIG, timeout_s)
         if not gold_parsed:
             return 0.0, "bad_gold"
-        # Prediction: the last box if any, else the whole text (unless a box is required)
+        # Prediction: the last box if any, else the final answer line (unless a box is required)
         box = last_boxed(completion)
         if box is None and require_boxed:
             return 0.0, "no_answer"
@@ -99,25 +115,63 @@ def score_pair(
             return 0.0, "no_answer"
         if box is None and max_parse_chars is not None:
             completion = completion[-max_parse_chars:]
-        pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", PRED_CONFIG, timeout_s)
-        if not pred_parsed:
-            return 0.0, "no_answer"
-        # Compare, gold first
-        ok = verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s, raise_on_error=True)
-        return (1.0, "correct") if ok else (0.0, "wrong")
+        answer = box if box is not None else final_answer(completion)
+        # The grader's structured reading first; plain math-verify where it cannot read the answer
+        verdict = None
+        if answer is not None:
+            verdict = grade(answer, gold, problem, form, _Same(gold, gold_parsed, timeout_s))
+        if verdict is None:
+            pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", PRED_CONFIG, timeout_s)
+            if not pred_parsed:
+                return 0.0, "no_answer"
+            verdict = verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s, raise_on_error=True)
+            verdict = verdict and (answer is None or guards_ok(answer, gold, form))
+        return (1.0, "correct") if verdict else (0.0, "wrong")
     except TimeoutException:
         return 0.0, "timeout"
     except Exception:
         return 0.0, "error"
 
 
-def math_reward(completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3) -> float:
-    """1.0 if ``completion``'s final answer equals ``gold`` by math-verify, else 0.0 (in-process).
+def math_reward(
+    completion: str, gold: str, problem: str | None = None, required_form: str | Form | None = None,
+    require_boxed: bool = False, timeout_s: int | None = 3,
+) -> float:
+    """1.0 if ``completion``'s final answer equals ``gold`` as a careful grader reads it, else 0.0 (in-process).
 
-    Callable directly from a notebook; math-verify's signal timeout protects it in the main thread. For
-    batches, counters and a hard wall-clock limit, use ``RewardScorer``.
+    ``problem`` (the problem text) and ``required_form`` let the grader apply a demanded form or unit
+    (see ``score_pair``). Callable directly from a notebook; math-verify's signal timeout protects it in
+    the main thread. For batches, counters and a hard wall-clock limit, use ``RewardScorer``.
     """
-    return score_pair(completion, gold, require_boxed, timeout_s)[0]
+    if isinstance(problem, bool):  # the old positional call math_reward(c, g, require_boxed)
+        problem, require_boxed = None, problem
+    return score_pair(completion, gold, require_boxed, timeout_s, problem=problem, required_form=required_form)[0]
+
+
+def _form(problem: str | None, required_form: str | Form | None) -> Form:
+    """The demanded form: ``required_form`` if given (with the problem's asked units), else the problem's."""
+    inferred = infer_form(problem)
+    if required_form is None:
+        return inferred
+    return replace(parse_form(required_form), units=inferred.units)
+
+
+class _Same:
+    """Scalar comparison for the grader: math-verify, gold first, the gold's parses cached."""
+
+    def __init__(self, gold: str, gold_parsed: list, timeout_s: int | None):
+        self.cache = {gold: gold_parsed}
+        self.timeout_s = timeout_s
+
+    def __call__(self, gold: str, pred: str) -> bool | None:
+        if _NUMERIC.fullmatch(gold) and _NUMERIC.fullmatch(pred):
+            return Decimal(gold) == Decimal(pred)
+        if gold not in self.cache:
+            self.cache[gold] = _parse(f"\\boxed{{{gold}}}", GOLD_CONFIG, self.timeout_s)
+        pred_parsed = _parse(f"\\boxed{{{pred}}}", GOLD_CONFIG, self.timeout_s)
+        if not pred_parsed or not self.cache[gold]:
+            return None
+        return verify(self.cache[gold], pred_parsed, timeout_seconds=self.timeout_s, raise_on_error=True)
 
 
 @dataclass
@@ -197,13 +251,21 @@ class RewardScorer:
         self.n_restarts = 0
         self._pool: ProcessPoolExecutor | None = None
 
-    def score(self, completions: Sequence[str], golds: Sequence[str]) -> ScoredBatch:
-        """Score ``completions[i]`` against ``golds[i]`` for every i; never raises on bad content."""
+    def score(self, completions: Sequence[str], golds: Sequence[str],
+              problems: Sequence[str | None] | None = None) -> ScoredBatch:
+        """Score ``completions[i]`` against ``golds[i]`` for every i; never raises on bad content.
+
+        ``problems[i]``, if given, is the problem text of item i: the grader applies the forms and units
+        it demands (see ``score_pair``).
+        """
         if len(completions) != len(golds):
             raise ValueError(f"completions ({len(completions)}) and golds ({len(golds)}) differ in length")
-        items = [(str(c), str(g)) for c, g in zip(completions, golds)]
+        if problems is not None and len(problems) != len(golds):
+            raise ValueError(f"problems ({len(problems)}) and golds ({len(golds)}) differ in length")
+        texts = [None if p is None else str(p) for p in problems] if problems is not None else [None] * len(golds)
+        items = [(str(c), str(g), p) for c, g, p in zip(completions, golds, texts)]
         if self.workers == 0:
-            results = [score_pair(c, g, self.require_boxed, self.inner_timeout_s) for c, g in items]
+            results = [score_pair(c, g, self.require_boxed, self.inner_timeout_s, problem=p) for c, g, p in items]
         else:
             results = self._score_in_pool(items)
         batch = ScoredBatch([r for r, _ in results], [s for _, s in results])
@@ -224,7 +286,7 @@ class RewardScorer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _score_in_pool(self, items: list[tuple[str, str]]) -> list[tuple[float, str]]:
+    def _score_in_pool(self, items: list[tuple[str, str, str | None]]) -> list[tuple[float, str]]:
         """Keep at most ``workers`` items in flight so each item's clock starts when it starts running."""
         results: list[tuple[float, str] | None] = [None] * len(items)
         queue = deque(range(len(items)))
@@ -235,7 +297,9 @@ class RewardScorer:
             try:
                 pool = self._ensure_pool()
                 while queue and len(running) < self.workers:
-                    fut = pool.submit(score_pair, *items[queue[0]], self.require_boxed, self.inner_timeout_s)
+                    completion, gold, problem = items[queue[0]]
+                    fut = pool.submit(score_pair, completion, gold, self.require_boxed, self.inner_timeout_s,
+                                      problem=problem)
                     running[fut] = (queue.popleft(), time.monotonic())
             except BrokenProcessPool:
                 self._restart(queue, running)

@@ -10,7 +10,7 @@ difficulty levels:
 - level 3: three operations, numbers 1-50.
 
 Counts never go negative. The vocabulary is deliberately small (``task_words()``) so that the tiny
-word-level tokenizer in ``gxpo_lib.models`` covers every prompt and solution.
+word-level tokenizer in ``gxpo_lib.tiny_model`` covers every prompt and solution.
 
 Records use the schema of the real-dataset loaders: ``prompt``, ``answer`` (a string), plus metadata
 (``solution``, ``level``, ``id``, ``operands``, ``ops``). Rebuild the shipped splits with::
@@ -59,8 +59,6 @@ _TEMPLATES = (
      "lead": "Then {p}", "join": ", then ",
      "question": "How many {item} does {p} have left?"},
 )
-
-_BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 
 
 @dataclass(frozen=True)
@@ -227,18 +225,6 @@ def load_split(split: str, data_dir: str | Path = DATA_DIR, limit: int | None = 
     with path.open(encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return records if limit is None else records[:limit]
-
-
-def extract_boxed_int(text: str) -> int | None:
-    """The integer inside the last ``\\boxed{...}`` of ``text``, or None if there is none."""
-    matches = _BOXED_RE.findall(text)
-    return int(matches[-1]) if matches else None
-
-
-def is_correct(completion: str, answer: str | int) -> bool:
-    """Exact check: the last boxed integer of ``completion`` equals ``answer``."""
-    value = extract_boxed_int(completion)
-    return value is not None and value == int(answer)
 
 
 def task_words() -> list[str]:

@@ -13,6 +13,7 @@ Randomness is derived from (seed, step), so a resumed run samples exactly what a
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import random
@@ -85,6 +86,15 @@ class TrainControl:
 def build_rule(config: TrainConfig, optimizer: torch.optim.Optimizer):
     """The update rule the config names, wrapping `optimizer`."""
     return RULES[config.algorithm](optimizer, **rule_kwargs(config))
+
+
+def check_runtime(config: TrainConfig) -> None:
+    """What the machine must offer for `config`, checked before anything loads; ValueError names the setting."""
+    if config.rollout_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        gpu = "this machine has a CUDA GPU" if torch.cuda.is_available() else "no CUDA GPU is present here"
+        raise ValueError("rollout_backend='vllm' is invalid here: vLLM is not installed and " + gpu + ". The "
+                         "paper-* presets are for GPU machines (pip install '.[gpu]', README: GPU recipes); on "
+                         "a CPU use preset='smoke' or preset='cpu-smollm2', or set rollout_backend='auto'")
 
 
 def make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: Path):
@@ -246,7 +256,8 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
                                         seed=runlog.step_seed(config.seed, step),
                                         score_policy=config.old_logprobs == "sampler")
     with runlog.timed(counters, "seconds_scoring"):
-        scored = state.scorer.score(rollouts.completions, [chosen[i]["answer"] for i in rollouts.prompt_index])
+        picked = [chosen[i] for i in rollouts.prompt_index]  # the grader reads each problem's demanded form
+        scored = state.scorer.score(rollouts.completions, [p["answer"] for p in picked], [p["prompt"] for p in picked])
 
     with runlog.timed(counters, "seconds_update"):
         rewards = torch.tensor(scored.rewards, dtype=torch.float32)
@@ -304,6 +315,7 @@ def train(
     from .tracking import Trackers
 
     config = copy.deepcopy(config).validate()
+    check_runtime(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_resumable(workdir, config)

@@ -1,7 +1,15 @@
-"""Tests for gxpo_lib.data: the shared JSONL files, level filters, errors, and the hub column mapping."""
+"""Tests for gxpo_lib.data: the benchmark files, level filters, errors, and the hub column mapping.
+
+The benchmark files come from ``tests/fixtures/benchmarks`` (at most 50 real rows of each set, with their
+licences), so these tests run in any clone. With ``GXPO_DATA_DIR`` pointing at a folder of the full files
+the full-size checks run too, and the fixtures are checked against those files line by line.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import datasets
@@ -10,7 +18,8 @@ import pytest
 from gxpo_lib.data import BENCHMARKS, LOCAL_FILES, load_benchmark, local_path, read_jsonl, to_common_schema
 from gxpo_lib.rewards import last_boxed
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
+MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text(encoding="utf-8"))
 KEYS = {"id", "source", "prompt", "answer", "level", "subject"}
 README_ROWS = {("gsm8k", "test"): 1319, ("gsm8k", "train"): 7473, ("math500", "test"): 500,
                ("math_train", "train"): 12000, ("aime24", "train"): 30, ("amc23", "test"): 40,
@@ -19,18 +28,46 @@ README_ROWS = {("gsm8k", "test"): 1319, ("gsm8k", "train"): 7473, ("math500", "t
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"shared data folder {DATA} not found")
-    return DATA
+    """The fixture folder: the same file names and layout as a full data folder."""
+    return FIXTURES
 
 
-@pytest.mark.parametrize("name, split", sorted(README_ROWS))
-def test_local_files_load_with_readme_row_counts(data_dir, name, split):
-    rows = load_benchmark(name, path=local_path(name, data_dir, split), drop_empty=False)
-    assert len(rows) == README_ROWS[name, split]
+@pytest.fixture(scope="module")
+def full_data_dir() -> Path:
+    """A folder of the full benchmark files, from GXPO_DATA_DIR (developers); skipped without it."""
+    folder = os.environ.get("GXPO_DATA_DIR")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("set GXPO_DATA_DIR to a folder of the full benchmark files for the full-size checks")
+    return Path(folder)
+
+
+def _check_rows(rows: list[dict], name: str) -> None:
+    """Every row has the common schema, a non-empty prompt, a string answer and a unique id."""
     assert all(set(r) == KEYS and r["source"] == name for r in rows)
     assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["answer"], str) for r in rows)
     assert len({r["id"] for r in rows}) == len(rows)
+
+
+# ---------------------------------------------------------------- the fixtures (every clone)
+
+
+@pytest.mark.parametrize("name, split", sorted(README_ROWS))
+def test_fixture_files_load_in_the_common_schema(data_dir, name, split):
+    rows = load_benchmark(name, path=local_path(name, data_dir, split), drop_empty=False)
+    entry = MANIFEST[LOCAL_FILES[name][split]]
+    assert len(rows) == len(entry["lines"]) == min(50, README_ROWS[name, split])
+    assert entry["source_rows"] == README_ROWS[name, split]
+    _check_rows(rows, name)
+
+
+def test_fixtures_ship_their_licences():
+    licences = {p.name for p in (FIXTURES / "licenses").iterdir()}
+    assert {"grade-school-math_LICENSE.txt", "hendrycks-math_LICENSE.txt", "prm800k_LICENSE.txt",
+            "OlympiadBench_LICENSE.txt", "Qwen2.5-Math_evaluation_LICENSE.txt"} <= licences
+    assert all("MIT License" in (FIXTURES / "licenses" / n).read_text() for n in licences
+               if n != "aiwaves-agents_LICENSE.txt")
+    readme = (FIXTURES / "README.md").read_text()
+    assert all(f"`{file}`" in readme for files in LOCAL_FILES.values() for file in files.values())
 
 
 def test_local_values_are_mapped(data_dir):
@@ -52,12 +89,39 @@ def test_math_train_levels_and_empty_answers(data_dir):
     everything = load_benchmark("math_train", path=path, drop_empty=False)
     assert sum(1 for r in everything if not r["answer"]) == 2
     assert sum(1 for r in everything if r["level"] is None) == 2
+    assert len(load_benchmark("math_train", path=path)) == 48
+    hard = load_benchmark("math_train", path=path, levels=(3, 4, 5))
+    want = sum(1 for r in everything if r["level"] in (3, 4, 5) and r["answer"])
+    assert len(hard) == want == 39
+    assert {r["level"] for r in hard} == {3, 4, 5}
+    assert len(load_benchmark("math_train", path=path, levels=[5], limit=10)) == 10
+
+
+# ---------------------------------------------------------------- the full files (GXPO_DATA_DIR)
+
+
+def test_full_files_have_their_readme_row_counts_and_the_fixtures_are_byte_copies(full_data_dir):
+    for (name, split), count in sorted(README_ROWS.items()):
+        rows = load_benchmark(name, path=local_path(name, full_data_dir, split), drop_empty=False)
+        assert len(rows) == count, name
+        _check_rows(rows, name)
+    for file_name, entry in sorted(MANIFEST.items()):
+        raw = (full_data_dir / file_name).read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == entry["source_sha256"], file_name
+        lines = raw.splitlines(keepends=True)
+        assert (FIXTURES / file_name).read_bytes() == b"".join(lines[i] for i in entry["lines"]), file_name
+
+
+def test_full_math_train_levels_empty_answers_and_box_rule(full_data_dir):
+    path = local_path("math_train", full_data_dir)
+    everything = load_benchmark("math_train", path=path, drop_empty=False)
+    assert sum(1 for r in everything if not r["answer"]) == 2
+    assert sum(1 for r in everything if r["level"] is None) == 2
     assert len(load_benchmark("math_train", path=path)) == 11998
     hard = load_benchmark("math_train", path=path, levels=(3, 4, 5))
     want = sum(1 for r in everything if r["level"] in (3, 4, 5) and r["answer"])
     assert len(hard) == want == 8886
-    assert {r["level"] for r in hard} == {3, 4, 5}
-    assert len(load_benchmark("math_train", path=path, levels=[5], limit=10)) == 10
+    _check_box_rule(full_data_dir)
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -127,15 +191,21 @@ def test_hub_aime_amc_olympiad_columns():
     amc = datasets.Dataset.from_list([{"id": 0, "question": "Q", "answer": 27.0, "url": "u"}])
     row = to_common_schema(amc, "amc23")[0]
     assert (row["prompt"], row["answer"], row["id"]) == ("Q", "27", "amc23-0")
-    olymp = datasets.Dataset.from_list([{"id": 1606, "question": "Q", "solution": ["s"], "final_answer": ["$2$"],
-                                         "subfield": "Combinatorics", "subject": "Math", "is_multiple_answer": False,
-                                         "unit": None, "answer_type": "Numerical", "error": None}])
+    olymp = datasets.Dataset.from_list([{
+        "id": 1606, "question": "Q", "solution": ["s"], "final_answer": ["$2$"], "subfield": "Combinatorics",
+        "subject": "Math", "is_multiple_answer": False, "unit": None, "answer_type": "Numerical",
+        "error": None}])
     row = to_common_schema(olymp, "olympiadbench")[0]
     assert (row["id"], row["answer"], row["subject"]) == ("olympiadbench-1606", "2", "Combinatorics")
 
 
-def test_local_math_answers_follow_the_box_rule(data_dir):
+def _check_box_rule(folder: Path) -> None:
     """The hub mapping's box rule reproduces every local MATH answer (Hendrycks' rule) from its solution."""
     for name in ("math500", "math_train"):
-        raw = read_jsonl(local_path(name, data_dir))
+        raw = read_jsonl(local_path(name, folder))
         assert all(last_boxed(r["solution"]) == r["answer"] for r in raw)
+
+
+def test_local_math_answers_follow_the_box_rule(data_dir):
+    _check_box_rule(data_dir)
+

@@ -1,11 +1,12 @@
 """Rewards under hostile completions: 1,000 generated adversarial strings, none hangs or breaks the scorer."""
 
 import random
+import time
 from collections import Counter
 
 import pytest
 
-from gxpo_lib.rewards import MAX_PARSE_CHARS, STATUSES, RewardScorer, last_boxed
+from gxpo_lib.rewards import MAX_PARSE_CHARS, STATUSES, RewardScorer, last_boxed, score_pair
 
 KINDS = ("huge_latex", "unbalanced", "nested_frac", "huge_exponent", "binary_junk")
 
@@ -56,3 +57,19 @@ def test_a_thousand_hostile_completions_are_scored_and_counted():
             assert status != "correct"
     assert batch.counts.n_parse_fail == batch.statuses.count("no_answer") >= 400
     assert batch.counts.n_timeout == batch.statuses.count("timeout")
+
+
+def test_hostile_final_lines_and_problem_texts_through_the_grader():
+    """The grader's own inputs (a final answer line, the problem text) under attack: no crash, no hang."""
+    rng = random.Random(1)
+    lines = ["The answer is " + "(" * 5000, "Final answer: " + "\\frac{" * 300, "so x = " + "1 or " * 2000 + "1",
+             "The answer is " + "a " * 3000, "#### " + "9" * 5000, "Answer: " + "\\sqrt" * 1000 + "2",
+             "The answer is " + "1,000" * 500, "is " + "%$" * 2000]
+    problems = [None, "Express your answer as a common fraction in interval notation, in hours. " * 200,
+                "(A) " + "x " * 5000, "".join(chr(rng.randint(0, 0x2FF)) for _ in range(20_000))]
+    start = time.monotonic()
+    for line in lines:
+        for problem in problems:
+            reward, status = score_pair("work\n" + line, "1", problem=problem, timeout_s=2)
+            assert status in STATUSES and reward in (0.0, 1.0)
+    assert time.monotonic() - start < 60.0

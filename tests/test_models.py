@@ -1,18 +1,21 @@
-"""Models: tokenizer, the shipped tiny checkpoint, load_model, LoRA and the reference policy."""
+"""Models: the tiny model's tokenizer, builder and card, the shipped checkpoint, loading, LoRA, reference."""
 
 import copy
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub at test time
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gxpo_lib import models, task
+from gxpo_lib import models, task, tiny_model
 
 TINY = models.tiny_model_dir()
 
@@ -35,7 +38,7 @@ def _logits(model, tokenizer, text="Tom has 3 pens."):
 
 
 def test_tokenizer_round_trips_task_text_without_unknowns():
-    tokenizer = models.build_tokenizer()
+    tokenizer = tiny_model.build_tokenizer()
     for problem in task.generate_problems(300, seed=11):
         for text in (problem.prompt, problem.solution):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -45,10 +48,10 @@ def test_tokenizer_round_trips_task_text_without_unknowns():
 
 
 def test_tokenizer_special_tokens_padding_and_prompt_format():
-    tokenizer = models.build_tokenizer()
+    tokenizer = tiny_model.build_tokenizer()
     assert tokenizer.pad_token == models.PAD and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.padding_side == "left"
-    assert models.build_tokenizer(padding_side="right").padding_side == "right"
+    assert tiny_model.build_tokenizer(padding_side="right").padding_side == "right"
     batch = tokenizer(["Tom has 12 pens.", "Tom"], padding=True, add_special_tokens=False)
     assert batch["input_ids"][1][0] == tokenizer.pad_token_id and batch["attention_mask"][1][0] == 0
     # The chat template and format_prompt agree, and digits are one token each.
@@ -56,7 +59,7 @@ def test_tokenizer_special_tokens_padding_and_prompt_format():
     assert prompt == models.format_prompt("Ann has 5 pens.") == "<|bos|><|user|>Ann has 5 pens.<|assistant|>"
     assert tokenizer.convert_ids_to_tokens(tokenizer("120")["input_ids"]) == ["1", "2", "0"]
     with pytest.raises(ValueError, match="padding_side="):
-        models.build_tokenizer(padding_side="middle")
+        tiny_model.build_tokenizer(padding_side="middle")
 
 
 # ---------------------------------------------------------------- shipped checkpoint
@@ -80,20 +83,25 @@ def test_shipped_checkpoint_is_a_small_llama32_style_model(tiny):
 def test_shipped_checkpoint_sampled_pass_at_1_leaves_room_for_rl(tiny):
     model, tokenizer = tiny
     problems = task.load_split("test", limit=64)
-    score = models.sampled_pass_at_1(model, tokenizer, problems, num_samples=4, seed=0)
+    score = tiny_model.task_pass_at_1(model, tokenizer, problems, num_samples=4, seed=0)
     assert 0.1 <= score <= 0.7
+    # Gold answers the task never produces (counts are never negative): no sample can score.
+    impossible = [dict(p, answer="-1") for p in problems[:8]]
+    assert tiny_model.task_pass_at_1(model, tokenizer, impossible, num_samples=2, seed=0) == 0.0
     info = json.loads((TINY / "training_info.json").read_text())
     assert 0.2 <= info["test_pass_at_1"] <= 0.6 and info["seed"] == 0
 
 
-def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tiny):
+def test_task_pass_at_1_is_seeded_and_leaves_the_global_rng_alone(tiny):
     model, tokenizer = tiny
-    prompts = [p["prompt"] for p in task.load_split("test", limit=8)]
+    problems = task.load_split("test", limit=16)
     state = torch.get_rng_state()
-    first = models.sample_completions(model, tokenizer, prompts, num_samples=2, seed=5)
+    first = tiny_model.task_pass_at_1(model, tokenizer, problems, num_samples=2, seed=5)
     assert torch.equal(state, torch.get_rng_state())
-    assert first == models.sample_completions(model, tokenizer, prompts, num_samples=2, seed=5)
-    assert len(first) == 8 and all(len(samples) == 2 for samples in first)
+    assert first == tiny_model.task_pass_at_1(model, tokenizer, problems, num_samples=2, seed=5)
+    assert first * 32 == round(first * 32)  # a mean over 16 problems x 2 samples
+    with pytest.raises(ValueError, match="problems="):
+        tiny_model.task_pass_at_1(model, tokenizer, [])
 
 
 def test_left_padding_gives_the_same_greedy_completion(tiny):
@@ -113,26 +121,49 @@ def test_left_padding_gives_the_same_greedy_completion(tiny):
 
 
 def test_tiny_llama_config_validates_its_shape():
-    config = models.tiny_llama_config(100)
+    config = tiny_model.tiny_llama_config(100)
     assert config.num_key_value_heads == 2 and config.intermediate_size % 32 == 0
     with pytest.raises(ValueError, match="num_kv_heads=3"):
-        models.tiny_llama_config(100, num_heads=4, num_kv_heads=3)
+        tiny_model.tiny_llama_config(100, num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="vocab_size=0"):
-        models.tiny_llama_config(0)
+        tiny_model.tiny_llama_config(0)
 
 
 def test_build_tiny_is_deterministic_and_loadable(tmp_path):
     task.write_splits(tmp_path / "data", seed=1, n_train=64, n_test=4)
     kwargs = {"seed": 3, "data_dir": tmp_path / "data", "max_steps": 2, "batch_size": 8, "eval_every": 1,
               "monitor_problems": 2, "num_samples": 1}
-    info = models.build_tiny(tmp_path / "a", **kwargs)
-    models.build_tiny(tmp_path / "b", **kwargs)
+    info = tiny_model.build_tiny(tmp_path / "a", **kwargs)
+    tiny_model.build_tiny(tmp_path / "b", **kwargs)
     assert info["steps"] == 2 and len(info["history"]) == 2
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
     model, tokenizer = models.load_model(tmp_path / "a")
     assert model.config.rope_parameters["rope_type"] == "llama3" and tokenizer.chat_template
+    assert (tmp_path / "a/README.md").read_text() == tiny_model.model_card(info)
+    assert info["command"] == f"python -m gxpo_lib.tiny_model build --out {tmp_path / 'a'} --seed 3"
     with pytest.raises(ValueError, match="target_pass_at_1="):
-        models.build_tiny(tmp_path / "c", target_pass_at_1=1.5, data_dir=tmp_path / "data")
+        tiny_model.build_tiny(tmp_path / "c", target_pass_at_1=1.5, data_dir=tmp_path / "data")
+
+
+def test_shipped_model_card_matches_its_training_info():
+    info = json.loads((TINY / "training_info.json").read_text())
+    card = (TINY / "README.md").read_text()
+    assert card == tiny_model.model_card(info)  # regenerate the card with model_card() after a rebuild
+    # Hugging Face metadata front matter: YAML between the first two '---' lines.
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["license"] == "mit" and meta["library_name"] == "transformers"
+    result = meta["model-index"][0]["results"][0]["metrics"][0]
+    assert result["value"] == info["test_pass_at_1"]
+    assert f"{info['parameters']:,}-parameter" in body and "## Limits" in body and "## Intended use" in body
+
+
+@pytest.mark.parametrize("command", [["gxpo_lib.tiny_model", "build"], ["gxpo_lib.models", "build-tiny"]])
+def test_build_cli_and_its_old_alias(command):
+    out = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "--seed" in out.stdout and "--out" in out.stdout
 
 
 # ---------------------------------------------------------------- load_model

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from gxpo_lib import task
+from gxpo_lib.rewards import last_boxed, math_reward
 
 # Independent reading of the story: each phrase's sign, as a human would read it.
 _SIGNS = {"buys": 1, "finds": 1, "puts in": 1, "adds": 1, "got": 1, "won": 1,
@@ -43,7 +44,7 @@ def test_answers_are_correct(level):
             assert previous is None or previous[3] == a
         assert [int(e[2]) for e in equations] == list(problem.operands[1:])
         assert problem.solution.endswith(f"= {expected}. \\boxed{{{expected}}}")
-        assert task.is_correct(problem.solution, problem.answer)
+        assert math_reward(problem.solution, problem.answer) == 1.0
 
 
 def test_levels_differ_in_operations_and_number_size():
@@ -87,12 +88,15 @@ def test_shipped_splits_match_the_generator_and_stay_small(tmp_path):
     assert task.load_split("test", limit=5) == task.load_split("test")[:5]
 
 
-def test_boxed_extraction():
-    assert task.extract_boxed_int("1 + 2 = 3. \\boxed{3}") == 3
-    assert task.extract_boxed_int("\\boxed{4} then \\boxed{ 12 }") == 12
-    assert task.extract_boxed_int("no answer") is None
-    assert not task.is_correct("\\boxed{5}", "6")
-    assert not task.is_correct("5", "5")
+def test_task_answers_score_with_the_library_reward():
+    # The task has no reward of its own: its completions go through math_reward like a benchmark's.
+    assert last_boxed("1 + 2 = 3. \\boxed{3}") == "3"
+    assert last_boxed("\\boxed{4} then \\boxed{ 12 }") == " 12 "
+    assert last_boxed("no answer") is None
+    assert math_reward("\\boxed{4} then \\boxed{ 12 }", "12") == 1.0
+    assert math_reward("\\boxed{5}", "6") == 0.0
+    assert math_reward("5", "5", require_boxed=True) == 0.0
+    assert not hasattr(task, "is_correct")
 
 
 @pytest.mark.parametrize("call, name", [

@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory):
         return SHIPPED_TINY
     from transformers import LlamaForCausalLM
 
-    from gxpo_lib.models import build_tokenizer, tiny_llama_config
+    from gxpo_lib.tiny_model import build_tokenizer, tiny_llama_config
 
     folder = tmp_path_factory.mktemp("tiny-random")
     tokenizer = build_tokenizer()

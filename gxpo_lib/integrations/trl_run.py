@@ -71,11 +71,13 @@ def _completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def math_reward_func(completions, answer, **kwargs) -> list[float]:
-    """TRL reward function: gxpo_lib.rewards.math_reward of each completion against the ``answer`` column."""
+def math_reward_func(completions, answer, problem=None, **kwargs) -> list[float]:
+    """TRL reward function: gxpo_lib.rewards.math_reward of each completion against the ``answer`` column
+    (given the ``problem`` column's text, when the dataset has one, for the forms and units it demands)."""
     from gxpo_lib.rewards import math_reward
 
-    return [math_reward(_completion_text(c), str(a)) for c, a in zip(completions, answer)]
+    problems = problem if problem is not None else [None] * len(answer)
+    return [math_reward(_completion_text(c), str(a), problem=p) for c, a, p in zip(completions, answer, problems)]
 
 
 math_reward_func.__name__ = "math_reward"
@@ -94,7 +96,8 @@ def build_dataset(config: TrainConfig, tokenizer):
         prompts = [[{"role": "user", "content": p["prompt"] + suffix}] for p in problems]
     else:
         prompts = [format_prompt(p["prompt"] + suffix, tokenizer) for p in problems]
-    return Dataset.from_list([{"prompt": q, "answer": str(p["answer"])} for q, p in zip(prompts, problems)])
+    return Dataset.from_list([{"prompt": q, "answer": str(p["answer"]), "problem": p["prompt"]}
+                              for q, p in zip(prompts, problems)])
 
 
 class EvaluationCallback(TrainerCallback):

@@ -1,0 +1,466 @@
+"""Exercise checks for the notebooks: the learner fills a blank; a check says "right" or "not yet" + a hint.
+
+    from gxpo_lib import check
+    q = ...                                                   # the learner's blank
+    q = check.fill(q, lambda: 1.7, enabled=fill_solutions)    # headless runs (papermill) fill it in
+    check.q_value(q, r=0.9, k=5)                              # prints "right: ..." or "not yet: ..."
+
+Each check prints one line and returns a ``CheckResult`` (``.ok``, ``.message``). It never raises because
+of the learner's answer: a blank (``...`` or None), a wrong type or shape, NaN or inf all give "not yet"
+with a hint. The right answers come from gxpo_lib's own functions (``extrapolation``, ``losses``,
+``gate``, ``rules``, ``evaluation``), never from hard-coded numbers. Bad *settings* of a check (the
+notebook author's, e.g. ``k=1``) raise ``ValueError`` naming the setting, like the rest of the library.
+
+Solutions are shown collapsed: ``check.solution("q = ...")`` renders as an HTML ``<details>`` block in
+Jupyter (the same convention as a markdown cell with ``<details><summary>Solution</summary> ...``).
+
+Checks by notebook: 01 ``q_value``, ``geometric_sum``, ``reposition``, ``jump_direction``, ``gate_z``;
+02 ``group_advantages``, ``clipped_loss``, ``backward_passes``, ``pass_at_k``; 05 ``cap_lr``,
+``effective_multiplier``; any notebook ``prediction``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import extrapolation, losses
+from .evaluation import pass_at_k as _pass_at_k
+from .gate import ShutoffGate
+from .validation import check_choice, check_int, check_interval, check_open_unit, check_positive
+
+BLANK = ...
+"""What a notebook's blank holds until the learner fills it in (None counts as blank too)."""
+ALGORITHMS = ("grpo", "gxpo", "sfpo")
+_SHORT = ("short", "back", "backward", "backwards", "behind", "before", "between")
+_BEYOND = ("beyond", "past", "forward", "forwards", "further", "ahead", "overshoot")
+_AT = ("at", "on", "exactly")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check: ``ok`` and the printed ``message`` ("right: ..." or "not yet: ...")."""
+
+    ok: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def _ipython_display_(self) -> None:
+        """The check already printed its message; a notebook shows nothing more for the returned object."""
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A collapsible solution: Jupyter renders it as ``<details>``; ``str()`` is the markdown itself."""
+
+    code: str
+    title: str = "Show the solution"
+
+    def __str__(self) -> str:
+        return (f"<details><summary>{self.title}</summary>\n\n```python\n{self.code.strip()}\n```\n\n"
+                "</details>")
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def solution(code: str, title: str = "Show the solution") -> Solution:
+    """A solution the learner can unfold: ``check.solution("q = geometric_scale(...)")`` in a cell."""
+    if not isinstance(code, str) or not code.strip():
+        raise ValueError(f"code={code!r} is invalid: allowed a non-empty string of Python code")
+    return Solution(code, title)
+
+
+def is_blank(answer: Any) -> bool:
+    """True while the learner has not filled the blank in (``...`` or None)."""
+    return answer is None or answer is BLANK
+
+
+def fill(answer: Any, solution: Any, enabled: bool = False) -> Any:
+    """The learner's answer, or the solution when the blank is still empty and ``enabled`` is on.
+
+    Headless runs set a notebook parameter (e.g. ``fill_solutions = True`` through papermill) and pass it
+    as ``enabled``, so the notebook runs end to end with nobody typing. ``solution`` may be the value or
+    a function of no arguments that computes it (then nothing is computed unless it is needed).
+    """
+    if enabled and is_blank(answer):
+        return solution() if callable(solution) else solution
+    return answer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Turning an answer into numbers, and reporting
+# ----------------------------------------------------------------------------------------------------
+
+def _report(ok: bool, text: str) -> CheckResult:
+    """Print and return the result."""
+    result = CheckResult(ok, f"{'right' if ok else 'not yet'}: {text}")
+    print(result.message)
+    return result
+
+
+def _fmt(value: np.ndarray | float) -> str:
+    """A short rendering of a number or an array (4 significant digits)."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        return f"{float(array):.4g}"
+    return np.array2string(array, precision=4, separator=", ")
+
+
+def _numbers(answer: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """The answer as a float64 array of ``shape``, or (None, why not): blank, wrong type or shape, NaN."""
+    if is_blank(answer):
+        return None, "fill in the blank first (replace `...` with your answer)"
+    if isinstance(answer, (bool, np.bool_, str)):
+        return None, f"expected a number here, not {type(answer).__name__} {answer!r}"
+    try:
+        if isinstance(answer, torch.Tensor):
+            array = answer.detach().to("cpu", torch.float64).numpy()
+        else:
+            array = np.asarray(answer, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return None, f"expected a number (or a list / tensor of numbers), not {type(answer).__name__}"
+    if array.shape != shape:
+        if array.size == 1 and math.prod(shape) == 1:
+            array = array.reshape(shape)
+        else:
+            want = "one number" if shape == () else f"shape {shape}"
+            return None, f"expected {want}, got shape {array.shape}"
+    if not np.isfinite(array).all():
+        return None, "your answer contains NaN or inf: check for a division by zero or an overflow"
+    return array, ""
+
+
+def _close(array: np.ndarray, expected: np.ndarray | float, rtol: float, atol: float) -> bool:
+    return bool(np.allclose(array, expected, rtol=rtol, atol=atol))
+
+
+def _numeric_check(answer: Any, expected: np.ndarray | float, right: str, hint: str,
+                   near_misses: Sequence[tuple[np.ndarray | float, str]] = (), rtol: float = 1e-4,
+                   atol: float = 1e-6) -> CheckResult:
+    """Compare a numeric answer with the expected value; a known wrong value gets its own hint."""
+    expected = np.asarray(expected, dtype=np.float64)
+    array, problem = _numbers(answer, expected.shape)
+    if array is None:
+        return _report(False, problem)
+    if _close(array, expected, rtol, atol):
+        return _report(True, right)
+    for wrong_value, wrong_hint in near_misses:
+        if _close(array, wrong_value, rtol, atol):
+            return _report(False, f"you gave {_fmt(array)}; {wrong_hint}")
+    return _report(False, f"you gave {_fmt(array)}; {hint}")
+
+
+def _tensor(name: str, value: Any) -> torch.Tensor:
+    """A setting as a finite float64 tensor; ValueError naming it otherwise."""
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}={value!r} is invalid: allowed a number or a list of numbers") from None
+    if tensor.numel() == 0 or not torch.isfinite(tensor).all():
+        raise ValueError(f"{name}={value!r} is invalid: allowed finite numbers (at least one)")
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 01: the retention ratio, the geometric scale, the jump, the gate
+# ----------------------------------------------------------------------------------------------------
+
+def q_value(answer: Any, r: Any, k: int, clamp: bool = True) -> CheckResult:
+    """q = S_K(r) / S_2(r) for retention ratio(s) ``r`` (a number or a list [n]), clamped to [1, K/2 + 1]."""
+    check_int("k", k, minimum=2)
+    r_t = _tensor("r", r)
+    expected = extrapolation.geometric_scale(r_t, k, clamp=clamp).numpy()
+    raw = extrapolation.geometric_scale(r_t, k, clamp=False).numpy()
+    hint = ("q = S_K(r) / S_2(r) with S_n(r) = 1 + r + ... + r^(n-1)"
+            + (f", then clamped to [1, K/2 + 1] = [1, {extrapolation.max_scale(k):g}]" if clamp else ""))
+    misses = [(extrapolation.geometric_sum(r_t, k).numpy(),
+               "that is S_K(r) alone: divide it by S_2(r) = 1 + r")]
+    if clamp and not np.allclose(raw, expected):
+        misses.insert(0, (raw, (f"that is the raw ratio: the rule clamps q to "
+                               f"[1, {extrapolation.max_scale(k):g}]")))
+    return _numeric_check(answer, expected, f"q = {_fmt(expected)} for r = {_fmt(r_t.numpy())}, K = {k}",
+                          hint, misses)
+
+
+def geometric_sum(answer: Any, r: Any, n: int) -> CheckResult:
+    """S_n(r) = 1 + r + ... + r^(n-1)."""
+    check_int("n", n, minimum=1)
+    r_t = _tensor("r", r)
+    expected = extrapolation.geometric_sum(r_t, n).numpy()
+    misses = [(extrapolation.geometric_sum(r_t, n + 1).numpy(),
+               "one term too many: S_n has n terms, r^0 to r^(n-1)")]
+    if n > 1:
+        misses.append((extrapolation.geometric_sum(r_t, n - 1).numpy(),
+                       "one term short: S_n has n terms, from r^0 = 1 up to r^(n-1)"))
+    return _numeric_check(answer, expected, f"S_{n}({_fmt(r_t.numpy())}) = {_fmt(expected)}",
+                          "add the n powers r^0 + r^1 + ... + r^(n-1)", misses)
+
+
+def reposition(answer: Any, theta0: Any, theta2: Any, r: Any, k: int, alpha: float) -> CheckResult:
+    """The landing point theta~ = theta0 + alpha * q(r) * (theta2 - theta0) (numbers, or lists [n])."""
+    check_int("k", k, minimum=2)
+    check_positive("alpha", alpha)
+    t0, t2, r_t = _tensor("theta0", theta0), _tensor("theta2", theta2), _tensor("r", r)
+    q = extrapolation.geometric_scale(r_t, k)
+    expected = extrapolation.reposition(t0, t2, q, alpha).numpy()
+    misses = [(extrapolation.reposition(t0, t2, torch.ones_like(q), alpha).numpy(),
+               "you left out q: the jump is alpha * q times the two-step move"),
+              (extrapolation.reposition(t0, t2, q, 1.0).numpy(),
+               "that is the full predicted K-step point: the rule moves only alpha of the way")]
+    return _numeric_check(answer, expected, f"theta~ = {_fmt(expected)}",
+                          "theta~ = theta0 + alpha * q * (theta2 - theta0), with q = S_K(r) / S_2(r) clamped",
+                          misses)
+
+
+def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
+    """Where theta~ lands against theta2: "short" (between theta0 and theta2), "beyond", or "at" theta2."""
+    check_int("k", k, minimum=2)
+    check_positive("alpha", alpha)
+    r_t = _tensor("r", r)
+    if r_t.numel() != 1:
+        raise ValueError(f"r={r!r} is invalid: allowed one number")
+    multiplier = alpha * float(extrapolation.geometric_scale(r_t, k))
+    expected = "short" if multiplier < 1 else "beyond"
+    if math.isclose(multiplier, 1.0, rel_tol=1e-9):
+        expected = "at"
+    if is_blank(answer):
+        return _report(False, "fill in the blank first: 'short', 'beyond' or 'at'")
+    if not isinstance(answer, str):
+        return _report(False, f"expected a word ('short', 'beyond' or 'at'), not {type(answer).__name__}")
+    word = answer.strip().lower()
+    given = "short" if word in _SHORT else "beyond" if word in _BEYOND else "at" if word in _AT else None
+    if given is None:
+        return _report(False, f"{answer!r} is not one of the answers: 'short', 'beyond' or 'at'")
+    if given == expected:
+        where = {"short": "short of", "beyond": "beyond", "at": "exactly at"}[expected]
+        return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2")
+    return _report(False, "theta~ - theta0 = alpha * q * (theta2 - theta0): compare alpha * q with 1")
+
+
+def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0.1) -> CheckResult:
+    """The EMA gate's z for ``value`` after it has seen ``history`` (mu = sigma = 1 at the start)."""
+    check_open_unit("omega", omega)
+    values = [float(v) for v in _tensor("history + [value]", [*history, value]).tolist()]
+    gate = ShutoffGate(tau=1e9, omega=omega, warmup=0)  # never trips: only the statistics matter here
+    for h in values[:-1]:
+        gate.observe(h)
+    mu, sigma = gate.mu, gate.sigma
+    expected = gate.observe(values[-1])
+    # The usual slip: scoring H against the statistics already updated with H.
+    after = (values[-1] - gate.mu) / (gate.sigma + 1e-8)
+    return _numeric_check(
+        answer, expected, f"z = ({values[-1]:.4g} - {mu:.4g}) / {sigma:.4g} = {expected:.4g}",
+        "z = (H - mu) / (sigma + 1e-8) with mu, sigma the EMA before H; both start at 1, and after each "
+        "observation sigma^2 <- (1-omega) sigma^2 + omega (H - mu)^2 (at least 0.01^2), mu <- (1-omega) mu "
+        "+ omega H",
+        [(after, "that scores H against the statistics already updated with H: use mu, sigma from before")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 02: the GRPO pieces, the costs, pass@k
+# ----------------------------------------------------------------------------------------------------
+
+def group_advantages(answer: Any, rewards: Sequence[float], group_size: int | None = None,
+                     scale: str = "group") -> CheckResult:
+    """GRPO advantages of ``rewards`` [N], groups of ``group_size`` consecutive rewards (default: one)."""
+    r_t = _tensor("rewards", rewards).reshape(-1)
+    size = r_t.numel() if group_size is None else check_int("group_size", group_size, minimum=1)
+    expected = losses.group_advantages(r_t, size, scale=scale).numpy()
+    grouped = r_t.view(-1, size)
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1).numpy()
+    population = losses.group_advantages(r_t, size, scale="none").view(-1, size) / (
+        grouped.std(1, unbiased=False, keepdim=True) + 1e-6)
+    misses = [(population.reshape(-1).numpy(),
+               "that divides by the population std (over n); GRPO uses the unbiased one (over n - 1)")]
+    if scale != "none":
+        misses.append((centred, "you centred the rewards; now divide by the group's std (+ 1e-6)"))
+    return _numeric_check(answer, expected, f"A = {_fmt(expected)}",
+                          "A = (R - mean of its group) / (std of its group + 1e-6), std with n - 1; a group "
+                          "whose rewards are all equal gets 0", misses, rtol=1e-3, atol=1e-4)
+
+
+def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2) -> CheckResult:
+    """The per-token clipped loss max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) for ratio(s) rho."""
+    check_positive("eps", eps)
+    rho = _tensor("ratio", ratio)
+    if not (rho > 0).all():
+        raise ValueError(f"ratio={ratio!r} is invalid: allowed numbers > 0 (an importance ratio)")
+    adv = _tensor("advantage", advantage).reshape(1)
+    logprobs = rho.log().reshape(1, -1)
+    per_token = losses.clipped_surrogate(logprobs, torch.zeros_like(logprobs), adv, clip_eps=eps)
+    expected = per_token.reshape(rho.shape).numpy()
+    unclipped = (-adv * rho).numpy()
+    misses = [(-expected, "that is the objective; the loss is its negative (the optimizer minimises it)"),
+              (unclipped, ("that ignores the clip: where rho leaves [1 - eps, 1 + eps] in the direction A "
+                          "favours, the clipped term wins the max"))]
+    return _numeric_check(answer, expected, f"loss = {_fmt(expected)}",
+                          "loss = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the worse of the two",
+                          misses)
+
+
+def _passes_of(algorithm: str, steps: int, k: int) -> int:
+    """Backward passes that ``steps`` real steps of the rule take on a small quadratic (gate off)."""
+    from .rules import GXPO, SFPO, PlainStep
+
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    optimizer = torch.optim.SGD([theta], lr=0.1)
+    rule = {"grpo": lambda: PlainStep(optimizer), "gxpo": lambda: GXPO(optimizer, k=k, gate=None),
+            "sfpo": lambda: SFPO(optimizer, k=k, gate=None)}[algorithm]()
+
+    def closure():
+        loss = 0.5 * (theta * theta * torch.tensor([1.0, 2.0, 3.0])).sum()
+        loss.backward()
+        return loss
+
+    return sum(rule.step(closure).backward_passes for _ in range(steps))
+
+
+def backward_passes(answer: Any, algorithm: str, steps: int = 1, k: int = 5,
+                    active_steps: int | None = None) -> CheckResult:
+    """Backward passes of ``steps`` steps of GRPO, GXPO or SFPO (K = ``k``).
+
+    ``active_steps``: how many of the steps extrapolate before the gate shuts (default all); the rest
+    are plain steps. Counted by running the library's rules themselves.
+    """
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    check_int("steps", steps, minimum=1)
+    check_int("k", k, minimum=2)
+    active = steps if active_steps is None else check_int("active_steps", active_steps, minimum=0)
+    if active > steps:
+        raise ValueError(f"active_steps={active_steps!r} is invalid: allowed an integer in "
+                         f"[0, steps={steps}]")
+    expected = (_passes_of(algorithm, active, k) if active else 0) + \
+        (_passes_of("grpo", steps - active, k) if steps > active else 0)
+    array, problem = _numbers(answer, ())
+    if array is None:
+        return _report(False, problem)
+    if float(array) == expected:
+        return _report(True, f"{expected} backward passes for {steps} {algorithm.upper()} step(s)")
+    return _report(False, f"you gave {_fmt(array)}; count the passes of one step first: GRPO takes one, GXPO "
+                          "three while it extrapolates (two probes and the corrective step), SFPO K + 1; "
+                          "after the gate shuts every step is a plain one")
+
+
+def pass_at_k(answer: Any, n: int, c: int, k: int) -> CheckResult:
+    """The unbiased pass@k for one problem with ``c`` correct samples out of ``n``."""
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        check_int(name, value, minimum=0 if name == "c" else 1)
+    if c > n or k > n:
+        raise ValueError(f"c={c}, k={k} are invalid with n={n}: allowed c <= n and k <= n")
+    expected = _pass_at_k(n, c, k)
+    misses = [(1 - (1 - c / n) ** k, ("that draws with replacement; the unbiased estimator draws k of the n "
+                                     "samples without replacement"))]
+    if k > 1:
+        misses.append((c / n, "that is pass@1 (c / n); pass@k asks whether any of k samples is correct"))
+    return _numeric_check(answer, expected, f"pass@{k} = {expected:.4g} with {c} of {n} correct",
+                          "pass@k = 1 - C(n - c, k) / C(n, k): one minus the chance that k samples drawn "
+                          "without replacement are all wrong", misses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Notebook 05: where the cap on q binds, what alpha * q-bar predicts
+# ----------------------------------------------------------------------------------------------------
+
+def _cap_binds(lr: torch.Tensor, k: int, curvature: float, r_clamp: tuple[float, float]) -> torch.Tensor:
+    """Plain GD on curvature h: does the raw q at r = clamp(1 - lr h) leave [1, K/2 + 1]? [n] -> [n]."""
+    r = (1.0 - lr * curvature).clamp(*r_clamp)
+    q = extrapolation.geometric_scale(r, k, clamp=False)
+    return (q > extrapolation.max_scale(k) + 1e-12) | (q < 1.0 - 1e-12)
+
+
+def cap_lr(answer: Any, k: int, curvature: float,
+           r_clamp: Sequence[float] = extrapolation.R_CLAMP) -> CheckResult:
+    """The smallest learning rate at which plain GD on curvature ``curvature`` makes q's clamp bind.
+
+    On L = h/2 * theta^2, gradient descent keeps r = 1 - lr * h of the gradient each step; the clamp of q
+    to [1, K/2 + 1] binds once S_K(r) / S_2(r) leaves that range. Found by a fine scan of lr over
+    (0, (1 - r_min) / h] and bisection, with the library's ``geometric_scale``.
+    """
+    check_int("k", k, minimum=2)
+    h = check_positive("curvature", curvature)
+    low_r, high_r = check_interval("r_clamp", tuple(r_clamp))
+    grid = torch.linspace(0.0, (1.0 - low_r) / h, 200_001, dtype=torch.float64)[1:]
+    binds = _cap_binds(grid, k, h, (low_r, high_r))
+    if not binds.any():
+        raise ValueError(f"k={k} is invalid here: q stays inside [1, K/2 + 1] for every lr (q = 1 for K = 2)")
+    first = int(binds.nonzero()[0])
+    lo = float(grid[first - 1]) if first else 0.0
+    hi = float(grid[first])
+    for _ in range(60):  # bisection between the last free and the first binding grid point
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if bool(_cap_binds(torch.tensor([mid], dtype=torch.float64), k, h,
+                                                (low_r, high_r))) else (mid, hi)
+    expected = hi
+    cap = f"[1, {extrapolation.max_scale(k):g}]"
+    return _numeric_check(answer, expected,
+                          f"lr = {expected:.4g} (r = {1 - expected * h:.4g}): from there q would leave {cap} "
+                          "and the clamp binds",
+                          f"GD keeps r = 1 - lr * h; find the smallest lr where S_K(r) / S_2(r) leaves "
+                          f"[1, {extrapolation.max_scale(k):g}] (plot q against lr)",
+                          [(1 / h, "at lr = 1/h, r = 0 and q = 1: the clamp does not bind yet")], rtol=1e-2)
+
+
+def effective_multiplier(answer: Any, r: Any, k: int, alpha: float) -> CheckResult:
+    """alpha * q-bar: alpha times the mean of the clamped q over the coordinates' retention ratios ``r``."""
+    check_int("k", k, minimum=2)
+    check_positive("alpha", alpha)
+    r_t = _tensor("r", r)
+    q = extrapolation.geometric_scale(r_t, k)
+    expected = alpha * float(q.mean())
+    raw = alpha * float(extrapolation.geometric_scale(r_t, k, clamp=False).mean())
+    return _numeric_check(answer, expected, f"alpha * q-bar = {expected:.4g}: the jump goes "
+                                            f"{'beyond' if expected > 1 else 'short of'} theta2 on average",
+                          "take q = S_K(r) / S_2(r) per coordinate, clamp it to [1, K/2 + 1], average, "
+                          "then multiply by alpha",
+                          [(raw, "clamp each q to [1, K/2 + 1] before averaging"),
+                           (float(q.mean()), "now multiply by alpha")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any notebook: a prediction made before running something
+# ----------------------------------------------------------------------------------------------------
+
+def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, rtol: float = 0.1,
+               explanation: str = "") -> CheckResult:
+    """Compare a prediction made before a run with what the run gave.
+
+    With ``choices`` the prediction is one of those words (case-insensitive) and ``actual`` the right
+    one; without, both are numbers and the prediction is right within a relative ``rtol``. The message
+    reveals the outcome (the run has happened) and adds ``explanation``.
+    """
+    if choices is not None:
+        options = [str(c).lower() for c in choices]
+        check_choice("actual", str(actual).lower(), options)
+        if is_blank(answer):
+            return _report(False, f"write your prediction first: one of {', '.join(map(repr, choices))}")
+        if not isinstance(answer, str) or answer.strip().lower() not in options:
+            return _report(False, f"{answer!r} is not one of {', '.join(map(repr, choices))}")
+        ok = answer.strip().lower() == str(actual).lower()
+        outcome = f"the run gave {actual!r}"
+    else:
+        value = float(_tensor("actual", actual).reshape(-1)[0]) if np.size(actual) == 1 else None
+        if value is None:
+            raise ValueError(f"actual={actual!r} is invalid: allowed one number, or a word with choices=")
+        array, problem = _numbers(answer, ())
+        if array is None:
+            return _report(False, problem)
+        ok = math.isclose(float(array), value, rel_tol=rtol, abs_tol=1e-12)
+        outcome = f"the run gave {value:.4g}, you predicted {float(array):.4g}"
+    return _report(ok, f"{outcome}. {explanation}".strip() if explanation else outcome)
+
+
+CHECKS: dict[str, Callable[..., CheckResult]] = {
+    "q_value": q_value, "geometric_sum": geometric_sum, "reposition": reposition,
+    "jump_direction": jump_direction, "gate_z": gate_z, "group_advantages": group_advantages,
+    "clipped_loss": clipped_loss, "backward_passes": backward_passes, "pass_at_k": pass_at_k,
+    "cap_lr": cap_lr, "effective_multiplier": effective_multiplier, "prediction": prediction,
+}
+"""Every check by name (12)."""
