@@ -115,8 +115,7 @@ def setup(case: str, batch_file: Path, seed: int):
 # ---------------------------------------------------------------------------------------------------
 # Method 1: allocator accounting with torch.profiler
 # ---------------------------------------------------------------------------------------------------
-LABELLED = ("_save_params", "_save_grads", "_jump_to_extrapolated_point", "_snapshot_optimizer",
-            "_restore_optimizer")
+LABELLED = ("_save_params", "_probe", "_jump", "_cos_g0_gslow", "_snapshot_optimizer", "_restore_optimizer")
 
 
 def profiled_step(rule, closure) -> dict:
@@ -288,7 +287,7 @@ def measure(case: str, args, workdir: Path) -> dict:
     rows = {}
     for mode in MODES[1:]:
         extra_prof = result["profiler"][mode]["peak_bytes"] - plain_prof
-        jump_peak = result["profiler"][mode].get("peak_by_part", {}).get("_jump_to_extrapolated_point")
+        jump_peak = result["profiler"][mode].get("peak_by_part", {}).get("_jump")
         row = {"floor_bytes": floor[mode], "profiler_extra_bytes": extra_prof,
                # temporaries of the extrapolation on top of the buffers (and snapshot) live at that moment
                "jump_transient_bytes": None if jump_peak is None else jump_peak - floor[mode],

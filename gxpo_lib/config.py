@@ -35,6 +35,11 @@ GATE_INITS = ("unit", "warmup")
 OPTIMIZER_STATE_MODES = ("carry", "transactional")
 RETENTION_MODES = ("grad", "clip_corrected", "update")
 VANISHING_PROBE = ("continue", "fallback")
+ACTIVE_SETS = ("absolute", "relative", "all")
+SCALE_FORMS = ("horner", "closed")
+GATE_STATISTICS = ("pre_clip", "post_clip")
+VERSIONS = ("v1", "v2", "v3", "v5")
+VERSIONS_WITH_ENTROPY_GATE = ("v5",)  # rules.VERSIONS holds each version's gate (a test keeps the two in step)
 SFPO_SWEEPS = ("official", "per_minibatch")
 LOSS_TYPES = ("token_mean", "grpo", "dr_grpo", "dapo")
 LOSS_AGGREGATIONS = ("exact", "verl")
@@ -80,6 +85,19 @@ class TrainConfig:
     skip_corrective: bool = _s(False, "ablation: stop at the extrapolated point (2 passes)", ("bool",), "rule")
     vanishing_probe: str = _s("continue", "second probe gradient ~0: continue with r=0 (authors) or fall back",
                               ("choice", VANISHING_PROBE), "rule")
+    active_set: str = _s("absolute", "coordinates extrapolated: |g0|>delta, |g0|>1e-3*RMS (V5) or all",
+                         ("choice", ACTIVE_SETS), "rule")
+    scale_form: str = _s("horner", "q by Horner's rule or the closed form (1-r^K)/(1-r)", ("choice", SCALE_FORMS),
+                         "rule")
+    q_clamp: bool = _s(True, "clamp q to [1, K/2+1] (V3 and later; V2 does not)", ("bool",), "rule")
+    gate_statistic: str = _s("pre_clip", "the corrective norm the gate reads: pre_clip (V2+) or post_clip (V1)",
+                             ("choice", GATE_STATISTICS), "rule")
+    version: str | None = _s(None, "the authors' code version (v1, v2, v3, v5) setting every other rule and gate "
+                             "option; k, alpha, max_grad_norm still apply", ("optional_choice", VERSIONS), "rule")
+    ppo_epochs: int = _s(1, "GRPO only: passes over each batch (3 = the matched-compute control of GXPO)",
+                         ("int", 1), "rule")
+    step_scale: float = _s(1.0, "GRPO only: lr multiplier (the matched-step control: a GXPO run's mean alpha*q)",
+                           ("positive",), "rule")
     sfpo_sweeps: str = _s("official", "SFPO with mini-batches: K full sweeps (official) or per mini-batch",
                           ("choice", SFPO_SWEEPS), "rule")
     # -- the shut-off gate --
@@ -96,6 +114,8 @@ class TrainConfig:
                           ("choice", GATE_SIGNALS), "gate")
     gate_init: str = _s("unit", "cold start: mu=sigma=1 (V2) or from the warm-up observations",
                         ("choice", GATE_INITS), "gate")
+    gate_two_sided: bool = _s(False, "trip on |z| >= tau in both directions (V1)", ("bool",), "gate")
+    gate_freeze_baseline: bool = _s(False, "window mode: keep the warm-up baseline fixed (V5)", ("bool",), "gate")
     gate_permanent: bool = _s(True, "once closed, stay closed", ("bool",), "gate")
     gate_reopen_after: int = _s(10, "closed steps before re-opening (gate_permanent=False)", ("int", 1), "gate")
     # -- the model --
@@ -177,6 +197,16 @@ class TrainConfig:
         if (self.batch_prompts * self.group_size) % self.mini_batches:
             raise ValueError(f"mini_batches={self.mini_batches} is invalid: allowed a divisor of "
                              f"batch_prompts * group_size = {self.batch_prompts * self.group_size}")
+        for name, plain in (("ppo_epochs", 1), ("step_scale", 1.0)):
+            if getattr(self, name) != plain and self.algorithm != "grpo":
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid with algorithm={self.algorithm!r}: "
+                                 f"it is a GRPO control (allowed {plain} for gxpo and sfpo)")
+        if self.ppo_epochs > 1 and self.old_logprobs == "first_pass":
+            raise ValueError(f"ppo_epochs={self.ppo_epochs} is invalid with old_logprobs='first_pass': later "
+                             "epochs need the sampler's fixed old log-probs; use 'sampler'")
+        if self.version is not None and self.algorithm != "gxpo":
+            raise ValueError(f"version={self.version!r} is invalid with algorithm={self.algorithm!r}: the "
+                             "version presets are GXPO's (allowed None)")
         if self.gate == "official" and self.algorithm != "sfpo":
             raise ValueError(f"gate='official' is invalid with algorithm={self.algorithm!r}: the official "
                              "entropy-window gate is SFPO's; allowed 'auto', 'default' or 'none'")
@@ -288,6 +318,9 @@ def _check(name: str, value: Any, spec: tuple) -> None:
     kind, *args = spec
     if kind == "choice":
         check_choice(name, value, args[0])
+    elif kind == "optional_choice":
+        if value is not None:
+            check_choice(name, value, args[0])
     elif kind == "int":
         check_int(name, value, minimum=args[0])
     elif kind == "optional_int":
@@ -338,13 +371,18 @@ def settings_in(group: str) -> tuple[str, ...]:
 
 
 RULE_SETTINGS = settings_in("rule") + settings_in("gate")   # what tells one rule's runs from another's
-GATE_KEYWORDS = {name: name.removeprefix("gate_") for name in settings_in("gate") if name not in ("gate", "gate_init")}
+GATE_KEYWORDS = {name: name.removeprefix("gate_") for name in settings_in("gate") if name != "gate"}
+# GXPO's own keywords beyond k, alpha, max_grad_norm and the gate (SFPO takes none of them).
+GXPO_KEYWORDS = ("r_clamp", "optimizer_state", "retention", "skip_corrective", "vanishing_probe", "active_set",
+                 "scale_form", "q_clamp", "gate_statistic")
 
 
 def uses_entropy_gate(config: TrainConfig) -> bool:
     """Does the rule's gate read the sampling policy's entropy (passed before each update)?"""
-    if config.algorithm == "grpo":
+    if config.algorithm == "grpo" or config.gate == "none":
         return False
+    if config.version is not None:
+        return config.version in VERSIONS_WITH_ENTROPY_GATE
     gate = config.resolved_gate
     return gate == "official" or (gate == "default" and config.gate_signal == "entropy")
 
@@ -355,6 +393,8 @@ def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
     if config.algorithm == "grpo":
         return kwargs
     kwargs |= {"k": config.k, "alpha": config.alpha}
+    if config.version is not None:  # GXPO.from_version sets every other option as that version did
+        return kwargs | {"version": config.version} | ({"gate": None} if config.gate == "none" else {})
     gate = config.resolved_gate
     if gate == "none":
         kwargs["gate"] = None
@@ -364,8 +404,7 @@ def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
         kwargs["gate"] = "default"
         kwargs |= {keyword: getattr(config, name) for name, keyword in GATE_KEYWORDS.items()}
     if config.algorithm == "gxpo":
-        kwargs |= {"r_clamp": config.r_clamp, "optimizer_state": config.optimizer_state,
-                   "retention": config.retention, "skip_corrective": config.skip_corrective}
+        kwargs |= {name: getattr(config, name) for name in GXPO_KEYWORDS}
     return kwargs
 
 

@@ -7,10 +7,17 @@ consecutive observations, after `warmup` observations) closes the gate from the 
 Two ways to score an observation H:
 - ``mode="ema"`` (paper-era code): z = (H - mu) / (sigma + 1e-8) with the *old* EMA mean and std, then
   sigma^2 <- (1-omega) sigma^2 + omega (H - mu)^2, sigma <- max(0.01, sigma), mu <- (1-omega) mu + omega H.
-  mu and sigma start at 1.
+  mu and sigma start at 1 (``init="unit"``, V1/V2). When the signal is far below 1 (a clipped run's
+  gradient norm of 0.05, say) every z stays negative until mu has decayed towards it: from mu = 1 at
+  omega = 0.1 that takes some 20-30 observations, so the gate is in effect disarmed for that long.
+  ``init="warmup"`` instead starts mu and sigma at the mean and population std (floored at 0.01) of the
+  `warmup` warm-up observations, which it only collects.
 - ``mode="window"`` (the authors' later code): z against the mean and population std of the preceding
   `window` observations (0 until the window is full). ``window_includes_current=True`` scores H inside
-  its own window instead, as SFPO's official switch-off does.
+  its own window instead, as SFPO's official switch-off does. ``freeze_baseline=True`` (V5) scores every
+  observation of an open streak against the mean and std that scored its first violation.
+
+``two_sided=True`` (V1) trips on |z| >= tau, so a *drop* of the signal trips too.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from .validation import check_choice, check_int, check_open_unit, check_positive
 
 GATE_MODES = ("ema", "window")
 GATE_SIGNALS = ("grad_norm", "entropy")
+GATE_INITS = ("unit", "warmup")
 GATE_SETTINGS = ("tau", "omega", "warmup", "patience", "mode", "window", "window_includes_current",
-                 "signal", "permanent", "reopen_after")
+                 "signal", "permanent", "reopen_after", "init", "two_sided", "freeze_baseline")
 
 
 class ShutoffGate:
@@ -43,6 +51,11 @@ class ShutoffGate:
         permanent: once closed, stay closed. Otherwise re-open after `reopen_after` closed steps,
             keeping the statistics.
         reopen_after: closed steps before re-opening (``permanent=False``, >= 1).
+        init: the EMA's cold start: "unit" (mu = sigma = 1, V1/V2) or "warmup" (mu, sigma from the
+            `warmup` warm-up observations; needs warmup >= 1; ``mode="ema"`` only has a cold start).
+        two_sided: trip on |z| >= tau (V1) instead of z >= tau.
+        freeze_baseline: ``mode="window"``: while a streak is open, score against the window statistics
+            that scored its first violation (V5), so `patience` counts violations of one baseline.
     """
 
     def __init__(
@@ -57,6 +70,9 @@ class ShutoffGate:
         signal: str = "grad_norm",
         permanent: bool = True,
         reopen_after: int = 10,
+        init: str = "unit",
+        two_sided: bool = False,
+        freeze_baseline: bool = False,
     ):
         self.tau = check_positive("tau", tau)
         self.omega = check_open_unit("omega", omega)
@@ -68,6 +84,12 @@ class ShutoffGate:
         self.signal = check_choice("signal", signal, GATE_SIGNALS)
         self.permanent = bool(permanent)
         self.reopen_after = check_int("reopen_after", reopen_after, minimum=1)
+        self.init = check_choice("init", init, GATE_INITS)
+        if self.init == "warmup" and self.warmup < 1:
+            raise ValueError(f"init={init!r} is invalid with warmup={warmup}: allowed init='unit', or "
+                             "init='warmup' with warmup >= 1 (the observations mu and sigma start from)")
+        self.two_sided = bool(two_sided)
+        self.freeze_baseline = bool(freeze_baseline)
         self.reset()
 
     def reset(self) -> None:
@@ -75,6 +97,9 @@ class ShutoffGate:
         self.mu = 1.0
         self.sigma = 1.0
         self.history: deque[float] = deque(maxlen=self.window)
+        self.frozen: tuple[float, float] | None = None  # the baseline of an open streak (freeze_baseline)
+        self.scored_with: tuple[float, float] | None = None  # the window statistics of the last observation
+        self.warm_values: list[float] = []  # init="warmup": the observations mu and sigma start from
         self.num_observations = 0
         self.streak = 0
         self.is_open = True
@@ -84,7 +109,14 @@ class ShutoffGate:
 
     # -- scoring -----------------------------------------------------------------------------------
     def _score_ema(self, value: float) -> float:
-        """z against the old EMA, then the EMA update of spec section 3."""
+        """z against the old EMA, then the EMA update of spec section 3 (init="warmup": collect first)."""
+        if self.init == "warmup" and self.num_observations < self.warmup:
+            self.warm_values.append(value)
+            if len(self.warm_values) == self.warmup:  # the last warm-up observation sets mu and sigma
+                seen = self.warm_values
+                self.mu = sum(seen) / len(seen)
+                self.sigma = max(0.01, math.sqrt(sum((h - self.mu) ** 2 for h in seen) / len(seen)))
+            return 0.0
         z = (value - self.mu) / (self.sigma + 1e-8)
         variance = (1 - self.omega) * self.sigma**2 + self.omega * (value - self.mu) ** 2
         self.sigma = max(0.01, math.sqrt(variance))
@@ -96,11 +128,15 @@ class ShutoffGate:
         if self.window_includes_current:
             self.history.append(value)
         full = len(self.history) == self.window
-        z = 0.0
+        z, self.scored_with = 0.0, None
         if full:
-            mean = sum(self.history) / self.window
-            std = math.sqrt(sum((h - mean) ** 2 for h in self.history) / self.window)
+            if self.freeze_baseline and self.frozen is not None:
+                mean, std = self.frozen
+            else:
+                mean = sum(self.history) / self.window
+                std = math.sqrt(sum((h - mean) ** 2 for h in self.history) / self.window)
             z = (value - mean) / (std + 1e-9)
+            self.scored_with = (mean, std)
         if not self.window_includes_current:
             self.history.append(value)
         return z
@@ -118,7 +154,10 @@ class ShutoffGate:
         self.num_observations += 1
         self.last_z = z
         can_trip = self.num_observations > self.warmup
-        self.streak = self.streak + 1 if (can_trip and z >= self.tau) else 0
+        violation = can_trip and (abs(z) if self.two_sided else z) >= self.tau
+        self.streak = self.streak + 1 if violation else 0
+        if self.mode == "window" and self.freeze_baseline:  # hold the first violation's baseline
+            self.frozen = (self.frozen or self.scored_with) if self.streak else None
         if self.streak >= self.patience:
             self._close(step)
         return z
@@ -127,6 +166,7 @@ class ShutoffGate:
         """Trip: extrapolation is off from the next step."""
         self.is_open = False
         self.streak = 0
+        self.frozen = None
         self.closed_steps_left = self.reopen_after
         self.shutoff_step = None if step is None else step + 1
 
@@ -168,6 +208,7 @@ class ShutoffGate:
         """Settings and statistics, JSON-friendly."""
         return self.settings() | {
             "mu": self.mu, "sigma": self.sigma, "history": list(self.history),
+            "frozen": None if self.frozen is None else list(self.frozen), "warm_values": list(self.warm_values),
             "num_observations": self.num_observations, "streak": self.streak, "is_open": self.is_open,
             "closed_steps_left": self.closed_steps_left, "last_z": self.last_z,
             "shutoff_step": self.shutoff_step,
@@ -175,9 +216,12 @@ class ShutoffGate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned (settings are validated again)."""
-        self.update_settings(**{name: state[name] for name in GATE_SETTINGS})
+        self.update_settings(**{name: state[name] for name in GATE_SETTINGS if name in state})  # older: fewer
         self.mu, self.sigma = float(state["mu"]), float(state["sigma"])
         self.history = deque((float(h) for h in state["history"]), maxlen=self.window)
+        frozen = state.get("frozen")
+        self.frozen = None if frozen is None else (float(frozen[0]), float(frozen[1]))
+        self.warm_values = [float(v) for v in state.get("warm_values", [])]
         self.num_observations = int(state["num_observations"])
         self.streak = int(state["streak"])
         self.is_open = bool(state["is_open"])

@@ -4,34 +4,59 @@ Each rule wraps any ``torch.optim.Optimizer`` and is driven like ``optimizer.ste
 
     rule = GXPO(torch.optim.AdamW(params, lr=1e-6), k=5, alpha=0.5, tau=0.5, max_grad_norm=1.0)
     info = rule.step(closure)        # closure(): forward + loss.backward(); returns the loss
+    rule = GXPO.from_version("v5", optimizer, k=10, alpha=0.3)   # every option as the authors' V5 code
 
 The rule zeroes gradients itself before every ``closure()`` call and returns a `StepInfo` record
 (spec section 5). A pass whose gradient is not finite never reaches the parameters (fallback).
+The extrapolation's work buffers are flat (`extrapolation.FlatLayout`): one vector per (device, dtype)
+of the trainable parameters, so its arithmetic runs over a few long chunks, not one tensor at a time.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .extrapolation import DELTA, R_CLAMP, active_mask, geometric_scale, raw_retention_ratio, reposition
-from .gate import ShutoffGate, sfpo_official_gate
-from .validation import (
-    check_choice,
-    check_int,
-    check_interval,
-    check_optional_positive,
-    check_positive,
+from .extrapolation import (
+    DELTA,
+    R_CLAMP,
+    RELATIVE_ACTIVITY,
+    SCALE_FORMS,
+    FlatLayout,
+    geometric_scale,
+    optimizer_direction,
+    reposition,
+    retention,
 )
+from .gate import GATE_SETTINGS, ShutoffGate, sfpo_official_gate
+from .validation import check_choice, check_int, check_interval, check_optional_positive, check_positive
 
 Closure = Callable[[], torch.Tensor]
 OPTIMIZER_STATE_MODES = ("carry", "transactional")
-RETENTION_MODES = ("grad", "clip_corrected")
-MIN_GRAD_NORM = 1e-8  # a first probe gradient at or below this norm gives nothing to extrapolate
+RETENTION_MODES = ("grad", "clip_corrected", "update")
+ACTIVE_SETS = ("absolute", "relative", "all")
+GATE_STATISTICS = ("pre_clip", "post_clip")
+VANISHING_PROBE = ("continue", "fallback")
+MIN_GRAD_NORM = 1e-8  # a probe gradient at or below this norm is "vanishing"
+
+# Every option as each version of the authors' code behaves (docs/versions.md; official_code_notes.md).
+_V2 = {"retention": "grad", "active_set": "absolute", "scale_form": "horner", "q_clamp": False,
+       "optimizer_state": "carry", "gate_statistic": "pre_clip", "vanishing_probe": "continue",
+       "gate": {"mode": "ema", "warmup": 2, "patience": 1, "two_sided": False, "signal": "grad_norm", "init": "unit"}}
+_V3_GATE = {"mode": "window", "window": 30, "warmup": 0, "patience": 1, "two_sided": False, "signal": "grad_norm",
+            "window_includes_current": False}
+VERSIONS: dict[str, dict[str, Any]] = {
+    "v1": _V2 | {"retention": "clip_corrected", "active_set": "all", "scale_form": "closed", "q_clamp": True,
+                 "gate_statistic": "post_clip", "gate": _V2["gate"] | {"warmup": 0, "two_sided": True}},
+    "v2": _V2,
+    "v3": _V2 | {"q_clamp": True, "gate": _V3_GATE},
+    "v5": _V2 | {"retention": "update", "active_set": "relative", "q_clamp": True, "optimizer_state": "transactional",
+                 "gate": _V3_GATE | {"tau": 3.0, "patience": 3, "signal": "entropy", "freeze_baseline": True}},
+}
 
 
 @dataclass
@@ -135,35 +160,33 @@ class UpdateRule:
         self.num_steps += 1
         return StepInfo(step=self.num_steps)
 
-    # -- parameter and optimizer snapshots ---------------------------------------------------------
-    def _save_params(self, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """Copy the live parameters into (lazily allocated, reused) buffers."""
-        if buffers is None:
-            return [p.detach().clone() for p in self.params]
-        torch._foreach_copy_(buffers, [p.detach() for p in self.params])
-        return buffers
-
-    def _load_params(self, buffers: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_([p for p in self.params], buffers)
-
+    # -- optimizer snapshots -----------------------------------------------------------------------
     def _snapshot_optimizer(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """A copy of the optimizer's per-parameter state (moments, step counters)."""
-        return {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in st.items()}
-                for p, st in self.optimizer.state.items()}
+        """A copy of the optimizer's per-parameter state (moments, step counters). The floating-point
+        tensors are copied in one batched call (x * 1.0 is x bit for bit, -0.0 and inf included)."""
+        state, floating = self.optimizer.state, lambda v: torch.is_tensor(v) and v.is_floating_point()
+        batched = [v for st in state.values() for v in st.values() if floating(v)]
+        copies = iter(torch._foreach_mul(batched, 1.0) if batched else [])
+        return {p: {k: next(copies) if floating(v) else (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
+                    for k, v in st.items()} for p, st in state.items()}
 
     def _restore_optimizer(self, snapshot: dict[torch.Tensor, dict[str, Any]]) -> None:
         """Put the optimizer state back exactly as snapshotted (state created since is dropped)."""
         for p in list(self.optimizer.state.keys()):
             if p not in snapshot:
                 del self.optimizer.state[p]
+        live_tensors, saved_tensors = [], []
         for p, st in snapshot.items():
             live = self.optimizer.state[p]
             for k, v in st.items():
-                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape:
-                    live[k].copy_(v)
+                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape \
+                        and live[k].dtype == v.dtype and live[k].device == v.device:
+                    live_tensors.append(live[k])
+                    saved_tensors.append(v)
                 else:
                     live[k] = v
+        if live_tensors:  # one batched copy instead of one per state tensor
+            torch._foreach_copy_(live_tensors, saved_tensors)
 
     # -- checkpointing -----------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -202,6 +225,8 @@ class _GatedRule(UpdateRule):
         if gate is not None and not isinstance(gate, ShutoffGate):
             raise ValueError(f"gate={gate!r} is invalid: allowed a ShutoffGate or None")
         self.gate = gate
+        self._flat: FlatLayout | None = None
+        self._views: dict[str, list[torch.Tensor]] = {}
 
     _BUFFERS: tuple[str, ...] = ()  # the names of the extrapolation's parameter-sized work buffers
 
@@ -212,12 +237,33 @@ class _GatedRule(UpdateRule):
         if not allowed:
             for name in self._BUFFERS:
                 setattr(self, name, None)
+            self._views = {}
         return allowed
 
     @property
     def buffer_bytes(self) -> int:
         """Bytes held by the work buffers (GXPO: theta0, g0, g1; SFPO: theta0); 0 after a shut-off."""
         return sum(t.numel() * t.element_size() for name in self._BUFFERS for t in (getattr(self, name) or ()))
+
+    def _buffer(self, name: str, work: bool) -> list[torch.Tensor]:
+        """The flat work buffer `name` (allocated on first use, rebuilt if the parameters were replaced)."""
+        if self._flat is None or self._flat.key != FlatLayout.key_of(self.params):
+            self._flat = FlatLayout(self.params)
+            for other in self._BUFFERS:
+                setattr(self, other, None)
+            self._views = {}
+        if getattr(self, name) is None:
+            setattr(self, name, self._flat.allocate(work))
+            self._views[name] = self._flat.views(getattr(self, name), self.params)
+        return self._views[name]
+
+    def _save_params(self, name: str) -> None:
+        """Copy the live parameters into the flat buffer `name` (their own dtype)."""
+        torch._foreach_copy_(self._buffer(name, work=False), [p.detach() for p in self.params])
+
+    def _load_params(self, name: str) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._views[name])
 
     def _feed_gate(self, info: StepInfo, grad_norm_signal: float, gate_signal: float | None) -> None:
         """Give the gate this step's statistic (the caller's entropy when its signal is "entropy")."""
@@ -233,7 +279,7 @@ class _GatedRule(UpdateRule):
 
     def _fallback(self, closure: Closure, info: StepInfo, snapshot) -> StepInfo:
         """Undo the step's partial work (parameters, and the optimizer state if snapshotted); one plain step."""
-        self._load_params(self._theta0)
+        self._load_params("_theta0")
         if snapshot is not None:
             self._restore_optimizer(snapshot)
         info.fallback, info.active = True, False
@@ -295,15 +341,28 @@ class GXPO(_GatedRule):
         alpha: fraction of the way to the predicted K-step point (> 0).
         max_grad_norm: global-norm clip C (None = no clipping).
         r_clamp: the stability clamp (r_min, r_max) on the retention ratio.
-        delta: activity threshold on |g0| and guard on |S_2|.
-        optimizer_state: "carry" (paper era: the probe steps' moment updates stay) or "transactional"
-            (the optimizer state is restored before the corrective step; the authors' newest code).
-        retention: "grad" (r = g1/g0) or "clip_corrected" (r = c1 g1 / c0 g0, the gradients the
-            optimizer actually used; the authors' newest code).
+        delta: activity threshold on |g0| (``active_set="absolute"``) and guard on |S_2|.
+        optimizer_state: "carry" (V1-V4: the probe steps' moment updates stay) or "transactional"
+            (V5: the optimizer state is restored before the corrective step).
+        retention: "grad" (r = g1/g0), "clip_corrected" (r = c1 g1 / c0 g0, the gradients the optimizer
+            actually used; V1 and V5's gradient path) or "update" (V5: r = d1/d0, the directions the
+            optimizer actually stepped along, d_t = ((1 - lr wd) theta_t - theta_{t+1}) / lr with the
+            decoupled weight decay of AdamW removed; for SGD without weight decay it is clip_corrected).
+        active_set: which coordinates extrapolate: "absolute" (|x0| > delta, V2-V4), "relative"
+            (|x0| > 1e-3 RMS(x0) of each tensor, V5) or "all" (V1: every coordinate, divided by
+            sign(x0) max(|x0|, delta)); x0 is g0, or d0 for ``retention="update"``.
+        scale_form: "horner" (V2 and later; q(1) = K/2) or "closed" (V1's closed form; q(1) = 1).
+        q_clamp: clamp q to [1, K/2 + 1] (V1, V3 and later); V2 does not, so q can reverse the jump.
+        gate_statistic: what the grad-norm gate sees: "pre_clip" (V2 and later) or "post_clip" (V1: the
+            clipped corrective norm, which saturates at max_grad_norm).
+        vanishing_probe: the second probe gradient's norm is <= 1e-8 (e.g. every token PPO-clipped at
+            theta1): "continue" (the authors: r = 0, q = 1, theta~ = theta0 + alpha (theta2 - theta0)) or
+            "fallback" (restore theta0, one plain step). A vanishing first probe always falls back.
         skip_corrective: ablation: stop at theta~ (2 backward passes); the gate then watches g1's norm.
         gate: "default" (a ShutoffGate from the keywords below), a ready ShutoffGate, or None (never
             shut off).
-        **gate_settings: tau, omega, warmup, patience, mode, window, signal, permanent, reopen_after.
+        **gate_settings: tau, omega, warmup, patience, mode, window, signal, permanent, reopen_after,
+            init, two_sided, freeze_baseline, window_includes_current.
     """
 
     def __init__(
@@ -316,6 +375,11 @@ class GXPO(_GatedRule):
         delta: float = DELTA,
         optimizer_state: str = "carry",
         retention: str = "grad",
+        active_set: str = "absolute",
+        scale_form: str = "horner",
+        q_clamp: bool = True,
+        gate_statistic: str = "pre_clip",
+        vanishing_probe: str = "continue",
         skip_corrective: bool = False,
         gate: ShutoffGate | None | str = "default",
         **gate_settings: Any,
@@ -326,13 +390,31 @@ class GXPO(_GatedRule):
         self.delta = check_positive("delta", delta)
         self.optimizer_state = check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATE_MODES)
         self.retention = check_choice("retention", retention, RETENTION_MODES)
-        self.skip_corrective = bool(skip_corrective)
+        self.active_set = check_choice("active_set", active_set, ACTIVE_SETS)
+        self.scale_form = check_choice("scale_form", scale_form, SCALE_FORMS)
+        self.q_clamp = _check_bool("q_clamp", q_clamp)
+        self.gate_statistic = check_choice("gate_statistic", gate_statistic, GATE_STATISTICS)
+        self.vanishing_probe = check_choice("vanishing_probe", vanishing_probe, VANISHING_PROBE)
+        self.skip_corrective = _check_bool("skip_corrective", skip_corrective)
         super().__init__(optimizer, max_grad_norm, _make_gate(gate, gate_settings))
-        self._theta0: list[torch.Tensor] | None = None   # theta0 and the two probe gradients: 3 P-sized buffers
+        # theta0 and two probe slots: 3 P-sized flat buffers (g1 holds theta1 for retention="update")
+        self._theta0: list[torch.Tensor] | None = None
         self._g0: list[torch.Tensor] | None = None
         self._g1: list[torch.Tensor] | None = None
 
     _BUFFERS = ("_theta0", "_g0", "_g1")
+
+    @classmethod
+    def from_version(cls, version: str, optimizer: torch.optim.Optimizer, **overrides: Any) -> GXPO:
+        """A GXPO whose every option behaves as version `version` ("v1", "v2", "v3", "v5") of the
+        authors' code (`VERSIONS`; docs/versions.md); `overrides` (k, alpha, tau, ...) win."""
+        preset = copy.deepcopy(VERSIONS[check_choice("version", version, tuple(VERSIONS))])
+        gate_preset = preset.pop("gate")
+        gate_over = {k: v for k, v in overrides.items() if k in GATE_SETTINGS}
+        rule_over = {k: v for k, v in overrides.items() if k not in GATE_SETTINGS}
+        if rule_over.get("gate", "default") != "default":
+            return cls(optimizer, **(preset | rule_over), **gate_over)
+        return cls(optimizer, **(preset | rule_over), **(gate_preset | gate_over))
 
     @property
     def backward_passes_per_step(self) -> int:  # while active
@@ -343,6 +425,8 @@ class GXPO(_GatedRule):
         return {"max_grad_norm": self.max_grad_norm, "k": self.k, "alpha": self.alpha,
                 "r_clamp": list(self.r_clamp), "delta": self.delta,
                 "optimizer_state": self.optimizer_state, "retention": self.retention,
+                "active_set": self.active_set, "scale_form": self.scale_form, "q_clamp": self.q_clamp,
+                "gate_statistic": self.gate_statistic, "vanishing_probe": self.vanishing_probe,
                 "skip_corrective": self.skip_corrective}
 
     # -- the step ----------------------------------------------------------------------------------
@@ -352,7 +436,7 @@ class GXPO(_GatedRule):
         info = self._new_info()
         if not self._gate_allows():
             return self._finish(self._plain_step(closure, info))
-        self._theta0 = self._save_params(self._theta0)
+        self._save_params("_theta0")
         snapshot = self._snapshot_optimizer() if self.optimizer_state == "transactional" else None
         try:
             gate_value = self._extrapolate(closure, info, snapshot)
@@ -362,114 +446,148 @@ class GXPO(_GatedRule):
         self._feed_gate(info, gate_value, gate_signal)
         return self._finish(info)
 
-    def _probe(self, closure: Closure, info: StepInfo, buffers: list[torch.Tensor] | None):
-        """One probe pass: backward, keep the raw gradient, check it, clip, optimizer step."""
+    def _probe(self, closure: Closure, info: StepInfo, slot: str | None, first: bool) -> tuple[float, float]:
+        """One probe pass: backward, keep the raw gradient in `slot`, check it, clip, optimizer step."""
         loss, norm = self._backward(closure)
         info.backward_passes += 1
-        if not _finite(norm) or norm <= MIN_GRAD_NORM:
+        vanishing = norm <= MIN_GRAD_NORM and (first or self.vanishing_probe == "fallback")
+        if not _finite(norm) or vanishing:
             raise _Fallback
-        buffers = self._save_grads(buffers)
+        if slot is not None:
+            torch._foreach_copy_(self._buffer(slot, work=True), [p.grad.detach() for p in self.params])
         self._clip_and_step(norm)
-        return loss, norm, buffers
-
-    def _save_grads(self, buffers: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        grads = [p.grad.detach() for p in self.params]
-        if buffers is None:
-            return [g.to(_work_dtype(g.dtype), copy=True) for g in grads]  # fp32 at least
-        torch._foreach_copy_(buffers, grads)
-        return buffers
+        return loss, norm
 
     def _extrapolate(self, closure: Closure, info: StepInfo, snapshot) -> float:
         """Passes 1-3 and the reposition; returns the statistic the gate should see."""
-        loss0, n0, self._g0 = self._probe(closure, info, self._g0)   # theta0 -> theta1
-        _loss1, n1, self._g1 = self._probe(closure, info, self._g1)   # theta1 -> theta2
+        update = self.retention == "update"
+        loss0, n0 = self._probe(closure, info, "_g0", first=True)     # theta0 -> theta1
+        steps = [self._step_constants()]
+        if update:                                                     # keep theta1 in the g1 slot
+            torch._foreach_copy_(self._buffer("_g1", work=True), [p.detach() for p in self.params])
+        _loss1, n1 = self._probe(closure, info, None if update else "_g1", first=False)   # theta1 -> theta2
+        steps.append(self._step_constants())
         c0, c1 = self._clip_scale(n0), self._clip_scale(n1)
-        self._jump_to_extrapolated_point(info, c0, c1)                # theta2 -> theta~
+        self._jump(info, c0, c1, steps)                                # theta2 -> theta~
         info.g0_norm, info.g1_norm = n0, n1
         if snapshot is not None:
             self._restore_optimizer(snapshot)
         if self.skip_corrective:
             info.loss, info.grad_norm = loss0, n1
-            return n1
+            return n1 * (c1 if self.gate_statistic == "post_clip" else 1.0)
         loss_s, n_s = self._backward(closure)                          # corrective pass at theta~
         info.backward_passes += 1
         if not _finite(n_s):
             raise _Fallback
-        info.cos_g0_gslow = _cosine(self._g0, [p.grad for p in self.params])
+        info.cos_g0_gslow = self._cos_g0_gslow(n_s)
         self._clip_and_step(n_s)
         info.loss, info.grad_norm, info.gslow_norm = loss_s, n_s, n_s
-        return n_s
+        return n_s * (self._clip_scale(n_s) if self.gate_statistic == "post_clip" else 1.0)
+
+    def _step_constants(self) -> tuple[list[float], list[float]]:
+        """Per parameter: the step's lr and weight-decay factor 1 - lr wd (decoupled decay only: AdamW)."""
+        lrs, decays, adamw = [], [], isinstance(self.optimizer, torch.optim.AdamW)
+        for group in self.optimizer.param_groups:
+            lr, n = float(group.get("lr", 0.0)), sum(1 for p in group["params"] if p.requires_grad)
+            decoupled = adamw or group.get("decoupled_weight_decay", False)
+            lrs += [lr] * n
+            decays += [1.0 - lr * float(group.get("weight_decay", 0.0)) if decoupled else 1.0] * n
+        return lrs, decays
+
+    def _cos_g0_gslow(self, n_s: float) -> float | None:
+        """cos(g0, g_slow): the corrective gradient is copied into the (now free) g1 slot, one dot per group."""
+        torch._foreach_copy_(self._buffer("_g1", work=True), [p.grad.detach() for p in self.params])
+        dot = sum(float(torch.dot(a, b)) for a, b in zip(self._g0, self._g1))
+        denominator = self._g0_norm * n_s
+        return dot / denominator if denominator > 0 else None
 
     @torch.no_grad()
-    def _jump_to_extrapolated_point(self, info: StepInfo, c0: float, c1: float) -> None:
-        """Per coordinate: r, q; write theta~ = theta0 + alpha q (theta2 - theta0); fill the diagnostics."""
-        ratio_scale = (c1 / c0) if self.retention == "clip_corrected" else 1.0
-        sums = _Sums()
-        for p, theta0, g0, g1 in zip(self.params, self._theta0, self._g0, self._g1):
-            active = active_mask(g0, self.delta)
-            raw = raw_retention_ratio(g0, g1, self.delta) * ratio_scale
-            clipped = raw.clamp(*self.r_clamp)
-            finite = torch.isfinite(raw)
-            r = torch.where(finite, clipped, torch.ones_like(raw))
-            q = torch.where(active, geometric_scale(r, self.k, self.delta), torch.ones_like(r))
-            work = _work_dtype(p.dtype)
-            disp2 = p.detach().to(work) - theta0.to(work)
-            p.copy_(reposition(theta0, p.detach(), q, self.alpha))
-            sums.add(active=active, r=r, q=q, disp2=disp2, theta0=theta0, g0=g0, g1=g1,
-                     bound=active & (~finite | (clipped != raw)))
-        sums.fill(info, self.alpha)
+    def _jump(self, info: StepInfo, c0: float, c1: float, steps) -> None:
+        """Per coordinate, chunk by chunk: r, q; write theta~ = theta0 + alpha q (theta2 - theta0) into the
+        parameters; the diagnostics' sums are read out with one device sync at the end."""
+        flat, update, alpha = self._flat, self.retention == "update", self.alpha
+        scales = (c0, c1) if self.retention == "clip_corrected" else (1.0, 1.0)
+        thresholds = self._relative_thresholds(steps) if self.active_set == "relative" else None
+        r_inactive = min(max(1.0, self.r_clamp[0]), self.r_clamp[1])  # what retention gives an inactive one
+        rows, q_max = [], []
+        for c, (g, start, end, _) in enumerate(flat.chunks):
+            theta0, theta2 = self._theta0[g][start:end], flat.gather(c)
+            work = _work_dtype(theta0.dtype)
+            x0, x1 = self._probe_values(c, g, start, end, steps) if update else \
+                (self._g0[g][start:end], self._g1[g][start:end])
+            active = "all" if self.active_set == "all" else \
+                x0.abs() > (self.delta if thresholds is None else flat.per_coordinate(c, thresholds, x0))
+            r, _raw, bound = retention(x0, x1, self.r_clamp, self.delta, active=active, scales=scales)
+            q = geometric_scale(r, self.k, self.delta, clamp=self.q_clamp, form=self.scale_form)
+            t0 = theta0.to(work)
+            disp2 = theta2.to(work) - t0
+            every = isinstance(active, str)  # active_set="all"
+            if not every:
+                q = torch.where(active, q, 1.0)
+            jump = (alpha * q).mul_(disp2)                                # as reposition(): t0 + (alpha q) disp2
+            flat.scatter(c, (t0 + jump).to(theta0.dtype))
+            g0, g1 = self._g0[g][start:end], (self._g0[g][start:end] if update else x1)  # update: no g1
+            n = torch.tensor(float(end - start), dtype=torch.float64, device=r.device)
+            n_active = n if every else active.sum()
+            rows.append(torch.stack([t.to(torch.float64) for t in (
+                n, n_active, bound.sum(), r.sum() - (n - n_active) * r_inactive,      # sums over active ones
+                torch.dot(r, r) - (n - n_active) * r_inactive**2, q.sum(), torch.dot(disp2, disp2),
+                torch.dot(jump, jump) / alpha**2, torch.dot(t0, t0), torch.dot(g0, g0), torch.dot(g0, g1),
+                torch.dot(g1, g1))]))
+            q_max.append(q.max().to(torch.float64))
+        self._fill(info, torch.cat([torch.stack(rows).sum(0), torch.stack(q_max).max().view(1)]).tolist(), update)
+    def _probe_values(self, c: int, g: int, start: int, end: int, steps) -> tuple[torch.Tensor, torch.Tensor]:
+        """retention="update": the two optimizer directions d0, d1 on chunk c (theta1 is in the g1 slot;
+        a parameter whose lr is 0 has no direction: d0 = 0 makes it inactive)."""
+        flat, theta1 = self._flat, self._g1[g][start:end]
+        theta0, theta2 = self._theta0[g][start:end].to(theta1.dtype), flat.gather(c).to(theta1.dtype)
+        directions = []
+        for (lrs, decays), before, after in zip(steps, (theta0, theta1), (theta1, theta2)):
+            lr, decay = flat.per_coordinate(c, lrs, theta1), flat.per_coordinate(c, decays, theta1)
+            if torch.is_tensor(lr):  # parameters with different learning rates share this chunk
+                d = optimizer_direction(before, after, torch.where(lr == 0, 1.0, lr), decay)
+                directions.append(torch.where(lr == 0, 0.0, d))
+            else:
+                directions.append(optimizer_direction(before, after, lr, decay) if lr != 0 else torch.zeros_like(before))
+        return directions[0], directions[1]
 
+    def _relative_thresholds(self, steps) -> torch.Tensor:
+        """V5's activity threshold per parameter tensor: 1e-3 * RMS(x0) (x0 = g0, or d0), shape [n_params]."""
+        update = self.retention == "update"
+        return RELATIVE_ACTIVITY * self._flat.rms_per_param(
+            lambda c, g, start, end: self._probe_values(c, g, start, end, steps)[0] if update
+            else self._g0[g][start:end])
 
-class _Sums:
-    """Accumulates GXPO's per-tensor diagnostics as 0-dim tensors, read out with one device sync."""
-
-    KEYS = ("numel", "active", "bound", "r_sum", "r_sq", "q_sum", "q_max", "disp2_sq", "dispK_sq",
-            "theta_sq", "g0g1", "g0_sq", "g1_sq")
-
-    def __init__(self):
-        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.KEYS}
-
-    def add(self, active, r, q, disp2, theta0, g0, g1, bound) -> None:
-        ra = torch.where(active, r, torch.zeros_like(r))
-        for key, value in (
-            ("numel", torch.tensor(float(r.numel()), device=r.device)),
-            ("active", active.sum().float()), ("bound", bound.sum().float()),
-            ("r_sum", ra.sum()), ("r_sq", (ra * ra).sum()), ("q_sum", q.sum()), ("q_max", q.max()),
-            ("disp2_sq", (disp2 * disp2).sum()), ("dispK_sq", ((q * disp2) ** 2).sum()),
-            ("theta_sq", theta0.float().pow(2).sum()), ("g0g1", (g0 * g1).sum()),
-            ("g0_sq", (g0 * g0).sum()), ("g1_sq", (g1 * g1).sum()),
-        ):
-            self.parts[key].append(value.to(torch.float64))
-
-    def fill(self, info: StepInfo, alpha: float) -> None:
-        total = {k: (torch.stack(v).max() if k == "q_max" else torch.stack(v).sum()).item()
-                 for k, v in self.parts.items()}
-        n, n_active = total["numel"], total["active"]
+    def _fill(self, info: StepInfo, totals: list[float], update: bool) -> None:
+        """The step record's diagnostics from the summed chunk rows (`_jump`)."""
+        (n, n_active, bound, r_sum, r_sq, q_sum, disp2_sq, dispk_sq, theta_sq, g0_sq, g0g1, g1_sq,
+         q_max) = totals
         info.inactive_frac = 1.0 - n_active / n
         if n_active > 0:
-            info.r_mean = total["r_sum"] / n_active
-            info.r_std = max(0.0, total["r_sq"] / n_active - info.r_mean**2) ** 0.5
-            info.ratio_clip_frac = total["bound"] / n_active
-        info.scale_mean = total["q_sum"] / n
-        info.scale_max = total["q_max"]
-        info.effective_multiplier = alpha * info.scale_mean
-        info.disp2_norm = total["disp2_sq"] ** 0.5
-        info.dispK_norm = total["dispK_sq"] ** 0.5
-        info.jump_norm = alpha * info.dispK_norm
-        info.param_norm = total["theta_sq"] ** 0.5
-        denominator = (total["g0_sq"] * total["g1_sq"]) ** 0.5
-        info.cos_g0_g1 = total["g0g1"] / denominator if denominator > 0 else None
+            info.r_mean = r_sum / n_active
+            info.r_std = max(0.0, r_sq / n_active - info.r_mean**2) ** 0.5
+            info.ratio_clip_frac = bound / n_active
+        info.scale_mean = q_sum / n
+        info.scale_max = q_max
+        info.effective_multiplier = self.alpha * info.scale_mean
+        info.disp2_norm, info.dispK_norm, info.param_norm = disp2_sq**0.5, dispk_sq**0.5, theta_sq**0.5
+        info.jump_norm = self.alpha * info.dispK_norm
+        self._g0_norm = g0_sq**0.5
+        denominator = (g0_sq * g1_sq) ** 0.5
+        info.cos_g0_g1 = g0g1 / denominator if denominator > 0 and not update else None
 
 
 class SFPO(_GatedRule):
     """Slow-fast policy optimization (the strongest peer; spec section 4): K+1 backward passes.
 
-    Save theta0; K plain steps on the same mini-batch; theta' = theta0 + alpha (theta_K - theta0);
-    one more plain step at theta'. The optimizer state is never touched.
+    Save theta0; K plain steps; theta' = theta0 + alpha (theta_K - theta0); one more plain step at
+    theta'. The optimizer state is never touched. Two structures when a batch has m mini-batches:
+    `step` (one closure: K+1 steps on that mini-batch, repeated per mini-batch by the caller) and
+    `step_sweeps` (the official one: K full sweeps over all mini-batches, reposition, one more sweep).
 
     Args:
         optimizer: any torch optimizer.
-        k: number of fast steps K (>= 2).
+        k: number of fast steps (or sweeps) K (>= 2).
         alpha: scalar reposition factor (> 0).
         max_grad_norm: global-norm clip (None = no clipping).
         gate: "official" (SFPO's entropy z-score over a window of 30, threshold 1.0, permanent;
@@ -477,15 +595,8 @@ class SFPO(_GatedRule):
             keywords), a ready ShutoffGate, or None (never shut off).
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        k: int = 3,
-        alpha: float = 0.8,
-        max_grad_norm: float | None = 1.0,
-        gate: ShutoffGate | None | str = "official",
-        **gate_settings: Any,
-    ):
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 3, alpha: float = 0.8,
+                 max_grad_norm: float | None = 1.0, gate: ShutoffGate | None | str = "official", **gate_settings: Any):
         self.k = check_int("k", k, minimum=2)
         self.alpha = check_positive("alpha", alpha)
         if gate == "official" and not gate_settings:
@@ -496,50 +607,77 @@ class SFPO(_GatedRule):
     _BUFFERS = ("_theta0",)
 
     @property
-    def backward_passes_per_step(self) -> int:  # while active
+    def backward_passes_per_step(self) -> int:  # while active, per mini-batch
         return self.k + 1
 
     def settings(self) -> dict[str, Any]:
         return {"max_grad_norm": self.max_grad_norm, "k": self.k, "alpha": self.alpha}
 
     def step(self, closure: Closure, gate_signal: float | None = None) -> StepInfo:
+        """K fast steps, reposition and one slow step, all on this one mini-batch (closure)."""
+        return self.step_sweeps([closure], gate_signal)
+
+    def step_sweeps(self, closures: Sequence[Closure], gate_signal: float | None = None) -> StepInfo:
+        """The official SFPO update of one batch of m mini-batches (one closure each): K sweeps of m
+        plain steps, theta' = theta0 + alpha (theta_K - theta0), one more sweep: (K+1) m passes. The
+        record's loss and grad_norm are the slow sweep's means; the gate gets one observation.
+        With one closure this is `step`."""
+        closures = list(closures)
+        if not closures or not all(callable(c) for c in closures):
+            raise ValueError(f"closures={closures!r} is invalid: allowed a non-empty list of closures")
         self._check_signal(gate_signal)
         info = self._new_info()
         if not self._gate_allows():
-            return self._finish(self._plain_step(closure, info))
-        self._theta0 = self._save_params(self._theta0)
+            return self._finish(self._sweep(closures, info))
+        self._save_params("_theta0")
         for _ in range(self.k):                                        # the fast trajectory
-            _loss, norm = self._backward(closure)
-            info.backward_passes += 1
-            if not _finite(norm):
-                return self._finish(self._fallback(closure, info, None))
-            self._clip_and_step(norm)
-            info.g0_norm = norm if info.g0_norm is None else info.g0_norm
-        with torch.no_grad():                                          # theta' = theta0 + alpha (theta_K - theta0)
-            disp_sq = 0.0
-            for p, theta0 in zip(self.params, self._theta0):
-                disp_sq += float((p.detach().float() - theta0.float()).pow(2).sum())
-                p.copy_(reposition(theta0, p.detach(), 1.0, self.alpha))
-        info.disp2_norm = info.dispK_norm = disp_sq**0.5
-        info.jump_norm = self.alpha * info.dispK_norm
-        info.effective_multiplier = self.alpha
-        self._plain_step(closure, info)                                # the slow correction
+            for closure in closures:
+                _loss, norm = self._backward(closure)
+                info.backward_passes += 1
+                if not _finite(norm):
+                    self._load_params("_theta0")
+                    info.fallback = True
+                    return self._finish(self._sweep(closures, info))
+                self._clip_and_step(norm)
+                info.g0_norm = norm if info.g0_norm is None else info.g0_norm
+        self._reposition(info)                                         # theta' = theta0 + alpha (theta_K - theta0)
+        self._sweep(closures, info)                                    # the slow correction
         if info.skipped:
             return self._finish(info)
         info.active, info.gslow_norm = True, info.grad_norm
         self._feed_gate(info, info.grad_norm, gate_signal)
         return self._finish(info)
 
+    def _sweep(self, closures: list[Closure], info: StepInfo) -> StepInfo:
+        """One plain step per mini-batch; loss and grad_norm: their means (skipped: any was skipped)."""
+        losses, norms = [], []
+        for closure in closures:
+            self._plain_step(closure, info)
+            losses.append(info.loss)
+            norms.append(info.grad_norm)
+        info.grad_norm = sum(norms) / len(norms)
+        info.loss = None if None in losses else sum(losses) / len(losses)
+        return info
+
+    @torch.no_grad()
+    def _reposition(self, info: StepInfo) -> None:
+        """theta' = theta0 + alpha (theta_K - theta0) chunk by chunk; the displacement norm in one sync."""
+        flat, parts = self._flat, []
+        for c, (g, start, end, _) in enumerate(flat.chunks):
+            theta0, theta_k = self._theta0[g][start:end], flat.gather(c)
+            work = _work_dtype(theta0.dtype)
+            disp = theta_k.to(work) - theta0.to(work)
+            parts.append((disp * disp).sum(dtype=torch.float64))
+            flat.scatter(c, reposition(theta0, theta_k, 1.0, self.alpha))
+        info.disp2_norm = info.dispK_norm = float(torch.stack(parts).sum()) ** 0.5
+        info.jump_norm = self.alpha * info.dispK_norm
+        info.effective_multiplier = self.alpha
 
 
-
-def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float | None:
-    """Cosine between two lists of tensors seen as one flat vector."""
-    dot = sum((x.float() * y.float()).sum() for x, y in zip(a, b))
-    na = sum(x.float().pow(2).sum() for x in a) ** 0.5
-    nb = sum(y.float().pow(2).sum() for y in b) ** 0.5
-    denominator = float(na * nb)
-    return float(dot) / denominator if denominator > 0 else None
+def _check_bool(name: str, value: Any) -> bool:
+    if value not in (True, False):
+        raise ValueError(f"{name}={value!r} is invalid: allowed True or False")
+    return bool(value)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

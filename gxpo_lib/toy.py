@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .extrapolation import R_CLAMP, geometric_scale, max_scale, raw_retention_ratio, retention_ratio
+from .extrapolation import R_CLAMP, geometric_scale, max_scale, retention
 from .gate import GATE_SETTINGS
 from .rules import GXPO, SFPO, PlainStep, UpdateRule
 from .validation import (
@@ -49,10 +49,12 @@ def _check_pair(name: str, value: Any) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r} is invalid: allowed a finite number >= 0")
+def _check_finite(name: str, value: Any, minimum: float = -math.inf, unit: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        bound = f" >= {minimum:g}" if minimum > -math.inf else ""
+        raise ValueError(f"{name}={value!r} is invalid: allowed a finite number{bound}{unit}")
     return float(value)
+
 
 
 def _check_landscape(landscape: Any) -> Landscape:
@@ -119,9 +121,7 @@ class RotatedQuadratic(Landscape):
 
     def __init__(self, h=(1.0, 0.3), angle_deg: float = 35.0, center=(0.0, 0.0)):
         h = torch.tensor(_check_pair("h", h), dtype=DTYPE)
-        if isinstance(angle_deg, bool) or not isinstance(angle_deg, (int, float)) or not math.isfinite(angle_deg):
-            raise ValueError(f"angle_deg={angle_deg!r} is invalid: allowed a finite number (degrees)")
-        a = math.radians(angle_deg)
+        a = math.radians(_check_finite("angle_deg", angle_deg, unit=" (degrees)"))
         rotation = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=DTYPE)
         self.hessian = rotation @ torch.diag(h) @ rotation.T  # [2, 2]
         self.center = torch.tensor(_check_pair("center", center), dtype=DTYPE)
@@ -158,9 +158,7 @@ class Banana(Landscape):
 
     def __init__(self, h=(0.3, 1.0), kappa: float = 0.4, center=(0.0, 0.0)):
         self.h = torch.tensor(_check_pair("h", h), dtype=DTYPE)
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa):
-            raise ValueError(f"kappa={kappa!r} is invalid: allowed a finite number")
-        self.kappa = float(kappa)
+        self.kappa = _check_finite("kappa", kappa)
         self.center = torch.tensor(_check_pair("center", center), dtype=DTYPE)
 
     def loss(self, theta, step=1):
@@ -214,14 +212,10 @@ def contour_grid(landscape: Landscape, bounds=None, n: int = 81, step: int = 1):
 
 # -- driving the real rules on one 2-D parameter ----------------------------------------------------------
 class RuleRun(NamedTuple):
-    """What `run_rule` returns.
-
-    points: [steps + 1, 2], the parameter before the first and after every update.
-    infos: one dict per update: StepInfo.to_dict() plus "eval_points" [passes, 2], the points where that
-        update's backward passes were taken (GXPO active: theta0, theta1, theta~; SFPO: theta0 ..
-        theta_{K-1}, theta'; GRPO: theta0).
-    rule: the rule object (its gate, counters).
-    """
+    """What `run_rule` returns. points: [steps + 1, 2], the parameter before the first and after every
+    update. infos: one dict per update: StepInfo.to_dict() plus "eval_points" [passes, 2], where that
+    update's backward passes were taken (GXPO active: theta0, theta1, theta~; SFPO: theta0 .. theta_{K-1},
+    theta'; GRPO: theta0). rule: the rule object (its gate, counters)."""
 
     points: torch.Tensor
     infos: list[dict[str, Any]]
@@ -267,18 +261,9 @@ def _closure(landscape: Landscape, theta: torch.Tensor, step: int, noise: float,
     return closure
 
 
-def run_rule(
-    rule_name: str,
-    landscape: Landscape,
-    theta0=None,
-    lr: float = 0.3,
-    steps: int = 1,
-    optimizer: str = "sgd",
-    clip: float | None = None,
-    noise: float | Any = 0.0,
-    seed: int = 0,
-    **rule_kwargs: Any,
-) -> RuleRun:
+def run_rule(rule_name: str, landscape: Landscape, theta0=None, lr: float = 0.3, steps: int = 1,
+             optimizer: str = "sgd", clip: float | None = None, noise: float | Any = 0.0, seed: int = 0,
+             **rule_kwargs: Any) -> RuleRun:
     """Run a real update rule for `steps` updates on a 2-D parameter (float64) starting at `theta0`.
 
     Args:
@@ -301,7 +286,7 @@ def run_rule(
     steps = check_int("steps", steps, minimum=0)
     clip = check_optional_positive("clip", clip)
     if not callable(noise):
-        level = _check_nonnegative("noise", noise)
+        level = _check_finite("noise", noise, minimum=0)
         noise = lambda step: level  # a constant noise schedule
     seed = check_int("seed", seed, minimum=0)
     theta = torch.tensor(theta0, dtype=DTYPE, requires_grad=True)
@@ -312,7 +297,7 @@ def run_rule(
     points, infos = [theta.detach().clone()], []
     for step in range(1, steps + 1):
         record: list[torch.Tensor] = []
-        std = _check_nonnegative("noise", noise(step))
+        std = _check_finite("noise", noise(step), minimum=0)
         info = rule.step(_closure(landscape, theta, step, std, generator, record)).to_dict()
         info["eval_points"] = torch.stack(record)
         points.append(theta.detach().clone())
@@ -326,18 +311,9 @@ def gd_path(landscape: Landscape, theta0=None, lr: float = 0.3, steps: int = 10,
     return run_rule("grpo", landscape, theta0, lr, steps, optimizer, clip=clip, noise=noise, seed=seed).points
 
 
-def extrapolation_error(
-    landscape: Landscape,
-    theta0=None,
-    lr: float = 0.3,
-    k: int = 5,
-    optimizer: str = "sgd",
-    clip: float | None = None,
-    noise: float = 0.0,
-    seed: int = 0,
-    r_clamp: tuple[float, float] = R_CLAMP,
-    **gxpo_kwargs: Any,
-) -> float:
+def extrapolation_error(landscape: Landscape, theta0=None, lr: float = 0.3, k: int = 5,
+                        optimizer: str = "sgd", clip: float | None = None, noise: float = 0.0,
+                        seed: int = 0, r_clamp: tuple[float, float] = R_CLAMP, **gxpo_kwargs: Any) -> float:
     """How far one GXPO step (alpha = 1) lands from K+1 true optimizer steps, relative to how far those go:
 
         || theta_GXPO - theta_(K+1) || / || theta_(K+1) - theta0 ||
@@ -366,18 +342,9 @@ def error_vs_k(ks, **case: Any) -> list[float]:
 
 
 # -- one lookahead, all rules side by side (notebook 01 section 3 and the explorer) -----------------------
-def lookahead_snapshot(
-    landscape: Landscape,
-    theta0=None,
-    lr: float = 0.3,
-    k: int = 5,
-    alpha: float = 1.0,
-    optimizer: str = "sgd",
-    r_clamp: tuple[float, float] = R_CLAMP,
-    clip: float | None = None,
-    noise: float = 0.0,
-    seed: int = 0,
-) -> dict[str, Any]:
+def lookahead_snapshot(landscape: Landscape, theta0=None, lr: float = 0.3, k: int = 5, alpha: float = 1.0,
+                       optimizer: str = "sgd", r_clamp: tuple[float, float] = R_CLAMP,
+                       clip: float | None = None, noise: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """One update of each rule from the same theta0 on the same landscape, plus the true K+1-step path.
 
     Returns a dict of [n, 2] tensors and numbers:
@@ -387,7 +354,8 @@ def lookahead_snapshot(
         gxpo_final: [2] after the corrective step (3 passes);
         sfpo_fast: [K + 1, 2] SFPO's K fast steps; sfpo_jump: [2] theta'; sfpo_final: [2] (K+1 passes);
         r, q: [2] GXPO's per-coordinate retention ratio (clamped) and scale (clamped), recomputed from
-        the recorded probe gradients; r_raw, q_raw: before the clamps;
+        the recorded probe gradients with `extrapolation.retention`; r_raw, q_raw: before the clamps;
+        r_clamped: [2] bool, the coordinates whose ratio the clamp changed;
         error: || gxpo_final - gd[-1] || / || gd[-1] - gd[0] || (meaningful at alpha = 1), info: GXPO's
         StepInfo dict (if it fell back, info["fallback"] is True and gxpo_tilde is theta0),
         passes: backward passes per rule.
@@ -413,14 +381,14 @@ def lookahead_snapshot(
         if noise > 0:
             grad = grad + noise * torch.randn(2, generator=generator, dtype=DTYPE)
         g.append(grad)
-    r_raw = raw_retention_ratio(g[0], g[1])
-    r = retention_ratio(g[0], g[1], r_clamp=r_clamp)
+    r, r_raw, r_clamped = retention(g[0], g[1], r_clamp=r_clamp)
     return {
         "k": k, "alpha": alpha, "gd": gd, "grpo": grpo,
         "gxpo_probes": gd[:3], "gxpo_tilde": info["eval_points"][-1], "gxpo_final": gxpo.points[-1],
         "sfpo_fast": gd[: k + 1], "sfpo_jump": sfpo.infos[0]["eval_points"][-1],
         "sfpo_final": sfpo.points[-1],
         "r": r, "q": geometric_scale(r, k), "r_raw": r_raw, "q_raw": geometric_scale(r_raw, k, clamp=False),
+        "r_clamped": r_clamped,
         "error": float((gxpo.points[-1] - gd[-1]).norm() / (gd[-1] - gd[0]).norm()),
         "info": info, "passes": {"grpo": 1, "gxpo": info["backward_passes"],
                                  "sfpo": sfpo.infos[0]["backward_passes"], "gd": k + 1},
@@ -428,29 +396,17 @@ def lookahead_snapshot(
 
 
 # -- the shutoff gate on a loss whose gradient norm jumps (notebook 01 section 5 and the explorer) --------
-def gate_snapshot(
-    landscape: Landscape,
-    theta0=None,
-    lr: float = 0.3,
-    k: int = 5,
-    alpha: float = 1.0,
-    optimizer: str = "sgd",
-    tau: float = 0.5,
-    omega: float = 0.1,
-    warmup: int = 2,
-    r_clamp: tuple[float, float] = R_CLAMP,
-    steps: int = 30,
-    surge_step: int = 12,
-    noise: float = 0.01,
-    surge_noise: float = 1.0,
-    shift=(0.0, 0.0),
-    seed: int = 0,
-) -> dict[str, Any]:
+def gate_snapshot(landscape: Landscape, theta0=None, lr: float = 0.3, k: int = 5, alpha: float = 1.0,
+                  optimizer: str = "sgd", tau: float = 0.5, omega: float = 0.1, warmup: int = 2,
+                  init: str = "unit", r_clamp: tuple[float, float] = R_CLAMP, steps: int = 30,
+                  surge_step: int = 12, noise: float = 0.01, surge_noise: float = 1.0, shift=(0.0, 0.0),
+                  seed: int = 0) -> dict[str, Any]:
     """GXPO with its ShutoffGate (EMA mode, grad-norm signal) for `steps` updates, where the gradient
     noise jumps from `noise` to `surge_noise` at update `surge_step` (and the loss moves by `shift`, see
     Surge). A noise surge is used because an exact extrapolation absorbs a mere shift of the minimum: the
     corrective gradient after a perfect jump is small again. The small base noise keeps the probe
-    gradient from vanishing (which would make GXPO fall back) once the toy has converged.
+    gradient from vanishing (which would make GXPO fall back) once the toy has converged. `init`: the
+    gate's cold start, "unit" (mu = sigma = 1, V2) or "warmup" (mu, sigma from the warm-up observations).
 
     Returns lists indexed by update (numbered 1..steps, as StepInfo.step): "step", "z" (the gate's z, nan
     where it was not fed: plain steps and fallbacks), "grad_norm" (the kept step's pre-clip norm: the
@@ -459,12 +415,12 @@ def gate_snapshot(
     [steps + 1, 2].
     """
     surge_step = check_int("surge_step", surge_step, minimum=1)
-    noise = _check_nonnegative("noise", noise)
-    surge_noise = _check_nonnegative("surge_noise", surge_noise)
+    noise = _check_finite("noise", noise, minimum=0)
+    surge_noise = _check_finite("surge_noise", surge_noise, minimum=0)
     surge = Surge(landscape, at_step=surge_step, shift=shift)
     run = run_rule("gxpo", surge, theta0, lr, steps, optimizer, seed=seed,
                    noise=lambda step: noise if step < surge_step else surge_noise,
-                   k=k, alpha=alpha, r_clamp=r_clamp, tau=tau, omega=omega, warmup=warmup)
+                   k=k, alpha=alpha, r_clamp=r_clamp, tau=tau, omega=omega, warmup=warmup, init=init)
     return {
         "step": [i["step"] for i in run.infos],
         "z": [math.nan if i["gate_z"] is None else i["gate_z"] for i in run.infos],
@@ -473,7 +429,7 @@ def gate_snapshot(
         "active": [i["active"] for i in run.infos],
         "fallback": [i["fallback"] for i in run.infos],
         "shutoff_step": run.rule.gate.shutoff_step,
-        "tau": tau, "warmup": warmup, "surge_step": surge_step, "points": run.points,
+        "tau": tau, "warmup": warmup, "init": init, "surge_step": surge_step, "points": run.points,
     }
 
 
@@ -661,31 +617,27 @@ def build_explorer(K: int = 5, alpha: float = 1.0, tau: float = 0.5, r_min: floa
     check_positive("lr", lr)
     check_choice("landscape", landscape, tuple(LANDSCAPES))
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    _check_nonnegative("noise", noise)
+    _check_finite("noise", noise, minimum=0)
 
     style, layout = {"description_width": "110px"}, widgets.Layout(width="420px")
+
+    def control(kind, description, value, **kw):
+        return getattr(widgets, kind)(value=value, description=description, style=style, layout=layout, **kw)
+
     controls = {
-        "K": widgets.IntSlider(value=k, min=2, max=max(20, k), description="K (lookahead)",
-                               style=style, layout=layout),
-        "alpha": widgets.FloatSlider(value=alpha, min=0.1, max=max(2.0, alpha), step=0.05,
-                                     description="alpha", style=style, layout=layout),
-        "r_clamp": widgets.FloatRangeSlider(value=(r_low, r_high), min=min(-4.0, r_low), max=max(5.0, r_high),
-                                            step=0.05, description="stability clamp r",
-                                            style=style, layout=layout),
-        "tau": widgets.FloatSlider(value=tau, min=0.05, max=max(5.0, tau), step=0.05,
-                                   description="gate tau", style=style, layout=layout),
-        "omega": widgets.FloatSlider(value=omega, min=0.01, max=0.99, step=0.01, description="gate omega",
-                                     style=style, layout=layout),
+        "K": control("IntSlider", "K (lookahead)", k, min=2, max=max(20, k)),
+        "alpha": control("FloatSlider", "alpha", alpha, min=0.1, max=max(2.0, alpha), step=0.05),
+        "r_clamp": control("FloatRangeSlider", "stability clamp r", (r_low, r_high), min=min(-4.0, r_low),
+                           max=max(5.0, r_high), step=0.05),
+        "tau": control("FloatSlider", "gate tau", tau, min=0.05, max=max(5.0, tau), step=0.05),
+        "omega": control("FloatSlider", "gate omega", omega, min=0.01, max=0.99, step=0.01),
         # A linear slider: a log slider's grid (10 ** 0.05n) cannot hold 0.3, and the browser would
         # silently send the nearest grid value back, changing the figures' learning rate.
-        "lr": widgets.FloatSlider(value=lr, min=0.01, max=max(3.0, lr), step=0.01, readout_format=".3g",
-                                  description="learning rate", style=style, layout=layout),
-        "noise": widgets.FloatSlider(value=noise, min=0.0, max=max(1.0, noise), step=0.01,
-                                     description="gradient noise", style=style, layout=layout),
-        "landscape": widgets.Dropdown(options=list(LANDSCAPES), value=landscape, description="landscape",
-                                      style=style, layout=layout),
-        "optimizer": widgets.Dropdown(options=list(OPTIMIZERS), value=optimizer, description="optimizer",
-                                      style=style, layout=layout),
+        "lr": control("FloatSlider", "learning rate", lr, min=0.01, max=max(3.0, lr), step=0.01,
+                      readout_format=".3g"),
+        "noise": control("FloatSlider", "gradient noise", noise, min=0.0, max=max(1.0, noise), step=0.01),
+        "landscape": control("Dropdown", "landscape", landscape, options=list(LANDSCAPES)),
+        "optimizer": control("Dropdown", "optimizer", optimizer, options=list(OPTIMIZERS)),
     }
     readout = widgets.HTML()
 

@@ -84,8 +84,11 @@ class TrainControl:
 # Building the pieces
 # ---------------------------------------------------------------------------------------------------
 def build_rule(config: TrainConfig, optimizer: torch.optim.Optimizer):
-    """The update rule the config names, wrapping `optimizer`."""
-    return RULES[config.algorithm](optimizer, **rule_kwargs(config))
+    """The update rule the config names, wrapping `optimizer` (a GXPO `version` via GXPO.from_version)."""
+    kwargs = rule_kwargs(config)
+    if "version" in kwargs:
+        return GXPO.from_version(kwargs.pop("version"), optimizer, **kwargs)
+    return RULES[config.algorithm](optimizer, **kwargs)
 
 
 def check_runtime(config: TrainConfig) -> None:
@@ -139,7 +142,8 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = copy.deepcopy(model).requires_grad_(False) if config.kl_beta > 0 and not config.lora else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # step_scale (GRPO's matched-step control) scales the learning rate, and with it AdamW's decay step.
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr * config.step_scale, weight_decay=config.weight_decay)
     sampler = make_sampler(config, model, tokenizer, prompt_formatter(config, tokenizer), workdir)
     scorer = RewardScorer(workers=config.reward_workers, timeout_s=config.reward_timeout)
     return TrainState(config, model, tokenizer, optimizer, build_rule(config, optimizer), sampler, scorer,
@@ -242,6 +246,30 @@ def _objective(state: TrainState, batch, advantages, ref_logprobs) -> PolicyObje
         micro_batch_size=config.micro_batch_size, aggregation=config.loss_aggregation)
 
 
+def _entropy_signal(rollouts, rows: slice) -> float:
+    """The sampling policy's token-mean entropy over `rows` (what an entropy-signal gate reads)."""
+    return float(rollouts.entropy[rows].sum() / rollouts.completion_mask[rows].sum().clamp(min=1))
+
+
+def _update(state: TrainState, rollouts, advantages, ref_logprobs) -> tuple[list[StepInfo], list[PolicyObjective]]:
+    """The rule over the step's mini-batches: one `rule.step` each (``ppo_epochs`` times over for GRPO's
+    matched-compute control), or SFPO's official sweeps (K sweeps over all mini-batches, reposition, one
+    more sweep) as one `rule.step_sweeps`."""
+    config = state.config
+    rows = len(rollouts.completions)
+    size = rows // config.mini_batches
+    parts = [slice(start, start + size) for _ in range(config.ppo_epochs) for start in range(0, rows, size)]
+    objectives = [_objective(state, rollouts.rows(part), advantages[part],
+                             None if ref_logprobs is None else ref_logprobs[part]) for part in parts]
+    state.model.train()
+    entropy_gate = uses_entropy_gate(config)
+    if config.algorithm == "sfpo" and config.sfpo_sweeps == "official" and len(parts) > 1:
+        signal = _entropy_signal(rollouts, slice(0, rows)) if entropy_gate else None
+        return [state.rule.step_sweeps(objectives, gate_signal=signal)], objectives
+    return [state.rule.step(objective, gate_signal=_entropy_signal(rollouts, part) if entropy_gate else None)
+            for part, objective in zip(parts, objectives)], objectives
+
+
 def train_step(state: TrainState, step: int) -> dict[str, Any]:
     """Sample, score, advantages, the rule over the mini-batches; returns the step's metrics row."""
     from .models import reference_policy
@@ -266,19 +294,7 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
         if config.kl_beta > 0:  # the reference policy's view, once per step, a micro-batch at a time
             with reference_policy(state.model, state.reference) as ref_model:
                 ref_logprobs = batched_logprobs(ref_model, rollouts, config.temperature, config.micro_batch_size)
-        rows = len(rollouts.completions)
-        size = rows // config.mini_batches
-        infos, objectives = [], []
-        state.model.train()
-        for start in range(0, rows, size):
-            part = slice(start, start + size)
-            objective = _objective(state, rollouts.rows(part), advantages[part],
-                                   None if ref_logprobs is None else ref_logprobs[part])
-            signal = None
-            if uses_entropy_gate(config):  # the sampling policy's token-mean entropy on this mini-batch
-                signal = float(rollouts.entropy[part].sum() / rollouts.completion_mask[part].sum().clamp(min=1))
-            infos.append(state.rule.step(objective, gate_signal=signal))
-            objectives.append(objective)
+        infos, objectives = _update(state, rollouts, advantages, ref_logprobs)
 
     record = _aggregate(infos)
     counters["backward_passes"] += record["backward_passes"]
@@ -290,7 +306,8 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
         response_length=float(mask.sum(1).float().mean()),
         entropy=None if entropy is None else float(entropy.sum() / mask.sum().clamp(min=1)),
         kl=stats.get("kl"), clip_frac=stats.get("clip_frac"), reward_parse_fail=scored.counts.n_parse_fail,
-        reward_timeout=scored.counts.n_timeout, reward_error=scored.counts.n_error, learning_rate=config.lr)
+        reward_timeout=scored.counts.n_timeout, reward_error=scored.counts.n_error,
+        learning_rate=config.lr * config.step_scale)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -129,3 +129,58 @@ def test_update_settings_validates_before_changing():
     assert gate.tau == 0.5
     gate.update_settings(tau=2.0)
     assert gate.tau == 2.0
+
+
+# -- the cold start, made visible and optional (issue 14) ----------------------------------------------------
+def test_unit_init_is_disarmed_for_a_small_signal_and_warmup_init_is_not():
+    """A clipped run's corrective norm sits near 0.05: from mu = sigma = 1 every z is negative until mu
+    has decayed towards it, so a doubling of the signal goes unnoticed for many observations."""
+    signal = [0.05, 0.052, 0.048, 0.05] + [0.1] * 3       # the signal doubles at observation 5
+    unit = ShutoffGate(tau=0.5, warmup=2)                  # V2: mu = sigma = 1
+    zs = [unit.observe(v) for v in signal]
+    assert all(z < 0 for z in zs) and unit.is_open          # disarmed: the surge scores below 0
+    assert zs == pytest.approx(hand_ema(signal))
+    warm = ShutoffGate(tau=0.5, warmup=2, init="warmup")
+    assert [warm.observe(v) for v in signal[:2]] == [0.0, 0.0]   # warm-up observations are only collected
+    assert warm.mu == pytest.approx(0.051) and warm.sigma == pytest.approx(0.01)  # std 0.001, floored at 0.01
+    # observation 3 by hand: z = (0.048 - 0.051) / 0.01 = -0.3; sigma^2 = 0.9e-4 + 0.1 * 9e-6 -> 0.0095,
+    # floored at 0.01; mu = 0.9 * 0.051 + 0.1 * 0.048 = 0.0507
+    assert warm.observe(0.048) == pytest.approx(-0.3)
+    assert warm.mu == pytest.approx(0.0507) and warm.sigma == 0.01
+    warm.observe(0.05)
+    assert warm.observe(0.1) > 0.5 and not warm.is_open     # the doubling trips at once
+
+
+def test_warmup_init_needs_warmup_observations_and_resumes():
+    with pytest.raises(ValueError, match="^init='warmup' is invalid with warmup=0"):
+        ShutoffGate(init="warmup", warmup=0)
+    gate = ShutoffGate(init="warmup", warmup=3, tau=1e9)
+    gate.observe(2.0)
+    twin = ShutoffGate(init="warmup", warmup=3, tau=1e9)
+    twin.load_state_dict(gate.state_dict())
+    for g in (gate, twin):
+        g.observe(4.0)
+        g.observe(3.0)
+    assert (gate.mu, gate.sigma) == (twin.mu, twin.sigma) == (3.0, pytest.approx(math.sqrt(2 / 3)))
+
+
+def test_two_sided_trips_on_a_drop_like_v1():
+    gate = ShutoffGate(tau=0.5, warmup=0, two_sided=True)
+    assert gate.observe(0.05) == pytest.approx(-0.95) and not gate.is_open   # V1's first-step trip
+    one_sided = ShutoffGate(tau=0.5, warmup=0)
+    one_sided.observe(0.05)
+    assert one_sided.is_open
+
+
+def test_freeze_baseline_scores_a_streak_against_its_first_baseline():
+    history = [1.0, 2.0] * 5                               # mean 1.5, std 0.5 over a window of 10
+    frozen = ShutoffGate(mode="window", window=10, tau=2.5, patience=3, warmup=0, freeze_baseline=True)
+    moving = ShutoffGate(mode="window", window=10, tau=2.5, patience=3, warmup=0)
+    for gate in (frozen, moving):
+        for h in history:
+            gate.observe(h)
+    surge = [3.0, 3.0, 3.0]
+    z_frozen = [frozen.observe(v) for v in surge]
+    z_moving = [moving.observe(v) for v in surge]
+    assert z_frozen == pytest.approx([3.0, 3.0, 3.0], rel=1e-6) and not frozen.is_open
+    assert z_moving[0] == pytest.approx(3.0, rel=1e-6) and z_moving[1] < 2.5 and moving.is_open

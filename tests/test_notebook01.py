@@ -84,3 +84,14 @@ def test_executed_notebook_has_no_errors_and_shows_the_figures(executed):
     plots = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
     widgets = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(plots) >= 6 and len(widgets) == 1
+
+
+def test_notebook_shows_the_cold_start_and_the_versions(executed):
+    results = executed[0]
+    # a small signal that doubles at observation 11: the unit cold start never notices, the warm-up start at once
+    assert results["gate_init"]["small_signal_trip"] == {"unit": None, "warmup": 11}
+    assert results["gate_init"]["toy_shutoff"]["warmup"] is not None
+    versions = results["versions"]
+    k = results["K"]
+    assert versions["v3"]["scale_max"] == k / 2 + 1 < versions["v2"]["scale_max"]   # V2 does not clamp q
+    assert versions["v1"]["theta"] == pytest.approx(versions["v3"]["theta"])              # r away from 1: same q

@@ -1,6 +1,7 @@
 """PlainStep, GXPO and SFPO: exactness of the surrogate, its limits, fallbacks, the gate, checkpoints."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -377,3 +378,271 @@ def test_rules_work_in_float32_and_bfloat16_parameters():
             return loss
         info = GXPO(torch.optim.SGD([x], lr=0.1), gate=None).step(closure)
         assert info.active and x.dtype == dtype and torch.isfinite(x).all()
+
+
+# -- the batched (flat, chunked) jump equals the old per-tensor loop bit for bit ---------------------------------
+def frozen_per_tensor_jump(rule, c0, c1):
+    """A frozen copy of the per-tensor loop GXPO used before issue 13 (rules.py at ac218b8): per parameter
+    tensor r, q and theta~ = theta0 + alpha q (theta2 - theta0). Returns the parameters it would write."""
+    views = rule._views
+    ratio_scale = (c1 / c0) if rule.retention == "clip_corrected" else 1.0
+    out = []
+    for p, theta0, g0, g1 in zip(rule.params, views["_theta0"], views["_g0"], views["_g1"]):
+        active = g0.abs() > rule.delta
+        safe_g0 = torch.where(active, g0, torch.ones_like(g0))
+        raw = torch.where(active, g1 / safe_g0, torch.ones_like(g1)) * ratio_scale
+        clipped = raw.clamp(*rule.r_clamp)
+        r = torch.where(torch.isfinite(raw), clipped, torch.ones_like(raw))
+        s_k = torch.ones_like(r)
+        for _ in range(rule.k - 1):
+            s_k = s_k * r + 1.0
+        s_2 = 1.0 + r
+        defined = s_2.abs() > rule.delta
+        q = torch.where(defined, s_k / torch.where(defined, s_2, torch.ones_like(s_2)), torch.ones_like(r))
+        q = torch.where(torch.isfinite(q), q, torch.ones_like(q)).clamp(1.0, rule.k / 2 + 1)
+        q = torch.where(active, q, torch.ones_like(r))
+        t0 = theta0.to(torch.promote_types(theta0.dtype, torch.float32))
+        out.append((t0 + rule.alpha * q * (p.detach().to(t0.dtype) - t0)).to(theta0.dtype))
+    return out
+
+
+def many_tensor_setup(seed=0):
+    """A model with 9 parameter tensors of odd sizes and a few exactly-zero gradient coordinates."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    model.append(torch.nn.Linear(1, 1))
+    unused = torch.nn.Parameter(torch.randn(4))  # never in the loss: g0 = 0, inactive
+    inputs, targets = torch.randn(16, 5), torch.randn(16, 1)
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(inputs), targets) + 0 * unused.sum()
+        loss.backward()
+        return loss
+
+    return [*model.parameters(), unused], closure
+
+
+@pytest.mark.parametrize("retention", ["grad", "clip_corrected"])
+@pytest.mark.parametrize("chunk", [7, 1 << 18])
+def test_batched_jump_is_bit_for_bit_the_old_per_tensor_loop(retention, chunk, monkeypatch):
+    from gxpo_lib import extrapolation, rules
+
+    monkeypatch.setattr(extrapolation, "CHUNK_MIN", chunk)  # 7: chunks cut across parameter tensors
+    params, closure = many_tensor_setup()
+    rule = GXPO(torch.optim.AdamW(params, lr=0.05), k=5, alpha=0.7, max_grad_norm=0.3, r_clamp=(-1.5, 2.0),
+                retention=retention, gate=None)
+    expected = {}
+    original_jump = rules.GXPO._jump
+
+    def checked_jump(self, info, c0, c1, steps):
+        expected["params"] = frozen_per_tensor_jump(self, c0, c1)
+        original_jump(self, info, c0, c1, steps)
+        expected["written"] = [p.detach().clone() for p in self.params]
+
+    monkeypatch.setattr(rules.GXPO, "_jump", checked_jump)
+    for _ in range(4):
+        info = rule.step(closure)
+        assert info.active and 0 < info.ratio_clip_frac < 1 and 0 < info.inactive_frac < 1
+        for new, old in zip(expected["written"], expected["params"]):
+            assert torch.equal(new, old)
+    if chunk == 7:
+        assert len(rule._flat.chunks) > 10 and any(len(s) > 1 for *_, s in rule._flat.chunks)
+
+
+def test_diagnostics_agree_with_per_tensor_sums():
+    """The diagnostics are sums over chunks instead of over tensors: equal to float64 rounding."""
+    params, closure = many_tensor_setup(seed=3)
+    rule = GXPO(torch.optim.SGD(params, lr=0.1), k=4, alpha=0.5, max_grad_norm=None, gate=None)
+    grads, thetas = [], [[p.detach().clone() for p in params]]
+    for _ in range(2):  # the probes, by hand
+        with torch.no_grad():
+            for p, t in zip(params, thetas[-1]):
+                p.copy_(t)
+                p.grad = None
+        closure()
+        grads.append([p.grad.detach().clone() for p in params])
+        thetas.append([t - 0.1 * g for t, g in zip(thetas[-1], grads[-1])])
+    with torch.no_grad():
+        for p, t in zip(params, thetas[0]):
+            p.copy_(t)
+    info = rule.step(closure)
+    g0, g1 = torch.cat([g.flatten() for g in grads[0]]), torch.cat([g.flatten() for g in grads[1]])
+    disp2 = torch.cat([(b - a).flatten() for a, b in zip(thetas[0], thetas[2])])
+    active = g0.abs() > 1e-8
+    r = (g1[active] / g0[active]).clamp(-2, 3)
+    assert info.r_mean == pytest.approx(float(r.mean()), rel=1e-12)
+    assert info.disp2_norm == pytest.approx(float(disp2.norm()), rel=1e-12)
+    assert info.cos_g0_g1 == pytest.approx(float(g0 @ g1 / (g0.norm() * g1.norm())), rel=1e-12)
+    assert info.param_norm == pytest.approx(float(torch.cat([t.flatten() for t in thetas[0]]).norm()), rel=1e-12)
+    assert info.inactive_frac == pytest.approx(1 - float(active.double().mean()), rel=1e-12)
+
+
+# -- retention="update": the optimizer's own directions (issue 14) ------------------------------------------------
+def test_update_retention_with_sgd_is_grad_retention_and_clip_corrected_when_clipping_binds():
+    hessian, target, x0 = diag_problem()
+    x_grad, info_grad = one_gxpo_step(hessian, target, x0, 5)
+    x_update, info_update = one_gxpo_step(hessian, target, x0, 5, retention="update")
+    assert relative_error(x_update, x_grad, x0) < 1e-12 and info_update.r_mean == pytest.approx(info_grad.r_mean)
+    x_cc, _ = one_gxpo_step(hessian, target, x0, 5, max_grad_norm=0.5, retention="clip_corrected")
+    x_up, _ = one_gxpo_step(hessian, target, x0, 5, max_grad_norm=0.5, retention="update")
+    x_raw, _ = one_gxpo_step(hessian, target, x0, 5, max_grad_norm=0.5)
+    assert relative_error(x_up, x_cc, x0) < 1e-12 and relative_error(x_up, x_raw, x0) > 1e-3
+
+
+def linear_closure(x, grads):
+    """A loss whose gradient on pass n is grads[n] (the last one repeats): L = <grads[n], x>."""
+    calls = {"n": 0}
+
+    def closure():
+        g = grads[min(calls["n"], len(grads) - 1)]
+        calls["n"] += 1
+        loss = (g * x).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_update_retention_reproduces_the_authors_adamw_worked_case():
+    """GXPO_OPTIMIZER_AWARE_RETENTION.md: settled moments, g1 = 4 g0. Raw r = 3 (clamped from 4) gives
+    q = 6 = K/2 + 1 at K = 10; the AdamW direction gives r = 0.87 and q = 3.05. By hand (3 warm steps on
+    g0, then probe steps 4 and 5; eps negligible):
+        d0 = 1,  d1 = [(0.9 (1 - 0.9^4) + 0.4) / (1 - 0.9^5)] / sqrt[(0.999 (1 - 0.999^4) + 0.016)
+                                                                     / (1 - 0.999^5)]."""
+    m_hat = (0.9 * (1 - 0.9**4) + 0.4) / (1 - 0.9**5)
+    d1 = m_hat / math.sqrt((0.999 * (1 - 0.999**4) + 0.016) / (1 - 0.999**5))
+    q = sum(d1**i for i in range(10)) / (1 + d1)
+    g0 = torch.rand(16, generator=torch.Generator().manual_seed(0)) + 0.5
+    for retention, r_expected, q_expected in (("grad", 3.0, 6.0), ("update", d1, q)):
+        x = torch.zeros(16, requires_grad=True)
+        optimizer = torch.optim.AdamW([x], lr=3e-3, weight_decay=0.04)
+        for _ in range(3):
+            PlainStep(optimizer, max_grad_norm=None).step(linear_closure(x, [g0]))
+        rule = GXPO(optimizer, k=10, alpha=0.5, max_grad_norm=None, retention=retention, gate=None)
+        info = rule.step(linear_closure(x, [g0, 4 * g0, g0]))
+        assert info.r_mean == pytest.approx(r_expected, rel=1e-5) and info.r_std < 1e-4
+        assert info.scale_mean == pytest.approx(q_expected, rel=1e-4)
+        assert (info.cos_g0_g1 is None) == (retention == "update")
+    assert 0.86 < d1 < 0.87 and q == pytest.approx(3.05, abs=0.01)
+
+
+def test_update_retention_respects_per_group_lr_and_decay_and_a_zero_lr():
+    a, b, c = (torch.randn(5, requires_grad=True) for _ in range(3))
+    optimizer = torch.optim.AdamW([{"params": [a], "lr": 1e-2, "weight_decay": 0.1},
+                                   {"params": [b], "lr": 5e-2, "weight_decay": 0.0},
+                                   {"params": [c], "lr": 0.0}])
+    def closure():
+        loss = (a**2).sum() + (b**3).sum() + (c**2).sum()
+        loss.backward()
+        return loss
+    rule = GXPO(optimizer, k=4, retention="update", max_grad_norm=None, gate=None)
+    c0 = c.detach().clone()
+    info = rule.step(closure)
+    assert info.active and torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert torch.equal(c.detach(), c0)                      # lr 0: no direction, inactive, untouched
+    assert info.inactive_frac == pytest.approx(1 / 3)
+
+
+# -- the vanishing second probe (issue 15 part 2) ------------------------------------------------------------------
+@pytest.mark.parametrize("vanishing_probe", ["continue", "fallback"])
+def test_vanishing_second_probe_continues_like_the_authors_or_falls_back(vanishing_probe):
+    """L = 1/2 |x - c|^2 with SGD lr 1: theta1 = c, so g1 = 0. The authors go on with r = 0, q = 1:
+    theta~ = theta0 + alpha (theta2 - theta0) = x0 + 0.5 (c - x0); the corrective step then lands on c."""
+    x0, c = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
+    x = x0.clone().requires_grad_(True)
+    def closure():
+        loss = 0.5 * ((x - c) ** 2).sum()
+        loss.backward()
+        return loss
+    info = GXPO(torch.optim.SGD([x], lr=1.0), k=5, alpha=0.5, max_grad_norm=None, gate=None,
+                vanishing_probe=vanishing_probe).step(closure)
+    assert info.backward_passes == 3
+    if vanishing_probe == "continue":
+        assert info.active and not info.fallback and info.g1_norm == 0.0
+        assert info.r_mean == 0.0 and info.scale_max == 1.0
+        assert info.loss == (0.5 * ((x0 + 0.5 * (c - x0) - c) ** 2).sum()).item()   # taken at theta~ = (2, 0)
+    else:
+        assert info.fallback and not info.active
+        assert info.loss == (0.5 * ((x0 - c) ** 2).sum()).item()                     # the plain step at theta0
+    assert torch.equal(x.detach(), c)  # both land on c: theta~'s gradient (1, -1), or theta0's full step
+
+
+# -- SFPO over several mini-batches (issue 15 part 2) ----------------------------------------------------------------
+def test_sfpo_step_sweeps_is_the_official_structure_and_step_is_per_mini_batch():
+    targets = [torch.tensor([1.0, -2.0]), torch.tensor([-3.0, 0.5])]
+    lr, k, alpha = 0.3, 3, 0.8
+
+    def closures(x):
+        def make(t):
+            def closure():
+                loss = 0.5 * ((x - t) ** 2).sum()
+                loss.backward()
+                return loss
+            return closure
+        return [make(t) for t in targets]
+
+    def sgd(x, t):
+        return x - lr * (x - t)
+
+    x0 = torch.tensor([0.5, 0.5])
+    # official: K sweeps over both mini-batches, reposition, one more sweep
+    y = x0.clone()
+    for _ in range(k):
+        for t in targets:
+            y = sgd(y, t)
+    y = x0 + alpha * (y - x0)
+    for t in targets:
+        y = sgd(y, t)
+    # per mini-batch: K+1 steps on each, one after the other
+    z = x0.clone()
+    for t in targets:
+        start = z.clone()
+        for _ in range(k):
+            z = sgd(z, t)
+        z = sgd(start + alpha * (z - start), t)
+
+    x = x0.clone().requires_grad_(True)
+    info = SFPO(torch.optim.SGD([x], lr=lr), k=k, alpha=alpha, max_grad_norm=None, gate=None).step_sweeps(closures(x))
+    torch.testing.assert_close(x.detach(), y, rtol=1e-12, atol=1e-12)
+    assert info.backward_passes == (k + 1) * 2 and info.active
+    w = x0.clone().requires_grad_(True)
+    rule = SFPO(torch.optim.SGD([w], lr=lr), k=k, alpha=alpha, max_grad_norm=None, gate=None)
+    assert [rule.step(c).backward_passes for c in closures(w)] == [k + 1, k + 1]
+    torch.testing.assert_close(w.detach(), z, rtol=1e-12, atol=1e-12)
+    assert (y - z).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="^closures="):
+        rule.step_sweeps([])
+
+
+def test_sfpo_step_sweeps_falls_back_on_a_nonfinite_pass():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    good = poisoned_closure(x, 0, 1.0)
+    info = SFPO(torch.optim.SGD([x], lr=0.1), k=2, gate=None).step_sweeps([good, poisoned_closure(x, 1, float("nan"))])
+    assert info.fallback and torch.isfinite(x).all()
+
+
+# -- the new options are settings: live, validated, checkpointed ----------------------------------------------------
+def test_new_options_are_live_validated_and_resume_identically():
+    model, closure = mlp_setup()
+    rule = GXPO(torch.optim.AdamW(model.parameters(), lr=1e-2), active_set="relative", retention="update",
+                optimizer_state="transactional", init="warmup", warmup=2)
+    for name, value in (("retention", "adam"), ("active_set", "some"), ("scale_form", "sum"), ("q_clamp", "yes"),
+                        ("gate_statistic", "post"), ("vanishing_probe", "skip"), ("init", "cold")):
+        with pytest.raises(ValueError, match=f"^{name}="):
+            rule.update_settings(**{name: value})
+    rule.update_settings(retention="clip_corrected", q_clamp=False, scale_form="closed", two_sided=True)
+    assert (rule.retention, rule.q_clamp, rule.scale_form, rule.gate.two_sided) == ("clip_corrected", False,
+                                                                                      "closed", True)
+    rule.update_settings(retention="update", q_clamp=True, scale_form="horner", two_sided=False)
+    for _ in range(3):
+        rule.step(closure)
+    saved = copy.deepcopy((model.state_dict(), rule.optimizer.state_dict(), rule.state_dict()))
+    reference = [rule.step(closure).to_dict() for _ in range(3)]
+    twin, twin_closure = mlp_setup()
+    twin.load_state_dict(saved[0])
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    twin_opt.load_state_dict(saved[1])
+    resumed = GXPO(twin_opt)
+    resumed.load_state_dict(saved[2])
+    assert [resumed.step(twin_closure).to_dict() for _ in range(3)] == reference

@@ -143,3 +143,27 @@ def test_summary_read_back_from_the_folder_matches_train(tmp_path):
             read_back[key] == summary[key], key
     with pytest.raises(ValueError, match="no metrics"):
         summarize_run(tmp_path / "empty")
+
+
+def test_grpo_controls_matched_compute_and_matched_step(tmp_path):
+    # ppo_epochs=3: three optimizer passes over the same batch (GXPO's 3 backward passes, no lookahead);
+    # step_scale: GRPO's learning rate multiplied (the matched-step control).
+    train(small(algorithm="grpo", ppo_epochs=3, step_scale=2.5, steps=1, eval_every=5), tmp_path)
+    row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
+    assert row["backward_passes"] == 3 and row["cumulative_backward_passes"] == 3
+    assert row["learning_rate"] == pytest.approx(2.5 * 2e-3)
+
+
+def test_sfpo_official_sweeps_span_every_mini_batch(tmp_path):
+    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none"), tmp_path / "a")
+    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none",
+                sfpo_sweeps="per_minibatch"), tmp_path / "b")
+    official, per_minibatch = (next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "train")
+                               for name in ("a", "b"))
+    assert official["backward_passes"] == per_minibatch["backward_passes"] == (2 + 1) * 2
+
+
+def test_a_gxpo_version_preset_runs_by_name(tmp_path):
+    train(small(version="v2", steps=1, eval_every=5), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["version"] == "v2"

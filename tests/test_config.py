@@ -1,0 +1,139 @@
+"""gxpo_lib.config: every setting named once, checked by name before work, old names accepted for a release;
+the rule, the gate and TRL's GXPOConfig all derive their settings from it."""
+
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from gxpo_lib import config as cfg
+from gxpo_lib.config import TrainConfig, resolve_config, rule_kwargs, uses_entropy_gate
+
+
+def test_importing_config_loads_no_torch():
+    code = "import sys, gxpo_lib.config, gxpo_lib.runlog; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))"
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_every_setting_has_a_type_a_help_line_and_a_check():
+    types, helps = cfg.field_types(), cfg.field_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["check"], f.name
+        assert helps[f.name] and "\n" not in helps[f.name], f.name
+        assert types[f.name] not in ("", "Any"), f.name
+        cfg._check(f.name, getattr(TrainConfig(), f.name), f.metadata["check"])  # defaults pass their checks
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("group_size", 1, "group_size=1"), ("steps", "10", "steps='10'"), ("lora", "yes", "lora='yes'"),
+    ("gate_tau", -1.0, "gate_tau=-1.0"), ("top_p", 0.0, "top_p=0.0"), ("algorithm", "ppo", "algorithm='ppo'"),
+    ("train_levels", [0, 2], "train_levels"), ("report_to", ["wandb"], "report_to='wandb'"),
+    ("micro_batch_size", 0, "micro_batch_size=0"), ("lr", float("nan"), "lr=nan"), ("k", True, "k=True"),
+    ("gate", "official", "gate='official'"), ("r_clamp", (3.0, -2.0), "r_clamp"),
+    ("loss_aggregation", "mean", "loss_aggregation='mean'"),
+])
+def test_bad_values_are_refused_by_name_before_any_work(name, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        TrainConfig(**{name: value}).validate()
+
+
+def test_a_list_setting_given_as_one_string_is_a_list_of_one():
+    # what `papermill -p final_eval_sets math500` passes
+    config = resolve_config("smoke", {"final_eval_sets": "math500", "lora_targets": "q_proj", "report_to": "none"})
+    assert config.final_eval_sets == ("math500",) and config.lora_targets == ("q_proj",)
+    assert TrainConfig(train_levels=[3, 4]).train_levels == (3, 4)
+
+
+def test_old_names_still_work_for_a_release_with_a_warning():
+    with pytest.warns(FutureWarning, match="gate_tau"):
+        config = TrainConfig(tau=0.25, omega=0.2)
+    assert (config.gate_tau, config.gate_omega) == (0.25, 0.2)
+    with pytest.warns(FutureWarning):
+        assert TrainConfig(gate=False).gate == "none"
+    with pytest.warns(FutureWarning):
+        assert TrainConfig.from_dict({"algorithm": "sfpo", "sfpo_official_gate": False}).resolved_gate == "default"
+    with pytest.warns(FutureWarning):
+        assert TrainConfig(gate_tau=0.7).tau == 0.7
+    with pytest.raises(ValueError, match="conflicts"):
+        TrainConfig.from_dict({"tau": 0.1, "gate_tau": 0.2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfg.normalise_names({"tau": 0.3}, warn=False) == {"gate_tau": 0.3}
+
+
+def test_unknown_names_are_refused_with_the_allowed_list():
+    with pytest.raises(ValueError, match="stpes=3 is invalid: not a TrainConfig setting"):
+        TrainConfig.from_dict({"stpes": 3})
+
+
+def test_rule_and_gate_keywords_derive_from_the_config():
+    from gxpo_lib.gate import ShutoffGate
+    from gxpo_lib.rules import GXPO, SFPO
+
+    gate_params = set(inspect.signature(ShutoffGate.__init__).parameters) - {"self"}
+    assert set(cfg.GATE_KEYWORDS.values()) <= gate_params
+    assert gate_params == set(cfg.GATE_KEYWORDS.values()), "a gate keyword without a config setting"
+    gxpo_params = set(inspect.signature(GXPO.__init__).parameters) - {"self", "optimizer", "gate_settings", "delta"}
+    assert gxpo_params <= set(rule_kwargs(TrainConfig(gate="default"))) | {"gate"}, gxpo_params
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    for algorithm, rule in (("gxpo", GXPO), ("sfpo", SFPO)):
+        for gate in ("auto", "default", "none"):
+            built = rule(optimizer, **rule_kwargs(TrainConfig(algorithm=algorithm, gate=gate, gate_tau=0.3)))
+            assert (built.gate is None) == (gate == "none")
+            if gate == "default":
+                assert built.gate.tau == 0.3
+
+
+def test_version_presets_and_their_entropy_gates_agree_with_the_rules():
+    from gxpo_lib.rules import VERSIONS
+
+    assert set(VERSIONS) == set(cfg.VERSIONS)
+    for version, preset in VERSIONS.items():
+        entropy = preset["gate"].get("signal") == "entropy"
+        assert uses_entropy_gate(TrainConfig(version=version)) == entropy, version
+        assert set(preset) - {"gate"} <= set(cfg.GXPO_KEYWORDS), version
+
+
+def test_entropy_gate_is_decided_in_one_place():
+    assert uses_entropy_gate(TrainConfig(algorithm="sfpo"))                 # the official gate reads entropy
+    assert not uses_entropy_gate(TrainConfig(algorithm="sfpo", gate="none"))  # the drift of issue 11
+    TrainConfig(algorithm="sfpo", gate="none", old_logprobs="first_pass").validate()
+    assert uses_entropy_gate(TrainConfig(gate_signal="entropy"))
+    assert not uses_entropy_gate(TrainConfig(algorithm="grpo", gate_signal="entropy"))
+
+
+def test_gxpo_config_has_every_rule_setting():
+    trl = pytest.importorskip("gxpo_lib.integrations.trl")
+    fields = {f.name: f for f in dataclasses.fields(trl.GXPOConfig)}
+    defaults = TrainConfig()
+    for name in cfg.RULE_SETTINGS:
+        assert name in fields, name
+        default = fields[name].default if fields[name].default is not dataclasses.MISSING \
+            else fields[name].default_factory()
+        expected = getattr(defaults, name)
+        assert (list(expected) if isinstance(expected, tuple) else expected) == default, name
+        assert fields[name].metadata["help"] == cfg.field_help()[name]
+    extra = set(fields) - {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    assert extra == set(cfg.RULE_SETTINGS) | {"gxpo_metrics_file"}
+
+
+def test_the_run_notebooks_parameters_cell_is_generated_from_the_config():
+    cell = cfg.parameters_cell()
+    names = [line.split(":")[0] for line in cell.splitlines() if not line.startswith("#")]
+    assert names == list(cfg.NOTEBOOK_PARAMETERS) + [f.name for f in dataclasses.fields(TrainConfig)]
+    assert "k: int | None = None  # GXPO's lookahead K" in cell
+
+
+def test_grpo_controls_are_refused_for_other_rules():
+    TrainConfig(algorithm="grpo", ppo_epochs=3, step_scale=2.5).validate()
+    with pytest.raises(ValueError, match="ppo_epochs=3 is invalid with algorithm='gxpo'"):
+        TrainConfig(ppo_epochs=3).validate()
+    with pytest.raises(ValueError, match="step_scale"):
+        TrainConfig(algorithm="sfpo", step_scale=2.0).validate()
