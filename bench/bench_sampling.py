@@ -1,22 +1,24 @@
-"""Rollout throughput of HFSampler: completion tokens generated per second (issue 6, benchmark 4).
+"""Rollout throughput: HFSampler against LeanSampler, side by side in one run (issue 6 benchmark 4, issue 13).
 
-For the tiny model and SmolLM2-135M, at batch sizes 8 to 64 rows (prompts x 8 completions each, as a
-GRPO step samples them), times ``HFSampler.sample`` and reports
+For the tiny model (full fine-tuning, i.e. the bare model, and with LoRA adapters) and SmolLM2-135M (LoRA), at
+batch sizes 8 to 64 rows (prompts x 8 completions each, as a GRPO step samples them), times ``sample`` of each
+backend and reports
 
   * generated tok/s   completion tokens actually generated (up to and including EOS: the completion
-                      mask's sum) per second of the whole ``sample`` call (generate + the sampling
-                      policy's log-prob/entropy forward + tokenising/decoding)
-  * generate tok/s    the same tokens per second of ``model.generate`` alone (a timing wrapper on
-                      transformers' GenerationMixin.generate)
-  * padded pos/s      rows x decode steps per second of generate: the positions the model computed
-                      (generate runs until the longest completion of the batch ends)
+                      mask's sum) per second of the whole ``sample`` call (for HF: generate + the sampling
+                      policy's log-prob/entropy forward + tokenising/decoding; for lean: everything)
+  * generate tok/s    (HF only) the same tokens per second of ``model.generate`` alone (a timing wrapper
+                      on transformers' GenerationMixin.generate)
+  * padded pos/s      (HF only) rows x decode steps per second of generate
+  * lean / hf         the speed-up: the ratio of the two backends' tok/s within each repetition (the two
+                      run back to back, their order alternating), median and bootstrap 95% interval
 
-and the share of ``sample`` spent outside ``generate`` (the extra forward that records old log-probs).
-There is no pass/fail target: this is a throughput profile. Every batch size is repeated with the same
-seed (same tokens, same work), batch sizes interleaved, medians reported. SmolLM2 is slow on this 2-core
-CPU, so its batch sizes run until a time budget is spent (skipped sizes are listed).
+Both backends sample with the same seed (the same law, not the same tokens), so their token counts differ
+a little; tok/s accounts for that. Batch sizes are interleaved, medians reported. SmolLM2 is slow on this
+2-core CPU, so its batch sizes run until a time budget is spent (skipped sizes are listed). Target of
+issue 13: lean >= 5x hf on the tiny model at batch 64, and no slower on SmolLM2.
 
-    python bench/bench_sampling.py             # tiny 8-64 (5 reps) + SmolLM2 8-64 (budgeted), ~5 min
+    python bench/bench_sampling.py             # tiny, tiny-lora 8-64 (5 reps) + SmolLM2 (budgeted)
     python bench/bench_sampling.py --quick     # tiny only, 1 rep (< 1 min)
     python bench/bench_sampling.py --models tiny --batch-sizes 8 16 32 64 128 --reps 3
 """
@@ -33,6 +35,7 @@ import sys
 import time
 
 from _benchlib import (
+    bootstrap_median_ci,
     finish_record,
     machine_info,
     print_table,
@@ -42,7 +45,9 @@ from _benchlib import (
     write_json,
 )
 
-MODELS = {"tiny": "tiny", "smollm2": "smollm2-135m"}
+# Benchmark key -> (model to load, LoRA adapters on it)
+MODELS = {"tiny": ("tiny", False), "tiny-lora": ("tiny", True), "smollm2": ("smollm2-135m", True)}
+BACKENDS = ("hf", "lean")
 
 
 class GenerateTimer:
@@ -68,22 +73,57 @@ class GenerateTimer:
         self.cls.generate = self.original
 
 
-def measure_model(key: str, args, timer: GenerateTimer) -> dict:
-    from gxpo_lib.models import format_prompt, load_model
+def make_samplers(key: str, new_tokens: int, backends: list[str]):
+    """(tokenizer, {backend: sampler}) for one benchmark key, both samplers on the same model object."""
+    from gxpo_lib.lean_sampler import LeanSampler
+    from gxpo_lib.models import apply_lora, format_prompt, load_model
     from gxpo_lib.sampling import HFSampler
+
+    name, lora = MODELS[key]
+    model, tokenizer = load_model(name, device="cpu")
+    if lora:
+        model = apply_lora(model)
+    classes = {"hf": HFSampler, "lean": LeanSampler}
+    samplers = {b: classes[b](model, tokenizer, lambda t: format_prompt(t, tokenizer), max_new_tokens=new_tokens)
+                for b in backends}
+    return tokenizer, samplers
+
+
+def time_sample(sampler, prompts, group: int, seed: int, timer: GenerateTimer, eos_id: int) -> dict:
+    """One timed ``sample`` call: tokens, seconds, tok/s (and generate-only figures for HF)."""
+    gen_before = timer.seconds
+    t0 = time.perf_counter()
+    rollouts = sampler.sample(prompts, group, seed=seed)
+    total = time.perf_counter() - t0
+    generate = timer.seconds - gen_before
+    mask = rollouts.completion_mask
+    tokens = int(mask.sum())
+    rows, width = rollouts.completion_ids.shape
+    ended = int(((rollouts.completion_ids == eos_id) & mask.bool()).any(1).sum())
+    row = {"rows": rows, "decode_steps": width, "tokens": tokens, "sample_s": total,
+           "prompt_length": rollouts.prompt_ids.shape[1], "rows_ended_with_eos": ended, "tok_per_s": tokens / total}
+    if generate > 0:
+        row.update(generate_s=generate, gen_tok_per_s=tokens / generate, padded_pos_per_s=rows * width / generate,
+                   outside_generate_frac=1 - generate / total)
+    return row
+
+
+def measure_model(key: str, args, timer: GenerateTimer) -> dict:
     from gxpo_lib.task import load_split
 
-    name = MODELS[key]
-    new_tokens = args.new_tokens if key == "tiny" else args.smollm2_new_tokens
-    reps = args.reps if key == "tiny" else args.smollm2_reps
-    budget = None if key == "tiny" else args.smollm2_budget_s
-    print(f"\n[{key}] loading {name}; max {new_tokens} new tokens, {args.group} completions per prompt", flush=True)
-    model, tokenizer = load_model(name, device="cpu")
-    sampler = HFSampler(model, tokenizer, lambda t: format_prompt(t, tokenizer), max_new_tokens=new_tokens)
+    big = key == "smollm2"
+    new_tokens = args.smollm2_new_tokens if big else args.new_tokens
+    reps = args.smollm2_reps if big else args.reps
+    budget = args.smollm2_budget_s if big else None
+    print(f"\n[{key}] loading {MODELS[key][0]} (LoRA: {MODELS[key][1]}); max {new_tokens} new tokens, "
+          f"{args.group} completions per prompt; backends {args.backends}", flush=True)
+    tokenizer, samplers = make_samplers(key, new_tokens, args.backends)
     problems = [p["prompt"] for p in load_split("train", limit=max(args.batch_sizes) // args.group + 1)]
-    sampler.sample(problems[:1], min(args.group, 2), seed=args.seed)  # warm-up (first-call allocations)
+    for sampler in samplers.values():
+        sampler.sample(problems[:1], min(args.group, 2), seed=args.seed)  # warm-up (first-call allocations)
 
-    samples: dict[int, list[dict]] = {b: [] for b in args.batch_sizes}
+    samples: dict[tuple[str, int], list[dict]] = {(b, n): [] for b in args.backends for n in args.batch_sizes}
+    ratios: dict[int, list[float]] = {n: [] for n in args.batch_sizes}
     skipped: list[int] = []
     started = time.perf_counter()
     seconds_per_row = None
@@ -103,43 +143,44 @@ def measure_model(key: str, args, timer: GenerateTimer) -> dict:
                     continue
             prompts = problems[:max(1, batch // args.group)]
             group = batch // len(prompts)
-            gen_before = timer.seconds
-            t0 = time.perf_counter()
-            rollouts = sampler.sample(prompts, group, seed=args.seed)
-            total = time.perf_counter() - t0
-            generate = timer.seconds - gen_before
-            mask = rollouts.completion_mask
-            tokens = int(mask.sum())
-            rows, width = rollouts.completion_ids.shape
-            ended = int(((rollouts.completion_ids == tokenizer.eos_token_id) & mask.bool()).any(1).sum())
-            row = {"rows": rows, "decode_steps": width, "tokens": tokens, "sample_s": total, "generate_s": generate,
-                   "prompt_length": rollouts.prompt_ids.shape[1], "rows_ended_with_eos": ended,
-                   "tok_per_s": tokens / total, "gen_tok_per_s": tokens / generate,
-                   "padded_pos_per_s": rows * width / generate, "outside_generate_frac": 1 - generate / total}
-            samples[batch].append(row)
-            seconds_per_row = max(seconds_per_row or 0.0, total / rows)
-            print(f"[{key}] rep {rep + 1} batch {batch:>3}: {tokens:>5} tokens in {total:6.2f}s "
-                  f"(generate {generate:6.2f}s) -> {row['tok_per_s']:8.1f} tok/s", flush=True)
-    example = sampler.sample(problems[:1], 2, seed=args.seed).completions
+            order = args.backends if rep % 2 == 0 else args.backends[::-1]  # alternate who runs first
+            rows = {b: time_sample(samplers[b], prompts, group, args.seed, timer, tokenizer.eos_token_id)
+                    for b in order}
+            for b, row in rows.items():
+                samples[(b, batch)].append(row)
+            if len(rows) == 2:
+                ratios[batch].append(rows["lean"]["tok_per_s"] / rows["hf"]["tok_per_s"])
+            seconds_per_row = max(seconds_per_row or 0.0, sum(r["sample_s"] for r in rows.values()) / batch)
+            print(f"[{key}] rep {rep + 1} batch {batch:>3}: " + "  ".join(
+                f"{b} {r['tokens']:>5} tok in {r['sample_s']:6.2f}s -> {r['tok_per_s']:8.1f} tok/s"
+                for b, r in rows.items()), flush=True)
     results = []
-    for batch, rows in samples.items():
+    for (backend, batch), rows in samples.items():
         if not rows:
             continue
-        med = {k: summary([r[k] for r in rows]) for k in ("tok_per_s", "gen_tok_per_s", "padded_pos_per_s",
-                                                           "sample_s", "generate_s", "outside_generate_frac")}
-        results.append({"batch": batch, "reps": len(rows), "tokens": rows[0]["tokens"],
-                        "decode_steps": rows[0]["decode_steps"], "prompt_length": rows[0]["prompt_length"],
-                        "rows_ended_with_eos": rows[0]["rows_ended_with_eos"], **{k: v for k, v in med.items()}})
-    return {"model": name, "max_new_tokens": new_tokens, "group": args.group, "batches": results,
-            "skipped_batches": skipped, "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
-            "generation_config_eos_token_id": model.generation_config.eos_token_id,
-            "example_completions": example, "measure_seconds": round(time.perf_counter() - started, 1)}
+        keys = [k for k in ("tok_per_s", "gen_tok_per_s", "padded_pos_per_s", "sample_s", "generate_s",
+                            "outside_generate_frac") if k in rows[0]]
+        entry = {"backend": backend, "batch": batch, "reps": len(rows), "tokens": rows[0]["tokens"],
+                 "decode_steps": rows[0]["decode_steps"], "prompt_length": rows[0]["prompt_length"],
+                 "rows_ended_with_eos": rows[0]["rows_ended_with_eos"],
+                 **{k: summary([r[k] for r in rows]) for k in keys}}
+        if backend == "lean" and ratios[batch]:
+            entry["speedup_vs_hf"] = {**summary(ratios[batch]), "ci95": bootstrap_median_ci(ratios[batch])}
+        results.append(entry)
+    return {"model": MODELS[key][0], "key": key, "lora": MODELS[key][1], "max_new_tokens": new_tokens,
+            "group": args.group, "batches": results, "skipped_batches": skipped, "eos_token": tokenizer.eos_token,
+            "eos_token_id": tokenizer.eos_token_id,
+            "example_completions": {b: s.sample(problems[:1], 2, seed=args.seed).completions
+                                    for b, s in samplers.items()},
+            "measure_seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny only, 1 rep, 12 new tokens (< 1 min)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None, help="default: tiny smollm2")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
+                        help="default: tiny tiny-lora smollm2")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (rows = prompts x group)")
     parser.add_argument("--new-tokens", type=int, default=24, help="tiny: max new tokens")
@@ -154,7 +195,7 @@ def main() -> None:
     if args.quick:
         args.models = args.models or ["tiny"]
         args.reps, args.new_tokens = 1, 12
-    models = args.models or ["tiny", "smollm2"]
+    models = args.models or list(MODELS)
     quiet_transformers()
     setup_torch(args.threads, args.seed)
     timer = GenerateTimer()
@@ -168,22 +209,31 @@ def main() -> None:
             path = write_json(record, args.json, "sampling_quick" if args.quick else "sampling")
     finally:
         timer.close()
-    rows = [{"model": m["model"], "new": m["max_new_tokens"], **b, "tps": b["tok_per_s"]["median"],
-             "tps_iqr": b["tok_per_s"]["iqr"], "gtps": b["gen_tok_per_s"]["median"],
-             "pps": b["padded_pos_per_s"]["median"], "outside": b["outside_generate_frac"]["median"] * 100,
-             "sample_s": b["sample_s"]["median"]}
-            for m in record["models"] for b in m["batches"]]
-    print_table(rows, [("model", "model", ""), ("batch", "rows", "d"), ("reps", "reps", "d"), ("new", "max new", "d"),
-                       ("decode_steps", "decode steps", "d"), ("tokens", "tokens", "d"),
-                       ("sample_s", "sample s", ".2f"), ("tps", "generated tok/s", ".1f"), ("tps_iqr", "IQR", ".1f"),
-                       ("gtps", "generate-only tok/s", ".1f"), ("pps", "padded pos/s", ".1f"),
-                       ("outside", "% outside generate", ".1f")],
-                title=f"HFSampler throughput ({args.threads} thread(s); medians)")
+    rows = []
+    for m in record["models"]:
+        for b in m["batches"]:
+            speedup = b.get("speedup_vs_hf")
+            rows.append({"model": m["key"], "backend": b["backend"], "batch": b["batch"], "reps": b["reps"],
+                         "new": m["max_new_tokens"], "decode_steps": b["decode_steps"], "tokens": b["tokens"],
+                         "sample_s": b["sample_s"]["median"], "tps": b["tok_per_s"]["median"],
+                         "tps_iqr": b["tok_per_s"]["iqr"],
+                         "gtps": b["gen_tok_per_s"]["median"] if "gen_tok_per_s" in b else None,
+                         "outside": b["outside_generate_frac"]["median"] * 100 if "outside_generate_frac" in b else None,
+                         "speedup": speedup["median"] if speedup else None,
+                         "ci": "[{:.2f}, {:.2f}]".format(*speedup["ci95"]) if speedup else None})
+    print_table(rows, [("model", "model", ""), ("backend", "backend", ""), ("batch", "rows", "d"),
+                       ("reps", "reps", "d"), ("new", "max new", "d"), ("decode_steps", "decode steps", "d"),
+                       ("tokens", "tokens", "d"), ("sample_s", "sample s", ".3f"), ("tps", "generated tok/s", ".1f"),
+                       ("tps_iqr", "IQR", ".1f"), ("gtps", "generate-only tok/s", ".1f"),
+                       ("outside", "% outside generate", ".1f"), ("speedup", "lean / hf", ".2f"),
+                       ("ci", "95% CI", "")],
+                title=f"Sampling throughput, HFSampler vs LeanSampler ({args.threads} thread(s); medians; "
+                      f"load {record['machine'].get('loadavg_start')} -> {record['machine'].get('loadavg_end')})")
     for m in record["models"]:
         if m["skipped_batches"]:
-            print(f"{m['model']}: skipped batch sizes {m['skipped_batches']} (time budget)")
-        print(f"{m['model']}: eos token {m['eos_token']!r} (id {m['eos_token_id']}), generation_config eos id "
-              f"{m['generation_config_eos_token_id']}; example completion {m['example_completions'][0]!r}")
+            print(f"{m['key']}: skipped batch sizes {m['skipped_batches']} (time budget)")
+        print(f"{m['key']}: eos token {m['eos_token']!r} (id {m['eos_token_id']}); example completions "
+              f"{ {b: c[0] for b, c in m['example_completions'].items()} !r}")
     print(f"\nwrote {path}  ({record['machine']['wall_seconds']} s)")
 
 

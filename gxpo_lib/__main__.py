@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run-notebooks", help="execute every notebook headless into a folder")
     run.add_argument("--out", default="runs")
     run.add_argument("--notebooks", default=str(notebooks.NOTEBOOK_DIR))
+    run.add_argument("--only", nargs="*", default=None, help="notebook file names to run (default: all)")
     strip = commands.add_parser("strip-notebooks", help="remove outputs from stored notebooks")
     strip.add_argument("folder", nargs="?", default=str(notebooks.NOTEBOOK_DIR))
     sweep = commands.add_parser("sweep", help="run a grid of headless notebook-03 runs")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(r["state"] == "failed" for r in rows) else 0
 
     if args.command == "run-notebooks":
-        rows = notebooks.run_all(args.out, args.notebooks)
+        rows = notebooks.run_all(args.out, args.notebooks, only=args.only)
         failed = [r for r in rows if not r["ok"]]
         for row in failed:
             print(f"[gxpo] {row['notebook']} failed: {row['error']}", file=sys.stderr)

@@ -74,7 +74,7 @@ class TrainConfig:
 
     # -- the update rule (k and alpha: GXPO's K, alpha or SFPO's K, alpha) --
     algorithm: str = _s("gxpo", "update rule: grpo, gxpo or sfpo", ("choice", ALGORITHMS), "rule")
-    k: int = _s(5, "GXPO's lookahead K / SFPO's fast steps (>= 2)", ("int", 2), "rule")
+    k: int = _s(5, "GXPO's lookahead K / SFPO's fast steps (2 or more)", ("int", 2), "rule")
     alpha: float = _s(0.5, "reposition factor alpha (> 0)", ("positive",), "rule")
     r_clamp: tuple[float, float] = _s(R_CLAMP, "stability clamp (r_min, r_max) on the retention ratio",
                                       ("interval",), "rule")
@@ -83,7 +83,7 @@ class TrainConfig:
     retention: str = _s("grad", "r from raw grads, clip_corrected grads, or the optimizer's update (V5)",
                         ("choice", RETENTION_MODES), "rule")
     skip_corrective: bool = _s(False, "ablation: stop at the extrapolated point (2 passes)", ("bool",), "rule")
-    vanishing_probe: str = _s("continue", "second probe gradient ~0: continue with r=0 (authors) or fall back",
+    vanishing_probe: str = _s("continue", "second probe gradient ~0: continue with r 0 (authors) or fall back",
                               ("choice", VANISHING_PROBE), "rule")
     active_set: str = _s("absolute", "coordinates extrapolated: |g0|>delta, |g0|>1e-3*RMS (V5) or all",
                          ("choice", ACTIVE_SETS), "rule")
@@ -94,7 +94,7 @@ class TrainConfig:
                              ("choice", GATE_STATISTICS), "rule")
     version: str | None = _s(None, "the authors' code version (v1, v2, v3, v5) setting every other rule and gate "
                              "option; k, alpha, max_grad_norm still apply", ("optional_choice", VERSIONS), "rule")
-    ppo_epochs: int = _s(1, "GRPO only: passes over each batch (3 = the matched-compute control of GXPO)",
+    ppo_epochs: int = _s(1, "GRPO only: passes over each batch (3: the matched-compute control of GXPO)",
                          ("int", 1), "rule")
     step_scale: float = _s(1.0, "GRPO only: lr multiplier (the matched-step control: a GXPO run's mean alpha*q)",
                            ("positive",), "rule")
@@ -106,18 +106,18 @@ class TrainConfig:
     gate_tau: float = _s(0.5, "threshold tau on the z-score", ("positive",), "gate")
     gate_omega: float = _s(0.1, "EMA rate omega", ("open_unit",), "gate")
     gate_warmup: int = _s(2, "observations before the gate may trip", ("int", 0), "gate")
-    gate_patience: int = _s(1, "consecutive z >= tau needed to trip", ("int", 1), "gate")
+    gate_patience: int = _s(1, "consecutive steps with z at or above tau needed to trip", ("int", 1), "gate")
     gate_mode: str = _s("ema", "ema or window statistics", ("choice", GATE_MODES), "gate")
-    gate_window: int = _s(30, "window length (gate_mode=window)", ("int", 2), "gate")
+    gate_window: int = _s(30, "window length (gate_mode: window)", ("int", 2), "gate")
     gate_window_includes_current: bool = _s(False, "score the value inside its own window", ("bool",), "gate")
     gate_signal: str = _s("grad_norm", "grad_norm (corrective pre-clip norm) or entropy",
                           ("choice", GATE_SIGNALS), "gate")
-    gate_init: str = _s("unit", "cold start: mu=sigma=1 (V2) or from the warm-up observations",
+    gate_init: str = _s("unit", "cold start: unit (mu and sigma start at 1, V2) or warmup (from the warm-up observations)",
                         ("choice", GATE_INITS), "gate")
-    gate_two_sided: bool = _s(False, "trip on |z| >= tau in both directions (V1)", ("bool",), "gate")
+    gate_two_sided: bool = _s(False, "trip on |z| at or above tau in both directions (V1)", ("bool",), "gate")
     gate_freeze_baseline: bool = _s(False, "window mode: keep the warm-up baseline fixed (V5)", ("bool",), "gate")
     gate_permanent: bool = _s(True, "once closed, stay closed", ("bool",), "gate")
-    gate_reopen_after: int = _s(10, "closed steps before re-opening (gate_permanent=False)", ("int", 1), "gate")
+    gate_reopen_after: int = _s(10, "closed steps before re-opening (gate_permanent: false)", ("int", 1), "gate")
     # -- the model --
     model: str = _s("tiny", "tiny, smollm2-135m, a hub id or a local folder", ("str",), "model")
     dtype: str | None = _s(None, "float32, bfloat16, float16 or None (the model's own)", ("optional_str",),
@@ -148,7 +148,7 @@ class TrainConfig:
     weight_decay: float = _s(0.01, "AdamW decoupled weight decay", ("nonneg",), "optim")
     max_grad_norm: float | None = _s(1.0, "global-norm clip (None: none)", ("optional_positive",), "optim")
     batch_prompts: int = _s(8, "prompts per step", ("int", 1), "optim")
-    group_size: int = _s(8, "completions per prompt (>= 2: a group of one has advantage 0)", ("int", 2), "optim")
+    group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", ("int", 2), "optim")
     mini_batches: int = _s(1, "optimizer steps per batch (one rule step each)", ("int", 1), "optim")
     micro_batch_size: int | None = _s(None, "sequences per forward/backward (None: the whole mini-batch)",
                                       ("optional_int", 1), "optim")
@@ -415,8 +415,12 @@ def field_types() -> dict[str, str]:
 
 
 def _type_text(hint: Any) -> str:
-    text = str(hint) if not isinstance(hint, type) else hint.__name__
-    return text.replace("typing.", "")
+    """A type as papermill's parameter parser reads it: `Optional[int]`, `tuple`, `str`."""
+    args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
+    if type(None) in getattr(hint, "__args__", ()):
+        return f"Optional[{_type_text(args[0])}]"
+    origin = getattr(hint, "__origin__", None)
+    return (origin or hint).__name__
 
 
 def field_help() -> dict[str, str]:
@@ -430,10 +434,28 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, Any, str]] = {
     "resume": ("bool", True, "False: refuse to reuse a folder that already holds a run"),
     "backend": ("str", "gxpo", "gxpo: gxpo_lib's trainer in this kernel; trl: TRL's GRPOTrainer via accelerate"),
     "num_processes": ("int", 1, "trl backend: processes (GPUs; gloo CPU processes without a GPU)"),
-    "accelerate_config": ("str | None", None, "trl backend: single_gpu, multi_gpu, zero2 or a YAML path"),
-    "trl_overrides": ("dict | None", None, "trl backend: raw GXPOConfig settings, e.g. {'use_vllm': True}"),
+    "accelerate_config": ("Optional[str]", None, "trl backend: single_gpu, multi_gpu, zero2 or a YAML path"),
+    "trl_overrides": ("Optional[dict]", None, "trl backend: raw GXPOConfig settings, e.g. {'use_vllm': True}"),
 }
 BACKENDS = ("gxpo", "trl")
+_PYTHON_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "dict": (dict,)}
+
+
+def check_notebook_parameters(values: dict[str, Any]) -> None:
+    """The run notebook's own parameters in `values`: each of its declared type, `backend` one of `BACKENDS`,
+    `num_processes` >= 1. Raises ValueError naming the parameter."""
+    for name, (kind, _, _) in NOTEBOOK_PARAMETERS.items():
+        if name not in values:
+            continue
+        value, optional = values[name], kind.startswith("Optional[")
+        allowed = _PYTHON_TYPES[kind.removeprefix("Optional[").removesuffix("]")]
+        if (value is None and not optional) or (value is not None and (
+                not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed))):
+            raise ValueError(f"{name}={value!r} is invalid: allowed {kind}")
+    if "backend" in values:
+        check_choice("backend", values["backend"], BACKENDS)
+    if "num_processes" in values:
+        check_int("num_processes", values["num_processes"], minimum=1)
 
 
 def parameters_cell() -> str:
@@ -441,13 +463,14 @@ def parameters_cell() -> str:
 
     TrainConfig settings default to None there, meaning "keep the preset's value".
     """
-    lines = ["# Run parameters (papermill -p NAME VALUE). Settings left at None keep the preset's value."]
+    lines = ["# Run parameters (papermill -p NAME VALUE). Settings left at None keep the preset's value.",
+             "from typing import Optional", ""]
     for name, (kind, default, help_text) in NOTEBOOK_PARAMETERS.items():
         lines.append(f"{name}: {kind} = {default!r}  # {help_text}")
     types, helps = field_types(), field_help()
     for f in dataclasses.fields(TrainConfig):
         kind = types[f.name]
-        kind = kind if "None" in kind else f"{kind} | None"
+        kind = kind if kind.startswith("Optional[") else f"Optional[{kind}]"
         lines.append(f"{f.name}: {kind} = None  # {helps[f.name]}")
     return "\n".join(lines)
 

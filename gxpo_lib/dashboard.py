@@ -1,21 +1,28 @@
 """A live training dashboard for notebook 02: train in a background thread, steer it with sliders.
 
 Sliders for K, alpha, tau and the stability clamp queue new settings that the *next* step uses (through
-`TrainControl`); Start / Pause / Stop drive the run; plotly `FigureWidget`s grow as metrics rows arrive.
+`TrainControl`); Start / Pause / Stop drive the run; a plotly figure is redrawn as metrics rows arrive.
+
+The figure is a plain `go.Figure` shown in an `ipywidgets.Output` rather than a `FigureWidget`: a
+FigureWidget stores plotly.js (about 5 MB) in the notebook's widget state, so every executed notebook
+carried it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from .trainer import TrainConfig, TrainControl, train
+from .config import TrainConfig
+from .trainer import TrainControl, train
 
 
 class LiveDashboard:
@@ -47,7 +54,7 @@ class LiveDashboard:
         self.alpha = widgets.FloatSlider(value=config.alpha, min=0.05, max=2.0, step=0.05,
                                          description="alpha", style=style)
         # Linear sliders whose grid holds the config's values (a log slider would snap 0.5 to 0.501).
-        self.tau = widgets.FloatSlider(value=config.tau, min=0.05, max=max(10.0, config.tau), step=0.05,
+        self.tau = widgets.FloatSlider(value=config.gate_tau, min=0.05, max=max(10.0, config.gate_tau), step=0.05,
                                        description="tau (shutoff)", style=style)
         self.r_clamp = widgets.FloatRangeSlider(value=list(config.r_clamp), min=-5.0, max=5.0, step=0.25,
                                                 description="clamp r", style=style,
@@ -56,27 +63,34 @@ class LiveDashboard:
         self.pause_button = widgets.ToggleButton(description="Pause", icon="pause")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop")
         self.status = widgets.HTML("idle")
+        self.plot = widgets.Output()
         self.start_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.pause_button.observe(self._on_pause, names="value")
         for slider in (self.k, self.alpha, self.tau, self.r_clamp):
             slider.observe(self._on_setting, names="value")
 
-        # Figures: what the run is doing, step by step.
-        self.figure = go.FigureWidget(make_subplots(
+        # Figures: what the run is doing, step by step (redrawn into `self.plot` as rows arrive).
+        self.figure = go.Figure(make_subplots(
             rows=1, cols=3, subplot_titles=("reward (batch) and validation pass@1",
                                             "backward passes per step", "gate z vs tau")))
         for name, col in (("reward", 1), ("pass@1", 1), ("backward passes", 2), ("gate z", 3), ("tau", 3)):
             self.figure.add_scatter(x=[], y=[], name=name, mode="lines+markers", row=1, col=col)
-        self.figure.update_layout(height=330, width=1050, margin=dict(t=40, b=30))
+        for col, (x_title, y_title) in enumerate((("step", "reward / pass@1"), ("step", "backward passes"),
+                                                  ("step", "z-score")), start=1):
+            self.figure.update_xaxes(title_text=x_title, row=1, col=col)
+            self.figure.update_yaxes(title_text=y_title, row=1, col=col)
+        self.figure.update_layout(height=360, width=1050, margin=dict(t=40, b=40),
+                                  legend={"orientation": "h", "y": -0.25, "yanchor": "top"})
         self.widget = widgets.VBox([
             widgets.HBox([self.algorithm, self.start_button, self.pause_button, self.stop_button]),
             widgets.HBox([self.k, self.alpha]), widgets.HBox([self.tau, self.r_clamp]),
-            self.status, self.figure])
+            self.status, self.plot])
+        self.redraw()
 
     # -- settings -----------------------------------------------------------------------------------
     def current_settings(self) -> dict[str, Any]:
-        """The sliders' values as rule settings."""
+        """The sliders' values as the rule's keywords (``tau`` is the gate's; the run setting is gate_tau)."""
         return {"k": int(self.k.value), "alpha": float(self.alpha.value), "tau": float(self.tau.value),
                 "r_clamp": tuple(float(v) for v in self.r_clamp.value)}
 
@@ -114,13 +128,14 @@ class LiveDashboard:
             self.status.value = "already running: stop it first"
             return
         settings = self.current_settings()
+        settings["gate_tau"] = settings.pop("tau")
         config = dataclasses.replace(self.config, algorithm=self.algorithm.value, progress=False, **settings)
         config.validate()
         folder = self.workdir / f"live-{config.algorithm}-{next(self._counter)}"
         self.rows, self.error = [], None
-        with self.figure.batch_update():
-            for trace in self.figure.data:
-                trace.x, trace.y = [], []
+        for trace in self.figure.data:
+            trace.x, trace.y = [], []
+        self.redraw()
         self.control = TrainControl()
         self.pause_button.value = False
         self.thread = threading.Thread(target=self._run, args=(config, folder), daemon=True)
@@ -151,13 +166,23 @@ class LiveDashboard:
         """Append one metrics row to the figures."""
         self.rows.append(row)
         reward, pass1, passes, gate_z, tau = self.figure.data
-        with self.figure.batch_update():
-            if row["kind"] == "eval":
-                pass1.x, pass1.y = (*pass1.x, row["step"]), (*pass1.y, row["pass@1"])
-            elif row["kind"] == "train":
-                reward.x, reward.y = (*reward.x, row["step"]), (*reward.y, row["reward_mean"])
-                passes.x, passes.y = (*passes.x, row["step"]), (*passes.y, row["backward_passes"])
-                if row.get("gate_z") is not None:
-                    gate_z.x, gate_z.y = (*gate_z.x, row["step"]), (*gate_z.y, row["gate_z"])
-                if row.get("tau") is not None:
-                    tau.x, tau.y = (*tau.x, row["step"]), (*tau.y, row["tau"])
+        if row["kind"] == "eval":
+            pass1.x, pass1.y = (*pass1.x, row["step"]), (*pass1.y, row["pass@1"])
+        elif row["kind"] == "train":
+            reward.x, reward.y = (*reward.x, row["step"]), (*reward.y, row["reward_mean"])
+            passes.x, passes.y = (*passes.x, row["step"]), (*passes.y, row["backward_passes"])
+            if row.get("gate_z") is not None:
+                gate_z.x, gate_z.y = (*gate_z.x, row["step"]), (*gate_z.y, row["gate_z"])
+            if row.get("tau") is not None:
+                tau.x, tau.y = (*tau.x, row["step"]), (*tau.y, row["tau"])
+        else:
+            return
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Show the figure as it is now: the Output's single output replaced in one trait assignment (safe
+        from the training thread, unlike Output's context manager, which captures by the current message)."""
+        data = {"application/vnd.plotly.v1+json": json.loads(pio.to_json(self.figure, validate=False)),
+                "text/html": pio.to_html(self.figure, include_plotlyjs="cdn", full_html=False),
+                "text/plain": f"dashboard figure: {len(self.rows)} rows"}
+        self.plot.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)

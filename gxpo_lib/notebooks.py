@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+from .paths import shipped
+
+NOTEBOOK_DIR = shipped("notebooks")  # package data; notebooks/ in a checkout
 
 
 def find_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
@@ -58,10 +59,17 @@ def export_html(notebook: Path | str) -> Path:
     return target
 
 
-def run_all(out_dir: Path | str = "runs", directory: Path | str = NOTEBOOK_DIR) -> list[dict[str, Any]]:
-    """Execute every notebook with its defaults; returns one summary row per notebook, failures included."""
+def run_all(out_dir: Path | str = "runs", directory: Path | str = NOTEBOOK_DIR,
+            only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Execute every notebook (or those named in `only`) with its defaults; one summary row per notebook."""
+    found = find_notebooks(directory)
+    if only:
+        unknown = sorted(set(only) - {p.name for p in found})
+        if unknown:
+            raise ValueError(f"only={unknown!r} is invalid: allowed {[p.name for p in found]}")
+        found = [p for p in found if p.name in only]
     rows = []
-    for notebook in find_notebooks(directory):
+    for notebook in found:
         print(f"[gxpo] executing {notebook.name} ...", flush=True)
         start = time.perf_counter()
         try:

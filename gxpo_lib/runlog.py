@@ -230,6 +230,11 @@ def read_final_eval(workdir: Path | str) -> dict[str, Any]:
     return _read_json(Path(workdir) / FINAL_EVAL_FILE) or {}
 
 
+def read_summary(workdir: Path | str) -> dict[str, Any]:
+    """A finished run's run_summary.json ({} when it has none)."""
+    return _read_json(Path(workdir) / SUMMARY_FILE) or {}
+
+
 def summarize_run(workdir: Path | str) -> dict[str, Any]:
     """What `train` returns (without the model), read back from a run folder's files.
 

@@ -172,7 +172,7 @@ class HFSampler:
                     max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.tokenizer.eos_token_id)
                 chunks.append(out[:, encoded["input_ids"].shape[1]:])
-        completion_ids = _pad_right(chunks, self.tokenizer.pad_token_id)
+        completion_ids = pad_right(chunks, self.tokenizer.pad_token_id)
         mask = completion_mask(completion_ids, self.tokenizer.eos_token_id)
         completion_ids = torch.where(mask.bool(), completion_ids, self.tokenizer.pad_token_id)
         rollouts = Rollouts(
@@ -187,7 +187,7 @@ class HFSampler:
         return rollouts
 
 
-def _pad_right(chunks: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+def pad_right(chunks: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     """Stack [b_i, t_i] chunks into [sum b_i, max t_i], padding on the right."""
     width = max(c.shape[1] for c in chunks)
     return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])

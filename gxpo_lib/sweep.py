@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from .config import BACKENDS, NOTEBOOK_PARAMETERS, resolve_config
+from .config import NOTEBOOK_PARAMETERS, check_notebook_parameters, resolve_config
 from .notebooks import NOTEBOOK_DIR
 from .runlog import SUMMARY_FILE, atomic_write_text
 
@@ -113,11 +113,7 @@ def _check_notebook_parameters(settings: dict[str, Any]) -> None:
     for name in ("output_dir", "resume"):
         if name in settings:
             raise ValueError(f"{name}: set by the sweep itself (each run's folder under out, resumed)")
-    if "backend" in settings and settings["backend"] not in BACKENDS:
-        raise ValueError(f"backend={settings['backend']!r} is invalid: allowed one of {BACKENDS}")
-    processes = settings.get("num_processes", 1)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"num_processes={processes!r} is invalid: allowed an integer >= 1")
+    check_notebook_parameters(settings)
 
 
 def _gpu_text(value: Any) -> str | None:

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "arith"
+from .paths import shipped
+
+DATA_DIR = shipped("arith")  # package data; data/arith in a checkout
 LEVELS = (1, 2, 3)
 SPLITS = ("train", "test")
 

@@ -101,13 +101,20 @@ def check_runtime(config: TrainConfig) -> None:
 
 
 def make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: Path):
-    """The rollout engine: HF generate, or a colocated vLLM engine that follows the trained weights."""
+    """The rollout engine. "auto": the lean decoder for Llama-architecture models on a CPU (the tiny model,
+    SmolLM2; bare or LoRA), HF generate otherwise; "lean" / "hf" force one; "vllm": a colocated vLLM engine
+    that follows the trained weights."""
     settings = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
     if config.rollout_backend == "vllm":
         from .vllm_sampler import VLLMSampler
 
         return VLLMSampler(model, tokenizer, format_prompt, gpu_memory_utilization=config.vllm_gpu_memory,
                            workdir=workdir / "vllm", **settings)
+    from .lean_sampler import LeanSampler, supports
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if config.rollout_backend == "lean" or (config.rollout_backend == "auto" and on_cpu and supports(model)):
+        return LeanSampler(model, tokenizer, format_prompt, batch_size=config.generation_batch_size or 256, **settings)
     from .sampling import HFSampler
 
     return HFSampler(model, tokenizer, format_prompt, batch_size=config.generation_batch_size or 256,

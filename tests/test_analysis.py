@@ -66,7 +66,8 @@ def test_own_run_eval_rows_get_cumulative_passes_and_train_rows_the_jump_ratio(t
                        final={"arith": {"pass@1": 0.5, "pass@1_ci": [0.4, 0.6]}})
     with open(folder / "metrics.jsonl", "a") as handle:
         handle.write('{"kind": "train", "st')  # a torn last line (killed mid-write) is skipped
-    run = load_run(folder)
+    with pytest.warns(RuntimeWarning, match="torn last line"):
+        run = load_run(folder)
     assert [r["backward_passes"] for r in run.eval] == [0, 7]
     assert [r["step"] for r in run.train] == [1, 2, 3]
     assert run.train[0]["jump_over_param_norm"] == pytest.approx(0.05)
@@ -228,8 +229,9 @@ def test_speedup_table_on_hand_made_curves(tmp_path):
     write_run(tmp_path / "grpo1", "grpo", 1, evals=curve_rows([0.6, 0.4, 0.4, 0.4, 0.5]))
     # GXPO reaches 0.5 at step 10 (3 passes per step, 2x the seconds): 3x steps, 1x passes, 1.5x hours.
     write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.6, 0.5, 0.7], 20.0, 3))
-    # SFPO never reaches it.
-    write_run(tmp_path / "sfpo0", "sfpo", 0, evals=curve_rows([0.6, 0.3, 0.49, 0.4], 10.0, 4), k=3, alpha=0.8)
+    # SFPO (with our gate, which reads tau) never reaches it.
+    write_run(tmp_path / "sfpo0", "sfpo", 0, evals=curve_rows([0.6, 0.3, 0.49, 0.4], 10.0, 4), k=3, alpha=0.8,
+              gate="default")
     df = speedup_table(load_runs(str(tmp_path)))
     rows = {r["algorithm"]: r for r in df.to_dict("records")}
     assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(0.5)
@@ -274,7 +276,7 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     # SFPO: both seeds reach it at step 10, so every draw gives the same ratios and the interval is a point.
     for seed in (0, 1):
         write_run(tmp_path / f"sfpo{seed}", "sfpo", seed, evals=curve_rows([0.1, 0.6, 0.6], 20.0, 4),
-                  k=3, alpha=0.8)
+                  k=3, alpha=0.8, gate="default")
     runs = load_runs(str(tmp_path))
     df = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")
     gx, sf = df.loc["gxpo"], df.loc["sfpo"]
@@ -287,7 +289,7 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     shown = format_speedups(df.reset_index()).set_index("group")
     assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "not reached [not reached, 3.00×]"
     write_run(tmp_path / "sfpo-official", "sfpo", 0, evals=curve_rows([0.1, 0.6]), k=3, alpha=0.8,
-              sfpo_official_gate=True)   # its gate ignores tau, so the label leaves it out
+              gate=True, sfpo_official_gate=True)   # its gate ignores tau, so the label leaves it out
     assert "sfpo K=3 α=0.8" in {g.label for g in group_runs(load_runs(str(tmp_path)))}
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "hours"] == "1.50× [1.50×, 1.50×]"
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "reached in"] == "100% of resamples"
@@ -402,3 +404,84 @@ def test_figures_have_a_band_per_group_and_mark_the_shutoff(tmp_path):
     assert {t.name.split(": ")[1] for t in diagnostics.data} >= {"gate_z", "r_mean", "jump_over_param_norm"}
     assert [s.x0 for s in diagnostics.layout.shapes if s.line.dash == "dash"] == [3, 3]   # shut off at step 3
     assert analysis.plot_diagnostics([runs[-1]]) is None                                  # GRPO only
+
+
+def test_single_run_band_is_its_bootstrap_interval_over_problems(tmp_path):
+    run = load_run(write_run(tmp_path / "grpo", "grpo", evals=curve_rows([0.1, 0.3])))
+    fig = analysis.plot_curves([run], xs=("step",), single_run_interval=True)
+    [fill] = [t for t in fig.data if t.fill == "toself"]
+    assert list(fill.y) == pytest.approx([0.2, 0.4, 0.2, 0.0])   # hi forward, lo back: pass@1 ± 0.1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders from before the setting renames; folder names from settings
+# ---------------------------------------------------------------------------------------------------
+def test_a_folder_from_before_the_rename_loads_and_groups_with_a_new_one(tmp_path):
+    from gxpo_lib.config import TrainConfig
+
+    old = {"algorithm": "gxpo", "seed": 0, "k": 5, "alpha": 0.5, "gate": True, "tau": 0.7, "omega": 0.1,
+           "sfpo_official_gate": True, "steps": 30, "model": "tiny"}           # no gate_init, old_logprobs...
+    new = TrainConfig(algorithm="gxpo", seed=1, gate_tau=0.7).to_dict()
+    for name, config in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(
+            {"kind": "eval", "step": 0, "pass@1": 0.2, "seconds": 0.0, "cumulative_backward_passes": 0}) + "\n")
+    runs = load_runs(str(tmp_path))
+    assert [r.config["gate_tau"] for r in runs] == [0.7, 0.7] and "tau" not in runs[1].config
+    [group] = group_runs(runs)
+    assert group.label == "gxpo K=5 α=0.5 τ=0.7" and group.seeds == [0, 1]
+    assert [g.label for g in group_runs(runs, by=("algorithm", "tau"))] == ["gxpo τ=0.7"]  # the old name in by
+
+
+def test_run_name_names_the_settings_that_differ_and_resumes_more_steps():
+    from gxpo_lib.config import TrainConfig
+
+    assert analysis.run_name(TrainConfig(algorithm="gxpo")) == "gxpo"
+    assert analysis.run_name(TrainConfig(algorithm="grpo", lr=1e-3, steps=90, k=7)) == "grpo_lr=0.001"
+    base = TrainConfig(batch_prompts=4)
+    assert analysis.run_name(TrainConfig(algorithm="sfpo", k=3, alpha=0.8, batch_prompts=4), base) == \
+        "sfpo_k=3_alpha=0.8"
+    long = [analysis.run_name(TrainConfig(model=f"some/very-long-model-name-{i}", lr=1e-3, seed=7 + i), max_length=40)
+            for i in range(2)]
+    assert all(len(name) == 40 for name in long) and long[0] != long[1] and "/" not in long[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mechanism
+# ---------------------------------------------------------------------------------------------------
+def test_mechanism_summary_names_what_the_jump_did(tmp_path):
+    rows = [{"step": s, "active": s <= 2, "r_mean": 0.2, "cos_g0_g1": 0.1, "scale_mean": 1.2,
+             "effective_multiplier": q, "gate_z": 0.0} for s, q in [(1, 0.5), (2, 0.7), (3, None)]]
+    run = load_run(write_run(tmp_path / "gx", "gxpo", train=rows, evals=curve_rows([0.1])))
+    summary = analysis.mechanism_summary(run)
+    assert (summary["active_steps"], summary["steps"]) == (2, 3)
+    assert summary["alpha_q"] == pytest.approx(0.6) and summary["r_mean"] == pytest.approx(0.2)
+    assert "α·q̄ = 0.60 < 1: the jump retreated" in summary["verdict"] and "far from 1" in summary["verdict"]
+    beyond = load_run(write_run(tmp_path / "gx2", "gxpo", evals=curve_rows([0.1]),
+                                train=[{"step": 1, "active": True, "r_mean": 1.05, "effective_multiplier": 1.3}]))
+    assert "≥ 1: the jump went beyond θ2" in analysis.mechanism_summary(beyond)["verdict"]
+    sfpo = load_run(write_run(tmp_path / "sf", "sfpo", evals=curve_rows([0.1]), k=3, alpha=0.8,
+                              train=[{"step": 1, "active": True, "effective_multiplier": 0.8}]))
+    assert "between θ0 and θK, short of where its K fast steps went" in analysis.mechanism_summary(sfpo)["verdict"]
+    idle = load_run(write_run(tmp_path / "gx3", "gxpo", train=[{"step": 1, "active": False}], evals=curve_rows([0.1])))
+    assert analysis.mechanism_summary(idle)["verdict"].startswith("GXPO never extrapolated")
+    fig = analysis.plot_mechanism([run, idle])
+    references = sorted((s.y0, s.yref) for s in fig.layout.shapes)
+    assert references == [(0.0, "y2"), (1.0, "y"), (1.0, "y3")]       # cos = 0; r = 1; alpha*q = 1
+    assert all(fig.layout[axis].title.text for axis in ("xaxis", "yaxis", "xaxis3", "yaxis3"))
+    assert analysis.plot_mechanism([idle]) is None                    # nothing extrapolated: no figure
+
+
+def test_training_figure_marks_tau_and_the_shutoff_on_the_gate_panel(tmp_path):
+    rows = [{"step": s, "gate_z": z, "tau": 0.5, "reward_mean": 0.3, "gate_open": s < 2, "active": s < 3}
+            for s, z in [(1, 0.1), (2, 0.9), (3, 0.0)]]
+    run = load_run(write_run(tmp_path / "gx", "gxpo", train=rows, evals=curve_rows([0.1, 0.2])))
+    fig = analysis.plot_training(run)
+    assert len(fig.data) == 3 and list(fig.data[1].error_y.array) == pytest.approx([0.1, 0.1])
+    marks = {(s.line.dash, s.xref, s.yref) for s in fig.layout.shapes}
+    assert ("dot", "x3 domain", "y3") in marks and ("dash", "x3", "y3 domain") in marks
+    assert analysis.setup_plotly() == "plotly_mimetype+notebook_connected"
+    import plotly.io as pio
+
+    assert pio.renderers.default == "plotly_mimetype+notebook_connected"

@@ -126,9 +126,10 @@ def test_gxpo_config_has_every_rule_setting():
 
 def test_the_run_notebooks_parameters_cell_is_generated_from_the_config():
     cell = cfg.parameters_cell()
-    names = [line.split(":")[0] for line in cell.splitlines() if not line.startswith("#")]
+    names = [line.split(":")[0] for line in cell.splitlines() if line and not line.startswith(("#", "from "))]
     assert names == list(cfg.NOTEBOOK_PARAMETERS) + [f.name for f in dataclasses.fields(TrainConfig)]
-    assert "k: int | None = None  # GXPO's lookahead K" in cell
+    assert "k: Optional[int] = None  # GXPO's lookahead K" in cell
+    assert all(line.count("=") == 1 for line in cell.splitlines() if ": " in line and not line.startswith("#"))
 
 
 def test_grpo_controls_are_refused_for_other_rules():

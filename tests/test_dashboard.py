@@ -8,7 +8,7 @@ from gxpo_lib.trainer import TrainConfig, read_metrics
 
 def test_tau_slider_reaches_the_next_steps_and_figures_grow(tmp_path):
     config = TrainConfig(steps=6, batch_prompts=4, group_size=4, max_new_tokens=16, eval_every=3,
-                         eval_problems=8, eval_samples=2, checkpoint_every=3, tau=0.5, gate=True)
+                         eval_problems=8, eval_samples=2, checkpoint_every=3, gate_tau=0.5, gate="auto")
     board = LiveDashboard(config, tmp_path)
     board.algorithm.value = "gxpo"
     board.start()
@@ -25,6 +25,8 @@ def test_tau_slider_reaches_the_next_steps_and_figures_grow(tmp_path):
     assert changed and all(rows[i]["tau"] == 5.0 and rows[i]["k"] == 9 for i in range(changed[0], 6))
     reward_trace = board.figure.data[0]
     assert len(reward_trace.x) == 6
+    [shown] = board.plot.outputs          # the Output widget holds the redrawn figure, not a FigureWidget
+    assert len(shown["data"]["application/vnd.plotly.v1+json"]["data"][0]["x"]) == 6
 
 
 def test_stop_ends_the_run_early(tmp_path):

@@ -1,16 +1,48 @@
 """Notebook 03 headless: bad parameters fail in the first cells; the TRL backend runs and reports like ours."""
 
+import dataclasses
 import json
+import logging
 
+import nbformat
+import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
+from gxpo_lib.config import NOTEBOOK_PARAMETERS, TrainConfig, parameters_cell
 from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
-from gxpo_lib.trainer import read_metrics
+from gxpo_lib.runlog import read_rows as read_metrics
 
 NOTEBOOK = NOTEBOOK_DIR / "03_full_scale_run.ipynb"
 TINY_RUN = {"steps": 2, "eval_every": 2, "eval_problems": 4, "eval_samples": 2, "batch_prompts": 2,
             "group_size": 4, "final_eval_problems": 4, "final_eval_samples": 2}
+
+
+def _parameter_names() -> set[str]:
+    """The names the stored parameters cell assigns, read as papermill reads them (``--help-notebook``)."""
+    return set(papermill.inspect_notebook(str(NOTEBOOK)))
+
+
+def test_the_parameters_cell_is_the_configs_typed_cell_and_papermill_reads_every_setting(caplog):
+    [cell] = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    assert cell.source == parameters_cell()
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        inspected = papermill.inspect_notebook(str(NOTEBOOK))
+    assert not [r.message for r in caplog.records if "Unable to parse" in r.message]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(inspected) == fields | set(NOTEBOOK_PARAMETERS)
+    assert all(p["inferred_type_name"] != "None" and p["help"] for p in inspected.values())
+
+
+def test_every_gxpo_config_extra_field_is_a_parameter():
+    pytest.importorskip("trl")
+    from trl import GRPOConfig
+
+    from gxpo_lib.integrations.trl import GXPOConfig
+
+    extra = {f.name for f in dataclasses.fields(GXPOConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
+    extra -= {"gxpo_metrics_file"}   # plumbing: the launcher points it at output_dir's metrics.jsonl
+    assert extra and extra <= _parameter_names()
 
 
 @pytest.mark.parametrize("parameters, name", [({"backend": "deepspeed"}, "backend="),

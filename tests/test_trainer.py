@@ -132,8 +132,9 @@ def test_live_settings_reach_the_next_step(tmp_path):
 
 def test_summary_read_back_from_the_folder_matches_train(tmp_path):
     # A gate that trips early (a window gate with a tiny tau trips on the first rise of the corrective
-    # gradient norm) so the shutoff step is part of the comparison.
+    # gradient norm) so the shutoff step is part of the comparison (HF sampling: this seed's path trips it).
     summary = train(small(steps=5, eval_every=5, tau=1e-3, gate_mode="window", gate_window=2, max_new_tokens=32,
+                          rollout_backend="hf",
                           final_eval_sets=("arith",),
                           final_eval_problems=4, final_eval_samples=2), tmp_path)
     read_back = summarize_run(tmp_path)
@@ -167,3 +168,19 @@ def test_a_gxpo_version_preset_runs_by_name(tmp_path):
     train(small(version="v2", steps=1, eval_every=5), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["version"] == "v2"
+
+
+def test_a_paper_preset_without_vllm_says_which_preset_to_use(tmp_path):
+    import importlib.util
+
+    from gxpo_lib.config import resolve_config
+    from gxpo_lib.trainer import check_runtime
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    config = resolve_config("paper-gxpo")
+    with pytest.raises(ValueError, match="rollout_backend='vllm' is invalid here.*preset='smoke'"):
+        check_runtime(config)
+    with pytest.raises(ValueError, match="rollout_backend='vllm'"):
+        train(config, tmp_path)
+    assert not (tmp_path / "config.json").exists()  # refused before anything was written or loaded

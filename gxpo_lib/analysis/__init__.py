@@ -1,0 +1,78 @@
+"""Comparing finished runs: load run folders, seed bands, the paper's speed-up table, final pass@k, figures.
+
+    runs = load_runs("auto")                       # every folder under "." (depth <= 3) with a metrics.jsonl
+    groups = group_runs(runs)                      # one group per setting, the seeds inside it
+    band(groups[0].runs, "pass@1", x="backward_passes")
+    speedup_table(runs, reference="grpo")          # GRPO's peak, how much sooner each method reaches it
+    speedup_table(runs, resamples=2000)            # ... with intervals over seeds (seed bootstrap)
+    final_table(runs)                              # pass@1 and pass@k per benchmark, with intervals
+    activity_table(runs)                           # how long GXPO extrapolated, passes and seconds spent
+    mechanism_summary(runs[0])                     # what the jump did: mean r, cos(g0, g1), alpha*q
+    plot_curves(runs); plot_diagnostics(runs); plot_mechanism(runs)   # plotly figures
+
+Modules: `runs` (folders into `Run` objects, discovery, groups of seeds), `authors` (the authors' verl
+``metrics.jsonl``, and the table of how their keys map onto ours), `stats` (curves, intervals, the
+speed-up, activity, final and mechanism tables), `plots` (figures, `setup_plotly`).
+
+**Run folders.** A folder written by `gxpo_lib.trainer.train` (or notebook 03, or the TRL backend) holds
+``config.json``, ``metrics.jsonl`` (``"kind"`` = ``train`` / ``eval`` / ``final_eval`` rows),
+``final_eval.json`` and, from notebook 03, ``run_summary.json``; it is read through `gxpo_lib.runlog`, so
+folders written before a setting was renamed (``tau`` -> ``gate_tau``) load under today's names, and a
+setting a folder lacks takes today's default. `load_run` turns it into a `Run` whose rows use one schema:
+
+- train rows keep the trainer's names; ``backward_passes`` is the step's own count and
+  ``cumulative_backward_passes`` the running total; ``jump_over_param_norm`` (jump_norm / param_norm) is
+  added where both exist;
+- eval rows carry ``step``, ``backward_passes`` (**cumulative**; the trainer writes it as
+  ``cumulative_backward_passes``), ``seconds`` (cumulative *training* seconds: sampling + scoring +
+  update, evaluations excluded) and ``pass@1`` / ``pass@k`` (with ``pass@k_ci`` where the file has it).
+"""
+
+from .authors import AUTHORS_TRAIN_KEYS
+from .plots import (
+    group_colors,
+    has_diagnostics,
+    plot_curves,
+    plot_diagnostics,
+    plot_mechanism,
+    plot_training,
+    setup_plotly,
+    short_label,
+)
+from .records import Run
+from .runs import (
+    BOOKKEEPING,
+    DEFAULT_BY,
+    FINAL_EVAL_SETTINGS,
+    RULE_ONLY_SETTINGS,
+    Group,
+    find_run_folders,
+    group_runs,
+    load_run,
+    load_runs,
+    resolve_run_dirs,
+    run_name,
+)
+from .stats import (
+    MECHANISM_KEYS,
+    SPEEDUP_X,
+    X_CHOICES,
+    activity_table,
+    band,
+    curve,
+    final_table,
+    format_speedups,
+    mechanism_summary,
+    seed_mean_curve,
+    speedup_table,
+    t_critical,
+)
+
+__all__ = [
+    "AUTHORS_TRAIN_KEYS", "BOOKKEEPING", "DEFAULT_BY", "FINAL_EVAL_SETTINGS", "MECHANISM_KEYS", "RULE_ONLY_SETTINGS",
+    "SPEEDUP_X", "X_CHOICES", "Group", "Run", "activity_table", "band", "curve", "final_table",
+    "find_run_folders", "format_speedups", "group_colors", "group_runs", "has_diagnostics", "load_run",
+    "load_runs", "mechanism_summary", "plot_curves", "plot_diagnostics", "plot_mechanism", "plot_training",
+    "resolve_run_dirs", "run_name", "seed_mean_curve", "setup_plotly", "short_label", "speedup_table",
+    "t_critical",
+]
