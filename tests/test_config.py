@@ -121,7 +121,8 @@ def test_gxpo_config_has_every_rule_setting():
         assert (list(expected) if isinstance(expected, tuple) else expected) == default, name
         assert fields[name].metadata["help"] == cfg.field_help()[name]
     extra = set(fields) - {f.name for f in dataclasses.fields(trl.GRPOConfig)}
-    assert extra == set(cfg.RULE_SETTINGS) | {"gxpo_metrics_file"}
+    assert extra == set(cfg.RULE_SETTINGS) | {"gxpo_metrics_file", "loss_aggregation"}
+    assert fields["loss_aggregation"].default == TrainConfig().loss_aggregation
 
 
 def test_the_run_notebooks_parameters_cell_is_generated_from_the_config():

@@ -3,12 +3,15 @@
 Everything runs TRL 1.16 with HF generate on the CPU: the hook signatures, forced old log-probs (so PPO
 clipping binds at theta1), GRPO parity with gxpo_lib's own PlainStep + policy_loss on the same rollouts,
 two real training steps per algorithm with a checkpoint and a resume that keeps the gate closed, the
-subprocess launcher, and 2-process DDP (gloo) with identical parameters and gate decisions on both ranks.
+subprocess launcher, and 2-process DDP (gloo) with identical parameters and gate decisions on both ranks;
+gradient accumulation (one rule step over every micro-batch) giving the same parameters in 1 and 2
+processes, evaluation sharded over ranks, and train rows with the native trainer's keys.
 """
 
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +125,9 @@ def test_trainer_attributes_relied_on_exist(model_dir, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("settings, name", [
-    (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    (dict(loss_aggregation="mean"), "loss_aggregation"),
+    (dict(algorithm="grpo", ppo_epochs=3), "ppo_epochs"), (dict(algorithm="grpo", step_scale=2.0), "step_scale"),
     (dict(k=1), "k"), (dict(alpha=0.0), "alpha"), (dict(algorithm="adam"), "algorithm"),
     (dict(tau=-1.0), "tau"), (dict(gate_mode="median"), "gate_mode"), (dict(r_clamp=[3.0, -2.0]), "r_clamp"),
 ])
@@ -300,6 +305,19 @@ def test_launch_command_names_the_module_and_the_config():
         launch_command("run.json", "out", accelerate_config="zero9")
 
 
+def test_multi_process_launches_rendezvous_on_a_free_port_of_their_own(tmp_path):
+    # Two runs launched at once (a sweep's --parallel) must not meet on accelerate's default port 29500.
+    ports = [launch_command("run.json", "out", num_processes=2, cpu=True) for _ in range(2)]
+    ports = [int(c[c.index("--main_process_port") + 1]) for c in ports]
+    assert all(1024 <= p < 65536 for p in ports)
+    with socket.socket() as server:  # a port handed out is free: it can be bound
+        server.bind(("127.0.0.1", ports[0]))
+    assert "--main_process_port" not in launch_command("run.json", "out", num_processes=1, cpu=True)
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("distributed_type: MULTI_GPU\nmain_process_port: 29555\n")
+    assert "--main_process_port" not in launch_command("run.json", "out", 2, accelerate_config=fixed, cpu=False)
+
+
 def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, tmp_path):
     # The notebook's path: accelerate launch -m gxpo_lib.integrations.trl in a subprocess, 2 CPU ranks,
     # LoRA, evaluations; then the same workdir with one more step resumes from checkpoint-2.
@@ -336,3 +354,158 @@ def test_ddp_two_ranks_take_the_same_decisions_and_end_identical(model_dir, tmp_
     assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
     assert ranks[0]["param_sha256"] != ranks[0]["initial_sha256"]
     assert ranks[0]["completions"] != ranks[1]["completions"]  # each rank trained on its own rollouts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scaling out: micro-batches, gradient accumulation, sharded evaluation, the rows' keys
+# ---------------------------------------------------------------------------------------------------
+def test_train_config_micro_batch_size_maps_to_gradient_accumulation(tmp_path):
+    from gxpo_lib.integrations.trl_run import grpo_config_from_train_config
+    from gxpo_lib.trainer import TrainConfig
+
+    config = TrainConfig(batch_prompts=8, group_size=8, micro_batch_size=16, gradient_checkpointing=True,
+                         report_to=("tensorboard",), loss_aggregation="verl")
+    args = grpo_config_from_train_config(config, tmp_path, num_processes=2)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 2)  # 64 / (2 x 16)
+    assert args.steps_per_generation == 2 and args.gradient_checkpointing and args.report_to == ["tensorboard"]
+    assert args.loss_aggregation == "verl"
+    whole = grpo_config_from_train_config(TrainConfig(batch_prompts=8, group_size=8), tmp_path, num_processes=2)
+    assert (whole.per_device_train_batch_size, whole.gradient_accumulation_steps) == (32, 1)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        grpo_config_from_train_config(TrainConfig(batch_prompts=8, group_size=8, micro_batch_size=24), tmp_path, 2)
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(model_dir, dataset, tmp_path):
+    # One GRPO pass with SGD over the same prepared inputs as 1 micro-batch of 8 and as 2 of 4 (completion
+    # lengths differ between them): the same update for every loss type, with bnpo re-weighted to the token
+    # mean of the whole batch; TRL's own mean of micro-batch means ("verl") differs.
+    trainer = make_trainer(model_dir, dataset, tmp_path, algorithm="grpo", optim="sgd", learning_rate=0.5,
+                           reward_funcs=(length_reward,))
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions(first_batch(trainer))
+    halves = [{k: v[i * 4:(i + 1) * 4] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
+              for i in (0, 1)]
+    assert halves[0]["completion_mask"].sum() != halves[1]["completion_mask"].sum()
+    start = copy.deepcopy(trainer.model.state_dict())
+
+    def update(batches, loss_type, aggregation="exact"):
+        trainer.model.load_state_dict(start)
+        trainer.optimizer, trainer.rule = None, None
+        trainer.loss_type, trainer.args.loss_aggregation = loss_type, aggregation
+        trainer.args.steps_per_generation = len(batches)  # as TRL sets it for that accumulation (dapo reads it)
+        trainer.create_optimizer()
+        info = trainer.update(trainer.model, batches)
+        return info, torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+
+    for loss_type in ("bnpo", "grpo", "dr_grpo", "dapo"):
+        whole_info, whole = update([inputs], loss_type)
+        split_info, split = update(halves, loss_type)
+        assert split_info.backward_passes == 1 and len(trainer.pass_metrics[-1]["entropy"]) == 2
+        assert float((split - whole).abs().max()) < 1e-6, loss_type
+        assert split_info.loss == pytest.approx(whole_info.loss, rel=1e-5, abs=1e-7)
+        assert split_info.grad_norm == pytest.approx(whole_info.grad_norm, rel=1e-5)
+    _, whole = update([inputs], "bnpo", "verl")
+    _, split = update(halves, "bnpo", "verl")
+    assert float((split - whole).abs().max()) > 1e-5
+
+
+@pytest.mark.slow
+def test_accumulated_gxpo_steps_checkpoint_and_resume(model_dir, dataset, tmp_path):
+    # 2 micro-batches of 4 per step through Trainer.train(): one rule step (3 passes, each over both
+    # micro-batches) per optimizer step, one row per step; resuming from checkpoint-2 continues the same way.
+    settings = dict(algorithm="gxpo", gate="none", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    save_strategy="steps", save_steps=2)
+    trainer = make_trainer(model_dir, dataset, tmp_path, **settings)
+    trainer.train()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [(r["step"], r["backward_passes"], r["active"]) for r in rows] == [(1, 3, True), (2, 3, True)]
+    assert adam_steps(trainer) == {6} and trainer.optimizer.optimizer.ignored_steps == 2
+    assert [len(p["entropy"]) for p in trainer.pass_metrics] == [2, 2, 2]  # every pass saw both micro-batches
+    assert trainer._step == 4  # TRL's micro-batch counter: 2 calls per optimizer step
+    resumed = make_trainer(model_dir, dataset, tmp_path, **(settings | dict(max_steps=3)))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["cumulative_backward_passes"] == 9
+    assert adam_steps(resumed) == {9}
+
+
+@pytest.fixture(scope="module")
+def scaleout(model_dir, tmp_path_factory):
+    """tests/trl_ddp_script.py --mode scaleout in 1 plain process and in 2 accelerate processes, at once."""
+    folders = {n: tmp_path_factory.mktemp(f"scaleout{n}") for n in (1, 2)}
+    script = [str(REPO / "tests" / "trl_ddp_script.py"), "--model", str(model_dir), "--mode", "scaleout"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), **cpu_environment(2))
+    runs = [subprocess.Popen([sys.executable, *script, "--out", str(folders[1])], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen(accelerate_launch_args(num_processes=2, cpu=True) + [*script, "--out", str(folders[2])],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    for run in runs:
+        output, _ = run.communicate(timeout=900)
+        assert run.returncode == 0, output[-4000:]
+    return folders
+
+
+def scaleout_parameters(folder, processes, accumulation):
+    return torch.load(folder / f"scaleout-w{processes}-ga{accumulation}.pt")
+
+
+def max_difference(a, b):
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_micro_batch_in_one_process(scaleout, model_dir):
+    # 2 GXPO steps (3 passes each) of 8 scripted completions: 1 micro-batch of 8 vs 2 of 4 accumulated.
+    one = scaleout_parameters(scaleout[1], 1, 1)
+    accumulated = scaleout_parameters(scaleout[1], 1, 2)
+    initial = {n: p.detach().double() for n, p in load(model_dir)[0].named_parameters()}
+    assert max_difference(one, initial) > 1e-3  # a real update happened
+    assert max_difference(accumulated, one) < 1e-6
+    for accumulation in (1, 2):
+        record = json.loads((scaleout[1] / f"scaleout-w1-ga{accumulation}.json").read_text())
+        assert record["per_device_train_batch_size"] == 8 // accumulation
+        assert [(d["active"], d["backward_passes"]) for d in record["decisions"]] == [(True, 3), (True, 3)]
+
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_match_one_process(scaleout):
+    # The issue's check: 2 DDP processes (accumulation 1, and 2 micro-batches of 2 each) end with the
+    # 1-process run's parameters on the same data.
+    reference = scaleout_parameters(scaleout[1], 1, 2)
+    for accumulation in (1, 2):
+        assert max_difference(scaleout_parameters(scaleout[2], 2, accumulation), reference) < 1e-6
+        record = json.loads((scaleout[2] / f"scaleout-w2-ga{accumulation}.json").read_text())
+        assert record["world_size"] == 2 and record["per_device_train_batch_size"] == 4 // accumulation
+        assert [d["backward_passes"] for d in record["decisions"]] == [3, 3]
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_rows_equal_one_process_rows(scaleout):
+    # Each of 2 ranks grades its share of 12 problems; the gathered row (bootstrap intervals included)
+    # is the row of all 12 graded in one process. Gathered in rank order instead, the intervals differ.
+    ranks = [json.loads((scaleout[2] / f"eval-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["problems"] == 12
+    assert len(set(ranks[0]["counts"])) > 1  # problems differ, so their order matters to the bootstrap
+    for report in ranks:
+        assert report["sharded"] == report["one_process"] == ranks[0]["one_process"]
+    assert ranks[0]["rank_major_order"] != ranks[0]["one_process"]
+
+
+def test_trl_train_rows_have_the_native_trainer_keys(model_dir, dataset, tmp_path):
+    from dataclasses import fields
+
+    from gxpo_lib import runlog
+    from gxpo_lib.rules import StepInfo
+    from gxpo_lib.trainer import TrainConfig, train
+
+    (tmp_path / "trl").mkdir()
+    make_trainer(model_dir, dataset, tmp_path / "trl", max_steps=1).train()
+    trl_row = read_metrics(tmp_path / "trl" / "metrics.jsonl")[-1]
+    config = TrainConfig(model=str(model_dir), steps=1, batch_prompts=2, group_size=2, max_new_tokens=8,
+                         eval_problems=2, eval_samples=1, progress=False)
+    train(config, tmp_path / "native")
+    native_row = [r for r in read_metrics(tmp_path / "native" / "metrics.jsonl") if r["kind"] == "train"][-1]
+    expected = ({*runlog.TRAIN_ROW_KEYS} | {f.name for f in fields(StepInfo)}
+                | set(runlog.x_values(runlog.new_counters())))
+    assert trl_row["kind"] == "train" and set(trl_row) == set(native_row) == expected

@@ -1,21 +1,39 @@
-"""One rank of tests/test_trl.py's DDP check: 3 GXPO steps on the tiny model, then a per-rank report.
+"""One rank of tests/test_trl.py's multi-process checks (also runs as a single plain process).
 
-Run with ``accelerate launch --num_processes 2 --cpu tests/trl_ddp_script.py --model DIR --out DIR``.
-Each rank writes ``rank{r}.json``: its decisions per step, the gate's final state and a SHA-256 of its
-parameters, so the test can check that both ranks took the same decisions and ended identical.
+Run with ``accelerate launch --num_processes 2 --cpu tests/trl_ddp_script.py --model DIR --out DIR [--mode M]``:
+
+- ``--mode decisions`` (default): 3 GXPO steps on the tiny model. Each rank writes ``rank{r}.json``: its
+  decisions per step, the gate's final state and a SHA-256 of its parameters, so the test can check that both
+  ranks took the same decisions and ended identical.
+- ``--mode scaleout``: 2 GXPO steps of 8 completions each, once with ``gradient_accumulation_steps=1`` and once
+  with 2 (the per-process micro-batch is 8 / processes / accumulation), on scripted rollouts (a fixed function
+  of the prompt, so every layout trains on the same data) in float64 with SGD. Rank 0 writes
+  ``scaleout-w{processes}-ga{accumulation}.pt`` (the trained parameters) and ``.json`` (the steps' records);
+  then every rank evaluates 12 problems with a scripted sampler through ``EvaluationCallback`` (each rank its
+  share) and writes ``eval-rank{r}.json`` with the sharded row and the row of all problems in one process.
 """
 
 import argparse
 import hashlib
 import json
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 
+from gxpo_lib import runlog
+from gxpo_lib.evaluation import correct_counts, summarize_counts
 from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer, build_dataset, math_reward_func
+from gxpo_lib.integrations.trl_run import EvaluationCallback
 from gxpo_lib.models import load_model
+from gxpo_lib.rewards import RewardScorer
+from gxpo_lib.sampling import Rollouts
 from gxpo_lib.trainer import TrainConfig
+
+COMPLETIONS_PER_STEP = 8  # scaleout: 2 prompts x 4 completions per optimizer step, whatever the layout
 
 
 def length_reward(completions, **kwargs):
@@ -45,12 +63,8 @@ class Decisions(TrainerCallback):
                           "gate_z": info.gate_z})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
-    options = parser.parse_args()
-    torch.set_num_threads(1)
+def decisions(options) -> None:
+    """3 GXPO steps (the gate trips at step 1); rank{r}.json per rank."""
     model, tokenizer = load_model(options.model, device="cpu")
     initial = param_sha256(model)
     args = GXPOConfig(output_dir=options.out, algorithm="gxpo", gate_warmup=0, tau=0.5, scale_rewards="none",
@@ -60,8 +74,8 @@ def main() -> None:
     dataset = build_dataset(TrainConfig(), tokenizer).select(range(32))
     trainer = GXPOTrainer(model=model, reward_funcs=[math_reward_func, length_reward], args=args,
                           train_dataset=dataset, processing_class=tokenizer)
-    decisions = Decisions(trainer)
-    trainer.add_callback(decisions)
+    recorder = Decisions(trainer)
+    trainer.add_callback(recorder)
     completions = []
     original = trainer._calculate_rewards
 
@@ -71,12 +85,123 @@ def main() -> None:
 
     trainer._calculate_rewards = recording
     trainer.train()
-    report = {"world_size": trainer.accelerator.num_processes, "decisions": decisions.rows,
+    report = {"world_size": trainer.accelerator.num_processes, "decisions": recorder.rows,
               "gate": {k: v for k, v in trainer.rule.gate.state_dict().items()},
               "param_sha256": param_sha256(trainer.accelerator.unwrap_model(trainer.model)),
               "initial_sha256": initial, "completions": completions}
     rank = trainer.accelerator.process_index
     Path(options.out, f"rank{rank}.json").write_text(json.dumps(report, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# scaleout: the same data in every layout of processes x accumulation
+# ---------------------------------------------------------------------------------------------------
+class ScriptedTrainer(GXPOTrainer):
+    """GXPOTrainer whose completions are a fixed function of (prompt, index within its group), 3 to 12
+    tokens long: every layout of processes and micro-batches trains on exactly the same rollouts."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        special = set(self.processing_class.all_special_ids)
+        allowed = [i for i in range(len(self.processing_class)) if i not in special]
+        seen, completions = Counter(), []
+        for ids in prompt_ids:
+            key = tuple(int(i) for i in ids)
+            index = seen[key] % num_generations
+            seen[key] += 1
+            digest = zlib.crc32(repr((key, index)).encode())
+            picks = torch.randint(len(allowed), (3 + digest % 10,), generator=torch.Generator().manual_seed(digest))
+            completions.append([allowed[i] for i in picks.tolist()])
+        return completions, None
+
+
+def text_length_reward(completions, **kwargs):
+    """Differs between a group's scripted completions, so the advantages are not all zero."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(len(t) % 7) for t in texts]
+
+
+def scaleout_run(options, accumulation: int) -> GXPOTrainer:
+    """2 GXPO steps of COMPLETIONS_PER_STEP scripted completions, float64 + SGD; rank 0 saves the parameters."""
+    model, tokenizer = load_model(options.model, device="cpu")
+    model = model.to(torch.float64)
+    dataset = build_dataset(TrainConfig(), tokenizer).select(range(32))
+    processes = PartialState().num_processes
+    args = GXPOConfig(output_dir=options.out, algorithm="gxpo", optim="sgd", learning_rate=0.02, max_grad_norm=1.0,
+                      per_device_train_batch_size=COMPLETIONS_PER_STEP // processes // accumulation,
+                      gradient_accumulation_steps=accumulation, num_generations=4, max_completion_length=16,
+                      max_steps=2, bf16=False, use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
+                      disable_tqdm=True, seed=0, loss_type="bnpo", top_k=0, gxpo_metrics_file="")
+    trainer = ScriptedTrainer(model=model, reward_funcs=[text_length_reward], args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+    recorder = Decisions(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        stem = Path(options.out, f"scaleout-w{processes}-ga{accumulation}")
+        torch.save({n: p.detach().clone() for n, p in unwrapped.named_parameters()}, f"{stem}.pt")
+        stem.with_suffix(".json").write_text(json.dumps({
+            "world_size": processes, "accumulation": accumulation, "decisions": recorder.rows,
+            "per_device_train_batch_size": args.per_device_train_batch_size}, indent=2))
+    return trainer
+
+
+class ScriptedSampler:
+    """The Sampler protocol without a model: problem i's sample j is right when crc32(prompt, j) % 3 == 0,
+    and 1 to 5 tokens long."""
+
+    def __init__(self, problems):
+        self.answers = {p["prompt"]: p["answer"] for p in problems}
+
+    def sample(self, prompts, group_size, seed, score_policy=True) -> Rollouts:
+        rows = [(i, j) for i in range(len(prompts)) for j in range(group_size)]
+        digests = [zlib.crc32(repr((prompts[i], j, seed)).encode()) for i, j in rows]
+        texts = [f"\\boxed{{{self.answers[prompts[i]]}}}" if d % 3 == 0 else "\\boxed{-1}"
+                 for (i, _), d in zip(rows, digests)]
+        mask = torch.tensor([[1 if t < 1 + d % 5 else 0 for t in range(5)] for d in digests])
+        zeros = torch.zeros(len(rows), 1, dtype=torch.long)
+        return Rollouts(zeros, zeros.clone(), torch.zeros_like(mask), mask, None, None, texts,
+                        [i for i, _ in rows], group_size)
+
+
+class ScriptedEvaluation(EvaluationCallback):
+    """EvaluationCallback (rank shares, gather, pass@k) with the scripted sampler in place of HF generate."""
+
+    def sampler(self):
+        return ScriptedSampler(self.problems)
+
+
+def evaluation_check(options, trainer: GXPOTrainer) -> None:
+    """The sharded evaluation row vs the row of all problems graded in this one process."""
+    config = TrainConfig(eval_problems=12, eval_samples=4, seed=3)
+    callback = ScriptedEvaluation(trainer, config, trainer.processing_class, Path(options.out))
+    problems, samples = callback.problems, config.eval_samples
+    sharded = callback._evaluate(problems, samples, final=False)
+    seed = runlog.eval_seed(config.seed)
+    with RewardScorer(workers=0) as scorer:
+        counts, lengths = correct_counts(ScriptedSampler(problems), scorer, problems, samples, seed)
+    world = trainer.accelerator.num_processes
+    rank_major = [c for r in range(world) for c in counts[r::world]]  # the gathered order, unsorted
+    report = {"world_size": world, "problems": len(problems), "counts": counts, "sharded": sharded,
+              "one_process": summarize_counts(counts, samples, lengths, seed),
+              "rank_major_order": summarize_counts(rank_major, samples, lengths, seed)}
+    Path(options.out, f"eval-rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=("decisions", "scaleout"), default="decisions")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    if options.mode == "decisions":
+        decisions(options)
+        return
+    PartialState(cpu=True)  # first of the process: a gloo process group on CPU ranks
+    scaleout_run(options, accumulation=1)
+    trainer = scaleout_run(options, accumulation=2)
+    evaluation_check(options, trainer)
 
 
 if __name__ == "__main__":

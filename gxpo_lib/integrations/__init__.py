@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections import deque
@@ -53,6 +54,8 @@ def accelerate_launch_args(num_processes: int = 1, accelerate_config: str | os.P
 
     On the CPU, several processes go through accelerate's torchrun launcher (``--multi_gpu``, gloo
     backend): accelerate 1.x's ``--cpu`` launcher starts one process whatever ``--num_processes`` says.
+    Several processes rendezvous on a free port (``--main_process_port``) unless the config file names one,
+    so concurrent launches on one machine (a sweep's ``--parallel``) do not join each other's jobs.
     """
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes={num_processes!r} is invalid: allowed an integer >= 1")
@@ -67,7 +70,17 @@ def accelerate_launch_args(num_processes: int = 1, accelerate_config: str | os.P
             command += ["--multi_gpu"]
     if cpu and num_processes == 1:
         command += ["--cpu"]
+    if num_processes > 1 and not (accelerate_config is not None and "main_process_port" in
+                                  accelerate_config_path(accelerate_config).read_text(encoding="utf-8")):
+        command += ["--main_process_port", str(free_port())]
     return command
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def launch_command(config_path: str | os.PathLike, workdir: str | os.PathLike, num_processes: int = 1,
@@ -144,4 +157,4 @@ def stream(proc: subprocess.Popen, progress_only: bool = False, check: bool = Tr
 
 
 __all__ = ["ACCELERATE_CONFIGS", "PROGRESS_PREFIX", "accelerate_config_path", "accelerate_launch_args",
-           "cpu_environment", "launch_command", "launch_trl", "stream"]
+           "cpu_environment", "free_port", "launch_command", "launch_trl", "stream"]

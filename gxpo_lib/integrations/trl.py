@@ -13,9 +13,21 @@ advantages, the loss, logging, checkpoints, accelerate / DDP); the *update* is o
 
 How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every private method relied on):
 
-- ``training_step`` is replaced: generate and score (TRL's ``_prepare_inputs``), then ``rule.step(closure)``
-  where the closure is TRL's ``compute_loss`` + ``accelerator.backward`` on the *same* batch. The rule
-  takes its 1 (GRPO), 3 (GXPO) or K+1 (SFPO) optimizer steps itself. Gradient accumulation must be 1.
+- ``training_step`` is replaced. The Trainer calls it once per micro-batch of an accumulation window
+  (``gradient_accumulation_steps`` of them); each call generates and scores when TRL's schedule says so
+  (``_prepare_inputs``) and stashes its micro-batch, returning a zero loss. The window's last call (the
+  Trainer's ``sync_gradients``) runs ONE ``rule.step(closure)`` whose closure is TRL's ``compute_loss`` +
+  ``accelerator.backward`` over every stashed micro-batch (DDP's ``no_sync`` on all but the last), so each
+  of the rule's 1 (GRPO), 3 (GXPO) or K+1 (SFPO) passes spans the whole window. The rule takes its optimizer
+  steps itself.
+- Loss scaling over a window (``current_gradient_accumulation_steps`` = the stashed micro-batches): TRL
+  divides each micro-batch's ``grpo`` / ``dr_grpo`` loss by it (exact: micro-batches have equal rows) and
+  normalises ``dapo`` by the generation batch's token count (exact when ``steps_per_generation`` equals
+  the accumulation, TRL's default). ``bnpo`` (token mean) is TRL's mean of per-micro-batch means; with
+  ``loss_aggregation="exact"`` (default) each micro-batch is re-weighted by its tokens over the window's
+  tokens on all ranks, so the accumulated gradient is the whole batch's token mean on any number of
+  processes and micro-batches (``"verl"`` keeps TRL's mean of means). The entropy bonus follows the same
+  weights (exact for ``bnpo``).
 - The Trainer's own ``optimizer.step()`` after ``training_step`` would be one step too many: the
   accelerate-wrapped optimizer's inner optimizer is swapped for `RuleOwnedOptimizer`, whose ``step`` does
   nothing (state, param groups and checkpoints pass through to the real optimizer, which the rule drives).
@@ -29,15 +41,19 @@ How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every priva
   bind at theta1 and at the extrapolated point (spec section 4).
 - ``gxpo/*`` metrics (every ``StepInfo`` field, plus ``gxpo/cumulative_backward_passes`` and the clip
   fraction of each pass) go into TRL's logs; TRL's per-pass metrics (entropy, clip_ratio/*, kl) keep the
-  kept pass's values only. Rank 0 also writes ``metrics.jsonl`` rows in gxpo_lib's format.
+  kept pass's values only (one per micro-batch). Rank 0 also writes ``metrics.jsonl`` rows in gxpo_lib's
+  format, with the native trainer's keys: rewards, lengths and the kept pass's token statistics over the
+  whole window and all ranks; the loss is the whole batch's (the mean over ranks).
 - The rule's state (gate included) and the counters are saved as ``gxpo_state.json`` in each checkpoint
   and restored on resume.
-- DDP: gradients are all-reduced by DDP on every pass; the gate's statistic is averaged across ranks and
-  a non-finite gradient on any rank is made non-finite on all, so fallbacks and gate decisions cannot
-  differ; after every step the ranks' decisions are compared and a mismatch raises.
+- DDP: gradients are all-reduced by DDP once per pass (after its last micro-batch); the gate's statistic
+  is averaged across ranks and a non-finite gradient on any rank is made non-finite on all, so fallbacks
+  and gate decisions cannot differ; after every step the ranks' decisions are compared and a mismatch
+  raises.
 
 Run headless with ``python -m gxpo_lib.integrations.trl --config run.json --workdir DIR`` (usually via
-``gxpo_lib.integrations.launch_trl``). DeepSpeed and FSDP run only ``algorithm="grpo"`` (TRL's own step);
+``gxpo_lib.integrations.launch_trl``). DeepSpeed and FSDP run only ``algorithm="grpo"`` (TRL's own step and
+accumulation; one metrics row per window); the native trainer's ``ppo_epochs`` and ``step_scale`` are refused;
 fp16 is refused (the rule steps the optimizer outside accelerate's GradScaler), bf16 is fine. Tested with
 ``TESTED_TRL``; ``check_trl_hooks()`` reports any hook whose signature moved.
 """
@@ -50,12 +66,15 @@ import math
 import os
 import time
 import warnings
-from dataclasses import field, make_dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field, make_dataclass
 from importlib.metadata import version as _installed_version
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.state import GradientState
 from packaging.specifiers import SpecifierSet
 from transformers import Trainer
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
@@ -64,7 +83,14 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from gxpo_lib import runlog
-from gxpo_lib.config import RULE_SETTINGS, TrainConfig, accept_old_names, field_help, uses_entropy_gate
+from gxpo_lib.config import (
+    LOSS_AGGREGATIONS,
+    RULE_SETTINGS,
+    TrainConfig,
+    accept_old_names,
+    field_help,
+    uses_entropy_gate,
+)
 from gxpo_lib.gate import ShutoffGate
 from gxpo_lib.rules import StepInfo
 from gxpo_lib.trainer import build_rule
@@ -75,7 +101,7 @@ LOSS_TYPES = {"token_mean": "bnpo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo"
 # Multimodal inputs TRL's loss forwards to the model; the forced old-log-prob pass forwards them too.
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-# Private TRL / transformers methods this module overrides or calls, with the parameters it relies on
+# Private TRL / transformers / accelerate methods this module overrides or calls, with the parameters it relies on
 # (names in order). tests/test_trl.py fails when a TRL upgrade changes one of them.
 TRL_HOOKS: dict[str, tuple[type, tuple[str, ...]]] = {
     "training_step": (GRPOTrainer, ("self", "model", "inputs", "num_items_in_batch")),
@@ -91,11 +117,13 @@ TRL_HOOKS: dict[str, tuple[type, tuple[str, ...]]] = {
     "_clip_grad_norm": (Trainer, ("self", "model")),
     "compute_loss_context_manager": (Trainer, ("self",)),
     "_get_output_dir": (Trainer, ("self", "trial")),
+    "_set_sync_gradients": (GradientState, ("self", "sync_gradients")),
+    "no_sync": (Accelerator, ("self", "model")),
 }
 # Attributes of GRPOTrainer this module reads or writes.
 TRL_ATTRIBUTES = ("_metrics", "_step", "num_iterations", "use_vllm", "reward_weights", "accelerator",
                   "is_deepspeed_enabled", "is_fsdp_enabled", "use_adaptive_entropy", "entropy_coef",
-                  "_last_world_entropy", "max_completion_length")
+                  "_last_world_entropy", "max_completion_length", "loss_type")
 
 
 def check_trl_hooks() -> list[str]:
@@ -135,19 +163,28 @@ def _rule_fields() -> list[tuple[str, Any, Any]]:
             fields.append((name, list[type(value[0])], field(default_factory=lambda v=value: list(v), metadata=meta)))
         else:
             fields.append((name, type(value), field(default=value, metadata=meta)))
+    fields.append(("loss_aggregation", str, field(default=defaults.loss_aggregation, metadata={
+        "help": "bnpo over accumulated micro-batches: exact (the window's token mean) or verl (TRL's mean of "
+                "per-micro-batch means)"})))
     fields.append(("gxpo_metrics_file", str | None, field(default=None, metadata={
         "help": "where rank 0 writes gxpo_lib metrics.jsonl rows (default output_dir/metrics.jsonl; '' none)"})))
     return fields
 
 
 def _post_init(self) -> None:
+    steps = self.gradient_accumulation_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"gradient_accumulation_steps={steps!r} is invalid: allowed an integer >= 1 (the "
+                         "micro-batches one rule step spans)")
     GRPOConfig.__post_init__(self)
     self.r_clamp = [float(x) for x in self.r_clamp]
-    if self.gradient_accumulation_steps != 1:
-        raise ValueError(
-            f"gradient_accumulation_steps={self.gradient_accumulation_steps} is invalid: allowed 1 (the "
-            "update rule takes its optimizer steps inside one training_step, each on the whole batch; "
-            "raise per_device_train_batch_size instead)")
+    if self.loss_aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: allowed one of {LOSS_AGGREGATIONS}")
+    # The native trainer's GRPO controls have no counterpart in this update loop: refuse, never ignore.
+    for name, plain, instead in (("ppo_epochs", 1, "TRL's num_iterations"), ("step_scale", 1.0, "learning_rate")):
+        if getattr(self, name, plain) != plain:
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid on the TRL path: allowed {plain} "
+                             f"(use {instead} instead)")
     rule_config(self)  # validates every rule setting now, before a model is loaded
 
 
@@ -156,8 +193,9 @@ GXPOConfig = accept_old_names(make_dataclass("GXPOConfig", _rule_fields(), bases
     "__doc__": """TRL's ``GRPOConfig`` plus the update rule's settings: the fields of ``gxpo_lib.config.RULE_SETTINGS``
     with TrainConfig's names, defaults and help (old names accepted with a FutureWarning).
 
-    ``max_grad_norm`` (TRL's) is the rule's clip C (0 = no clipping). ``gradient_accumulation_steps`` must
-    stay 1. ``gxpo_metrics_file``: where rank 0 writes gxpo_lib-format rows.
+    ``max_grad_norm`` (TRL's) is the rule's clip C (0 = no clipping). ``gradient_accumulation_steps``: the
+    micro-batches one rule step spans. ``loss_aggregation``: how ``bnpo`` combines them (see the module
+    docstring). ``gxpo_metrics_file``: where rank 0 writes gxpo_lib-format rows.
     """}))
 
 
@@ -233,6 +271,33 @@ def _float(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+    """The tokens TRL's loss counts in prepared inputs: completion_mask x tool_mask, [B, T]."""
+    mask = inputs["completion_mask"]
+    tool_mask = inputs.get("tool_mask")
+    return (mask if tool_mask is None else mask * tool_mask).float()
+
+
+@dataclass
+class AccumulationWindow:
+    """What one optimizer step gathers over its ``gradient_accumulation_steps`` training_step calls.
+
+    ``batches``: the prepared TRL inputs of each micro-batch (rule path); ``rewards``: each generation's
+    weighted rewards [rows of all ranks]; ``entropy_totals``: [entropy sum, token count] of the window's
+    generations (all ranks); ``loss``: the summed micro-batch losses (TRL's own step under DeepSpeed/FSDP).
+    """
+
+    calls: int = 0
+    batches: list[dict[str, Any]] = field(default_factory=list)
+    rollout_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    update_seconds: float = 0.0
+    loss: float = 0.0
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    entropy_totals: torch.Tensor | None = None
+    cpu_start: float = field(default_factory=time.process_time)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------
@@ -265,10 +330,9 @@ class GXPOTrainer(GRPOTrainer):
         self.last_info: StepInfo | None = None
         self.last_row: dict[str, Any] | None = None
         self.pass_metrics: list[dict[str, list[float]]] = []
+        self.window = AccumulationWindow()
+        self.pass_token_shares: list[float] | None = None
         self._sampling_entropy: float | None = None
-        self._last_rewards: torch.Tensor | None = None
-        self._reward_seconds = 0.0
-        self._cpu_start = time.process_time()
         path = self.args.gxpo_metrics_file
         path = os.path.join(self.args.output_dir, runlog.METRICS_FILE) if path is None else path
         self.metrics_path = path if path and self.accelerator.is_main_process else None
@@ -299,67 +363,118 @@ class GXPOTrainer(GRPOTrainer):
 
     # -- TRL hooks ---------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch):
-        """Generate + score, then one rule step (1, 3 or K+1 passes) on the same batch."""
+        """One micro-batch of the accumulation window: generate + score when due, stash; at the window's
+        last micro-batch one rule step (1, 3 or K+1 passes) over all of them. Returns the step's loss at the
+        window's end, 0 before it (the Trainer sums the calls' losses)."""
+        if self.window.calls == 0:
+            self.window = AccumulationWindow()
+        window, start = self.window, time.perf_counter()
+        window.calls += 1
+        boundary = self.accelerator.sync_gradients  # the Trainer's: this call ends the window
         if self.native_update:
-            start, self._cpu_start = time.perf_counter(), time.process_time()
-            self._reward_seconds = 0.0
             loss = super().training_step(model, inputs, num_items_in_batch)
-            info = StepInfo(step=self.state.global_step + 1, loss=float(loss), backward_passes=1)
-            self._record_step(info, time.perf_counter() - start, 0.0, None)
+            window.loss += float(loss)
+            window.rollout_seconds += time.perf_counter() - start
+            if boundary:
+                info = StepInfo(step=self.state.global_step + 1, loss=window.loss, backward_passes=1)
+                self._end_window(info, None)
             return loss
-        start, self._cpu_start = time.perf_counter(), time.process_time()
         rule = self.ensure_rule()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        # Rollouts, rewards and advantages (TRL), with old log-probs forced at sampling time.
-        self._reward_seconds = 0.0
-        inputs = self._prepare_inputs(inputs)
-        rollout_seconds = time.perf_counter() - start
-        # The update rule on that batch.
-        update_start = time.perf_counter()
-        info = self.update(model, inputs, rule)
-        update_seconds = time.perf_counter() - update_start
+        # Rollouts, rewards and advantages (TRL; generated once per generation batch), stashed.
+        window.batches.append(self._prepare_inputs(inputs))
         self._step += 1
-        self._metrics["train"]["step_time"].append(time.perf_counter() - start)
-        self._record_step(info, rollout_seconds, update_seconds, inputs)
-        loss = float("nan") if info.loss is None else info.loss
-        return torch.tensor(loss, device=self.args.device)
+        window.rollout_seconds += time.perf_counter() - start
+        if not boundary:
+            return torch.tensor(0.0, device=self.args.device)
+        # The update rule over the whole window.
+        update_start = time.perf_counter()
+        info = self.update(model, window.batches, rule)
+        window.update_seconds += time.perf_counter() - update_start
+        self._end_window(info, window.batches)
+        return torch.tensor(float("nan") if info.loss is None else info.loss, device=self.args.device)
 
-    def update(self, model, inputs: dict[str, Any], rule=None) -> StepInfo:
-        """One ``rule.step`` on prepared TRL inputs; pushes the ``gxpo/*`` metrics and returns the StepInfo.
+    def update(self, model, batches: dict[str, Any] | list[dict[str, Any]], rule=None) -> StepInfo:
+        """One ``rule.step`` on prepared TRL inputs (one micro-batch, or a window's list of them); pushes the
+        ``gxpo/*`` metrics and returns the StepInfo.
 
-        The closure is TRL's ``compute_loss`` + ``accelerator.backward``; every pass sees the same inputs,
-        so the old log-probs stay those of the sampling policy.
+        Each pass runs TRL's ``compute_loss`` + ``accelerator.backward`` on every micro-batch in turn,
+        weighted as `_micro_batch_weights` says; every pass sees the same inputs, so the old log-probs stay
+        those of the sampling policy.
         """
         rule = rule or self.ensure_rule()
-        self.current_gradient_accumulation_steps = 1  # TRL's loss divides by it; GXPOConfig enforces 1
+        batches = [batches] if isinstance(batches, dict) else list(batches)
+        weights, shares = self._micro_batch_weights(batches)
+        self.current_gradient_accumulation_steps = len(batches)  # TRL's loss divides by it
         metrics = self._metrics["train"]
         base = {key: len(values) for key, values in metrics.items()}
         passes: list[dict[str, list[float]]] = []
+        gradient_state = self.accelerator.gradient_state
 
         def closure():
             before = {key: len(values) for key, values in metrics.items()}
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=inputs.get("num_items_in_batch"))
-            self.accelerator.backward(loss)
+            total = 0.0
+            for index, (inputs, weight) in enumerate(zip(batches, weights, strict=True)):
+                last = index == len(batches) - 1
+                # DDP reduces once, after the last micro-batch; TRL's window statistics close there too.
+                gradient_state._set_sync_gradients(last)
+                with nullcontext() if last else self.accelerator.no_sync(model):
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, inputs, num_items_in_batch=inputs.get("num_items_in_batch"))
+                    self.accelerator.backward(loss * weight)
+                total = total + loss.detach() * weight
             self._agree_on_finite_grads(rule.params)
+            if self.accelerator.num_processes > 1:  # the whole batch's loss, the same on every rank
+                total = self.accelerator.reduce(total.reshape(1), reduction="mean")[0]
             passes.append({k: list(v[before.get(k, 0):]) for k, v in metrics.items() if len(v) > before.get(k, 0)})
-            return loss.detach()
+            return total
 
-        info = rule.step(closure, gate_signal=self._gate_signal(rule))
+        try:
+            info = rule.step(closure, gate_signal=self._gate_signal(rule))
+        finally:
+            gradient_state._set_sync_gradients(True)
         self._check_ranks_agree(info)
         # TRL's per-pass metrics: keep the kept (last) pass's values, as one GRPO step would log them.
         for key in {k for p in passes for k in p}:
             metrics[key] = metrics[key][:base.get(key, 0)] + passes[-1].get(key, [])
         self.pass_metrics = passes
+        self.pass_token_shares = shares
         self.last_info = info
         for name, value in info.to_dict().items():
             if name != "step":
                 metrics[f"gxpo/{name}"].append(_float(value))
         for index, values in enumerate(passes, start=1):
-            metrics[f"gxpo/clip_frac_pass{index}"].append(values.get("clip_ratio/region_mean", [float("nan")])[0])
+            metrics[f"gxpo/clip_frac_pass{index}"].append(_float(self._window_mean(values, "clip_ratio/region_mean")))
         return info
+
+    def _micro_batch_weights(self, batches: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+        """(loss weight, share of the window's tokens on all ranks) of each micro-batch.
+
+        The weights are 1 except for ``bnpo`` with ``loss_aggregation="exact"``: TRL divides a micro-batch's
+        token sum by its own tokens and by the micro-batch count n, so n * tokens * processes / (the window's
+        tokens on all ranks) turns the sum over micro-batches, averaged by DDP, into the window's token mean.
+        """
+        local = torch.stack([_loss_mask(b).sum() for b in batches]).double().to(self.accelerator.device)
+        every = self.accelerator.reduce(local.clone(), reduction="sum") if self.accelerator.num_processes > 1 else local
+        window_tokens = float(every.sum().clamp(min=1.0))
+        shares = (every / window_tokens).tolist()
+        if self.loss_type != "bnpo" or self.args.loss_aggregation != "exact":
+            return [1.0] * len(batches), shares
+        scale = len(batches) * self.accelerator.num_processes / window_tokens
+        return [scale * max(float(t), 1.0) for t in local], shares
+
+    def _window_mean(self, pass_values: dict[str, list[float]], key: str) -> float | None:
+        """A metric TRL logs once per micro-batch (a mean over all ranks' tokens), averaged over the window
+        weighted by each micro-batch's tokens; None when the pass did not log it."""
+        values = pass_values.get(key)
+        if not values:
+            return None
+        shares = self.pass_token_shares
+        if shares is None or len(shares) != len(values):
+            return float(sum(values) / len(values))
+        return float(sum(v * s for v, s in zip(values, shares, strict=True)))
 
     def _generate_and_score_completions(self, inputs):
         """TRL's rollouts, plus the sampling policy's log-probs whenever TRL skipped them.
@@ -375,22 +490,23 @@ class GXPOTrainer(GRPOTrainer):
             logps, entropies = self._sampling_policy_view(output, need_entropy)
             if need_old:
                 output["old_per_token_logps"] = logps
-            if need_entropy:
-                mask = output["completion_mask"] * output.get("tool_mask", 1)
-                totals = torch.stack([(entropies * mask).sum(), mask.sum().float()]).double()
-                totals = self.accelerator.reduce(totals, reduction="sum")
-                self._sampling_entropy = float(totals[0] / totals[1].clamp(min=1.0))
+            if need_entropy:  # a token mean over every generation of the window, on all ranks
+                totals = torch.stack([(entropies * _loss_mask(output)).sum(), _loss_mask(output).sum()]).double()
+                totals = self.accelerator.reduce(totals, reduction="sum").cpu()
+                window = self.window
+                window.entropy_totals = totals if window.entropy_totals is None else window.entropy_totals + totals
+                self._sampling_entropy = float(window.entropy_totals[0] / window.entropy_totals[1].clamp(min=1.0))
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """TRL's rewards (already gathered over ranks), timed and kept for the metrics row."""
+        """TRL's rewards (already gathered over ranks), timed and kept for the window's metrics row."""
         start = time.perf_counter()
         per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._reward_seconds += time.perf_counter() - start
+        self.window.reward_seconds += time.perf_counter() - start
         if self.model.training:
             weighted = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
             weighted[torch.isnan(per_func).all(dim=1)] = float("nan")
-            self._last_rewards = weighted.detach().float().cpu()
+            self.window.rewards.append(weighted.detach().float().cpu())
         return per_func
 
     def _clip_grad_norm(self, model):
@@ -489,26 +605,31 @@ class GXPOTrainer(GRPOTrainer):
                 batch_size=self.args.per_device_train_batch_size, compute_entropy=with_entropy, **extra)
         return logps, entropies
 
-    def _record_step(self, info: StepInfo, rollout_seconds: float, update_seconds: float, inputs) -> None:
-        """Update the counters, push the cumulative count to TRL's logs, write the metrics.jsonl row."""
-        scoring = min(self._reward_seconds, rollout_seconds)
+    def _end_window(self, info: StepInfo, batches: list[dict[str, Any]] | None) -> None:
+        """Close the accumulation window: counters, TRL's step_time and cumulative count, the metrics.jsonl
+        row (rewards, lengths and per-token statistics over the whole window, all ranks)."""
+        window, self.window = self.window, AccumulationWindow()
+        scoring = min(window.reward_seconds, window.rollout_seconds)
         self.counters["backward_passes"] += info.backward_passes
-        self.counters["seconds_sampling"] += rollout_seconds - scoring
+        self.counters["seconds_sampling"] += window.rollout_seconds - scoring
         self.counters["seconds_scoring"] += scoring
-        self.counters["seconds_update"] += update_seconds
-        self.counters["cpu_seconds"] += time.process_time() - self._cpu_start
-        self._metrics["train"]["gxpo/cumulative_backward_passes"].append(float(self.counters["backward_passes"]))
+        self.counters["seconds_update"] += window.update_seconds
+        self.counters["cpu_seconds"] += time.process_time() - window.cpu_start
+        metrics = self._metrics["train"]
+        if not self.native_update:  # TRL's training_step logs it under DeepSpeed / FSDP
+            metrics["step_time"].append(window.rollout_seconds + window.update_seconds)
+        metrics["gxpo/cumulative_backward_passes"].append(float(self.counters["backward_passes"]))
         length = None
-        if inputs is not None:  # mean completion length over every rank
-            lengths = self.accelerator.gather(inputs["completion_mask"].sum(1).float())
-            length = float(lengths.mean())
-        rewards = [] if self._last_rewards is None else self._last_rewards.tolist()
-        last = self.pass_metrics[-1] if self.pass_metrics else {}
+        if batches:  # mean completion length over every rank and micro-batch
+            local = torch.cat([b["completion_mask"].sum(1).float() for b in batches])
+            length = float(self.accelerator.gather(local).mean())
+        rewards = torch.cat(window.rewards).tolist() if window.rewards else []
+        last = self.pass_metrics[-1] if self.pass_metrics and batches else {}
         learning_rate = self._get_learning_rate() if self.lr_scheduler is not None else self.args.learning_rate
         self.last_row = runlog.train_row(
             self.state.global_step + 1, info.to_dict(), self.rule, rewards, self.counters,
-            response_length=length, entropy=last.get("entropy", [None])[0], kl=last.get("kl", [None])[0],
-            clip_frac=last.get("clip_ratio/region_mean", [None])[0], learning_rate=learning_rate)
+            response_length=length, entropy=self._window_mean(last, "entropy"), kl=self._window_mean(last, "kl"),
+            clip_frac=self._window_mean(last, "clip_ratio/region_mean"), learning_rate=learning_rate)
         self.write_row(self.last_row)
 
     def x_values(self) -> dict[str, float]:

@@ -21,10 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from gxpo_lib import runlog
 from gxpo_lib.config import RULE_SETTINGS, TrainConfig
 from gxpo_lib.integrations import PROGRESS_PREFIX
-from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
+from gxpo_lib.integrations.trl import LOSS_TYPES, GXPOConfig, GXPOTrainer
 from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
-
-LOSS_TYPES = {"token_mean": "bnpo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}
 
 
 def _bf16_available() -> bool:
@@ -36,18 +34,29 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
     """Map a gxpo_lib TrainConfig onto a GXPOConfig (what has a TRL counterpart; ``overrides`` win).
 
     ``batch_prompts * group_size`` completions per step in total, split over the processes (so a run is
-    the same experiment on 1 or N GPUs); ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant,
-    as in gxpo_lib.trainer; ``mini_batches`` must be 1 (one rule step per batch).
+    the same experiment on 1 or N GPUs), in micro-batches of ``micro_batch_size`` sequences per process:
+    ``per_device_train_batch_size = micro_batch_size`` and ``gradient_accumulation_steps = completions /
+    (num_processes * micro_batch_size)`` (None: one micro-batch per process); one rule step spans them all.
+    ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant, as in gxpo_lib.trainer;
+    ``mini_batches`` must be 1 (one rule step per batch).
     """
     config = config.validate()
     if config.mini_batches != 1:
         raise ValueError(f"mini_batches={config.mini_batches} is invalid for a TRL run: allowed 1")
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes={num_processes!r} is invalid: allowed an integer >= 1")
     completions = config.batch_prompts * config.group_size
     if completions % num_processes:
         raise ValueError(f"batch_prompts * group_size = {completions} is invalid for {num_processes} processes: "
                          "allowed a multiple of the number of processes")
+    micro = config.micro_batch_size or completions // num_processes
+    if completions % (num_processes * micro):
+        raise ValueError(f"micro_batch_size={config.micro_batch_size} is invalid for batch_prompts * group_size = "
+                         f"{completions} completions on {num_processes} processes: allowed a divisor of "
+                         f"{completions // num_processes} (the completions per process)")
     values = dict(
-        output_dir=str(workdir), per_device_train_batch_size=completions // num_processes,
+        output_dir=str(workdir), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=completions // (num_processes * micro), loss_aggregation=config.loss_aggregation,
         num_generations=config.group_size, max_completion_length=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, top_k=0, learning_rate=config.lr,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or 0.0, optim="adamw_torch",
@@ -56,8 +65,8 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
         entropy_coef=config.entropy_coef, max_steps=config.steps, seed=config.seed, save_strategy="steps",
         save_steps=config.checkpoint_every, save_total_limit=config.keep_checkpoints, logging_steps=1,
         report_to=[name for name in config.report_to if name != "none"] or "none", disable_tqdm=True,
-        bf16=_bf16_available(), use_cpu=not torch.cuda.is_available(), gradient_accumulation_steps=1,
-        log_completions=False, gradient_checkpointing=config.gradient_checkpointing,
+        bf16=_bf16_available(), use_cpu=not torch.cuda.is_available(), log_completions=False,
+        gradient_checkpointing=config.gradient_checkpointing,
         **{name: getattr(config, name) for name in RULE_SETTINGS},
     )
     values["r_clamp"] = list(values["r_clamp"])
@@ -109,29 +118,39 @@ class EvaluationCallback(TrainerCallback):
         self.trainer, self.config, self.tokenizer, self.workdir = trainer, config, tokenizer, workdir
         _, self.problems, self.final_sets = run_problems(config)
 
-    def _evaluate(self, problems, samples: int, final: bool) -> dict[str, Any]:
-        from gxpo_lib.evaluation import correct_counts, summarize_counts
+    def sampler(self):
+        """The evaluation sampler on this rank: HF ``generate`` on the policy being trained."""
         from gxpo_lib.models import format_prompt
-        from gxpo_lib.rewards import RewardScorer
         from gxpo_lib.sampling import HFSampler
 
+        cfg, suffix = self.config, instruction_suffix(self.config)
+        return HFSampler(self.trainer.accelerator.unwrap_model(self.trainer.model), self.tokenizer,
+                         lambda t: format_prompt(t + suffix, self.tokenizer), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p)
+
+    def _evaluate(self, problems, samples: int, final: bool) -> dict[str, Any]:
+        """pass@k of `problems`: rank r samples and grades problems r, r + N, ...; the counts are gathered
+        back into the problems' order, so the row (bootstrap intervals included) is the one the counts of
+        all problems in one process give."""
+        from gxpo_lib.evaluation import correct_counts, summarize_counts
+        from gxpo_lib.rewards import RewardScorer
+
         cfg, accelerator = self.config, self.trainer.accelerator
-        suffix, seed = instruction_suffix(cfg), runlog.eval_seed(cfg.seed, final=final)
+        seed = runlog.eval_seed(cfg.seed, final=final)
         rank, world = accelerator.process_index, accelerator.num_processes
         share = problems[rank::world]
         counts, lengths = [], []
         if share:
-            sampler = HFSampler(accelerator.unwrap_model(self.trainer.model), self.tokenizer,
-                                lambda t: format_prompt(t + suffix, self.tokenizer), max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_p=cfg.top_p)
             with RewardScorer(workers=0, timeout_s=cfg.reward_timeout) as scorer:
-                counts, lengths = correct_counts(sampler, scorer, share, samples, seed)
+                counts, lengths = correct_counts(self.sampler(), scorer, share, samples, seed)
         if world > 1:
             from accelerate.utils import gather_object
 
             gathered = gather_object([(counts, lengths)])
-            counts = [c for part, _ in gathered for c in part]
-            lengths = [x for _, part in gathered for x in part]
+            ordered = [0] * len(problems)
+            for part, (part_counts, _) in enumerate(gathered):  # rank `part` holds problems part, part + N, ...
+                ordered[part::world] = part_counts
+            counts, lengths = ordered, [x for _, part_lengths in gathered for x in part_lengths]
         return summarize_counts(counts, samples, lengths, seed)
 
     def _eval_row(self, step: int) -> None:
