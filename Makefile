@@ -1,12 +1,15 @@
 # The two quickstart commands are `make run` and `make test`; both build .venv first if it is missing.
-PY ?= python3.11
+# The first Python 3.11 or 3.12 on PATH (3.11 first: this machine's local torch==2.13.0 CPU wheel is for 3.11).
+PY ?= $(shell for p in python3.11 python3.12 python3; do command -v $$p >/dev/null 2>&1 && \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := notebooks,rl,trl,dev
+EXTRAS := notebooks,rl,trl,tracking,dev
 
-.PHONY: venv run test test-fast test-vllm lint strip-notebooks bench clean
+.PHONY: venv run run-live test test-fast test-vllm lint strip-notebooks bench doctor clean
 
 $(BIN)/.installed: pyproject.toml
+	@test -n "$(PY)" || { echo "no python3.11 or python3.12 on PATH (set PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, alone: the local CPU wheel, so pip never pulls a multi-GB CUDA build.
@@ -45,6 +48,11 @@ strip-notebooks: venv
 
 bench: venv
 	$(BIN)/python bench/bench_update.py
+	$(BIN)/python bench/bench_rewards.py
+
+# Checks this machine for a workshop: versions, kernel, widgets, a timed tiny step -> minutes per notebook.
+doctor: venv
+	$(BIN)/python -m gxpo_lib doctor
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""The pure math of GXPO's extrapolation (spec section 2, steps 4-6), on plain tensors.
+"""The pure math of GXPO's extrapolation (docs/algorithm.md), on plain tensors.
 
 For plain gradient descent on a separable quadratic every gradient coordinate shrinks by a constant
 factor per step, r = g1 / g0 (the *retention ratio*). Summing that geometric series predicts where K

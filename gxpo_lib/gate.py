@@ -1,4 +1,4 @@
-"""ShutoffGate: decides when GXPO (or SFPO) stops extrapolating and falls back to plain GRPO (spec section 3).
+"""ShutoffGate: decides when GXPO (or SFPO) stops extrapolating and falls back to plain GRPO (docs/algorithm.md).
 
 It watches one scalar per active step (by default the pre-clip norm of GXPO's corrective gradient) and
 computes a z-score of each new observation against what came before. A surge (z >= tau on `patience`
@@ -109,7 +109,7 @@ class ShutoffGate:
 
     # -- scoring -----------------------------------------------------------------------------------
     def _score_ema(self, value: float) -> float:
-        """z against the old EMA, then the EMA update of spec section 3 (init="warmup": collect first)."""
+        """z against the old EMA, then the EMA update of docs/algorithm.md (init="warmup": collect first)."""
         if self.init == "warmup" and self.num_observations < self.warmup:
             self.warm_values.append(value)
             if len(self.warm_values) == self.warmup:  # the last warm-up observation sets mu and sigma
@@ -236,6 +236,6 @@ class ShutoffGate:
 
 def sfpo_official_gate() -> ShutoffGate:
     """SFPO's official switch-off: entropy z over a window of 30 that includes the scored value, tau 1.0,
-    no warm-up, permanent (official_code_notes.md section 6)."""
+    no warm-up, permanent (the official SFPO code; docs/versions.md)."""
     return ShutoffGate(tau=1.0, warmup=0, patience=1, mode="window", window=30,
                        window_includes_current=True, signal="entropy", permanent=True)

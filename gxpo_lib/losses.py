@@ -1,6 +1,6 @@
 """GRPO losses: group advantages, per-token log-probs, the clipped surrogate and its aggregations.
 
-The formulas follow ``docs/gxpo_spec.md`` section 4. They match TRL's ``GRPOTrainer`` (checked against
+The formulas follow ``docs/algorithm.md`` (the GRPO loss). They match TRL's ``GRPOTrainer`` (checked against
 trl 1.16.0, ``GRPOTrainer._compute_loss``) for the shared options, and verl's ``token-mean`` aggregation
 used by the paper's runs. Shapes: ``B`` sequences (completions), ``T`` completion tokens, ``V`` vocabulary.
 """

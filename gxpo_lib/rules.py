@@ -7,7 +7,7 @@ Each rule wraps any ``torch.optim.Optimizer`` and is driven like ``optimizer.ste
     rule = GXPO.from_version("v5", optimizer, k=10, alpha=0.3)   # every option as the authors' V5 code
 
 The rule zeroes gradients itself before every ``closure()`` call and returns a `StepInfo` record
-(spec section 5). A pass whose gradient is not finite never reaches the parameters (fallback).
+(docs/algorithm.md). A pass whose gradient is not finite never reaches the parameters (fallback).
 The extrapolation's work buffers are flat (`extrapolation.FlatLayout`): one vector per (device, dtype)
 of the trainable parameters, so its arithmetic runs over a few long chunks, not one tensor at a time.
 """
@@ -43,7 +43,7 @@ GATE_STATISTICS = ("pre_clip", "post_clip")
 VANISHING_PROBE = ("continue", "fallback")
 MIN_GRAD_NORM = 1e-8  # a probe gradient at or below this norm is "vanishing"
 
-# Every option as each version of the authors' code behaves (docs/versions.md; official_code_notes.md).
+# Every option as each version of the authors' code behaves (docs/versions.md).
 _V2 = {"retention": "grad", "active_set": "absolute", "scale_form": "horner", "q_clamp": False,
        "optimizer_state": "carry", "gate_statistic": "pre_clip", "vanishing_probe": "continue",
        "gate": {"mode": "ema", "warmup": 2, "patience": 1, "two_sided": False, "signal": "grad_norm", "init": "unit"}}
@@ -333,7 +333,7 @@ def _make_gate(gate: ShutoffGate | None | str, gate_kwargs: dict[str, Any]) -> S
 
 
 class GXPO(_GatedRule):
-    """Gradient-extrapolation policy optimization (spec section 2): 3 backward passes per active step.
+    """Gradient-extrapolation policy optimization (docs/algorithm.md): 3 backward passes per active step.
 
     Args:
         optimizer: any torch optimizer.
@@ -578,7 +578,7 @@ class GXPO(_GatedRule):
 
 
 class SFPO(_GatedRule):
-    """Slow-fast policy optimization (the strongest peer; spec section 4): K+1 backward passes.
+    """Slow-fast policy optimization (the strongest peer; docs/algorithm.md): K+1 backward passes.
 
     Save theta0; K plain steps; theta' = theta0 + alpha (theta_K - theta0); one more plain step at
     theta'. The optimizer state is never touched. Two structures when a batch has m mini-batches:

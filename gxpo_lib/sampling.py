@@ -1,7 +1,7 @@
 """Rollouts: sample a group of completions per prompt and record what the sampling policy thought of them.
 
 A sampler turns problem texts into `Rollouts`: token ids, masks, decoded completions and the sampling
-policy's per-token log-probs (the fixed "old" log-probs of the GRPO ratio; spec section 4). `HFSampler`
+policy's per-token log-probs (the fixed "old" log-probs of the GRPO ratio; docs/algorithm.md). `HFSampler`
 uses ``model.generate``; a vLLM sampler (GPU extra) implements the same `Sampler` protocol.
 """
 

@@ -95,7 +95,7 @@ class Landscape:
 
 class DiagonalQuadratic(Landscape):
     """L = 1/2 sum_i h_i (theta_i - c_i)^2: separable, so plain GD multiplies gradient coordinate i by
-    r_i = 1 - lr h_i every step and GXPO's surrogate is exact (spec section 2)."""
+    r_i = 1 - lr h_i every step and GXPO's surrogate is exact (docs/algorithm.md)."""
 
     name = "diagonal"
 

