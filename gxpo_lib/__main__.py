@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import notebooks
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(findings))
         return 1 if any(f.status == "fail" for f in findings) else 0
     if args.command == "execute":
-        parameters = json.loads(open(args.parameters, encoding="utf-8").read()) if args.parameters else {}
+        parameters = json.loads(Path(args.parameters).read_text(encoding="utf-8")) if args.parameters else {}
         print(f"[gxpo] wrote {notebooks.execute_notebook(args.notebook, args.out_dir, parameters, args.timeout)}")
         return 0
 

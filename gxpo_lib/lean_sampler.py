@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sampling import Rollouts, pad_right, completion_mask
+from .sampling import Rollouts, completion_mask, pad_right
 from .validation import check_int, check_positive
 
 # RoPE types whose cos/sin depend on the position alone (a table computed once per call is exact).

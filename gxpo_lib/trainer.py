@@ -109,7 +109,7 @@ def make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: 
         from .vllm_sampler import VLLMSampler
 
         return VLLMSampler(model, tokenizer, format_prompt, gpu_memory_utilization=config.vllm_gpu_memory,
-                           workdir=workdir / "vllm", **settings)
+                           workdir=workdir / "vllm", score_batch_size=config.micro_batch_size, **settings)
     from .lean_sampler import LeanSampler, supports
 
     on_cpu = next(model.parameters()).device.type == "cpu"

@@ -50,7 +50,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from .sampling import Rollouts, completion_logprobs
+from .sampling import Rollouts, batched_logprobs
 from .validation import check_int, check_positive
 
 logger = logging.getLogger(__name__)
@@ -181,8 +181,10 @@ class VLLMSampler:
     def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, gpu_memory_utilization: float = 0.3, workdir: str | Path | None = None,
                  max_model_len: int | None = None, dtype: Any = None, enforce_eager: bool | None = None,
-                 **engine_kwargs: Any):
+                 score_batch_size: int | None = None, **engine_kwargs: Any):
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
+        self.score_batch_size = None if score_batch_size is None else check_int("score_batch_size",
+                                                                                score_batch_size, minimum=1)
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
         self.temperature = check_positive("temperature", temperature)
         if not 0 < top_p <= 1:
@@ -400,8 +402,8 @@ class VLLMSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            logprobs, entropy = completion_logprobs(self.model, rollouts, temperature=self.temperature,
-                                                    with_entropy=True)
+            logprobs, entropy = batched_logprobs(self.model, rollouts, self.temperature, self.score_batch_size,
+                                                 with_entropy=True)
         finally:
             self.model.train(was_training)
         mask = rollouts.completion_mask

@@ -69,6 +69,8 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
         gradient_checkpointing=config.gradient_checkpointing,
         **{name: getattr(config, name) for name in RULE_SETTINGS},
     )
+    if config.rollout_backend == "vllm":  # TRL's own colocated vLLM engine
+        values |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": config.vllm_gpu_memory}
     values["r_clamp"] = list(values["r_clamp"])
     return GXPOConfig(**(values | overrides))
 
