@@ -18,14 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .validation import (
-    check_choice,
-    check_int,
-    check_interval,
-    check_open_unit,
-    check_optional_positive,
-    check_positive,
-)
+from . import validation as checks
 
 ALGORITHMS = ("grpo", "gxpo", "sfpo")
 GATES = ("auto", "default", "official", "none")
@@ -317,21 +310,21 @@ def _check(name: str, value: Any, spec: tuple) -> None:
     """Type and range of one setting by its check spec; raises ValueError naming it."""
     kind, *args = spec
     if kind == "choice":
-        check_choice(name, value, args[0])
+        checks.check_choice(name, value, args[0])
     elif kind == "optional_choice":
         if value is not None:
-            check_choice(name, value, args[0])
+            checks.check_choice(name, value, args[0])
     elif kind == "int":
-        check_int(name, value, minimum=args[0])
+        checks.check_int(name, value, minimum=args[0])
     elif kind == "optional_int":
         if value is not None:
-            check_int(name, value, minimum=args[0])
+            checks.check_int(name, value, minimum=args[0])
     elif kind == "positive":
-        check_positive(name, value)
+        checks.check_positive(name, value)
     elif kind == "optional_positive":
-        check_optional_positive(name, value)
+        checks.check_optional_positive(name, value)
     elif kind == "open_unit":
-        check_open_unit(name, value)
+        checks.check_open_unit(name, value)
     elif kind in ("nonneg", "unit_right"):
         upper = 1.0 if kind == "unit_right" else float("inf")
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
@@ -340,7 +333,7 @@ def _check(name: str, value: Any, spec: tuple) -> None:
             allowed = "a number in (0, 1]" if kind == "unit_right" else "a finite number >= 0"
             raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
     elif kind == "interval":
-        check_interval(name, value)
+        checks.check_interval(name, value)
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r} is invalid: allowed true or false")
@@ -353,7 +346,7 @@ def _check(name: str, value: Any, spec: tuple) -> None:
             raise ValueError(f"{name}={value!r} is invalid: allowed a list of names")
         if kind == "report_to":
             for v in value:
-                check_choice(name, v, REPORT_TO)
+                checks.check_choice(name, v, REPORT_TO)
     elif kind == "levels":
         if value is not None and not (isinstance(value, tuple) and value and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
@@ -453,9 +446,9 @@ def check_notebook_parameters(values: dict[str, Any]) -> None:
                 not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed))):
             raise ValueError(f"{name}={value!r} is invalid: allowed {kind}")
     if "backend" in values:
-        check_choice("backend", values["backend"], BACKENDS)
+        checks.check_choice("backend", values["backend"], BACKENDS)
     if "num_processes" in values:
-        check_int("num_processes", values["num_processes"], minimum=1)
+        checks.check_int("num_processes", values["num_processes"], minimum=1)
 
 
 def parameters_cell() -> str:

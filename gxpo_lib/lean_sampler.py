@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .sampling import Rollouts, completion_mask, pad_right
-from .validation import check_int, check_positive
+from .sampling import Rollouts, check_sampling, completion_mask, pad_right
+from .validation import check_int
 
 # RoPE types whose cos/sin depend on the position alone (a table computed once per call is exact).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -325,11 +325,7 @@ class LeanSampler:
     def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, batch_size: int = 256):
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-        self.temperature = check_positive("temperature", temperature)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
-        self.top_p = float(top_p)
+        self.max_new_tokens, self.temperature, self.top_p = check_sampling(max_new_tokens, temperature, top_p)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")

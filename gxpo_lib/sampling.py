@@ -92,6 +92,14 @@ def completion_logprobs(model, rollouts_or_ids, attention_mask=None, prompt_leng
     return logprobs
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> tuple[int, float, float]:
+    """A sampler's (max_new_tokens, temperature, top_p), checked; ValueError names the bad one."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
+    return (check_int("max_new_tokens", max_new_tokens, minimum=1), check_positive("temperature", temperature),
+            float(top_p))
+
+
 def micro_batches(rows: int, micro_batch_size: int | None) -> list[slice]:
     """Row slices of at most `micro_batch_size` rows (None: one slice of everything)."""
     size = rows if micro_batch_size is None else max(1, min(micro_batch_size, rows))
@@ -134,11 +142,7 @@ class HFSampler:
     def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, batch_size: int = 256, score_batch_size: int | None = None):
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-        self.temperature = check_positive("temperature", temperature)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
-        self.top_p = float(top_p)
+        self.max_new_tokens, self.temperature, self.top_p = check_sampling(max_new_tokens, temperature, top_p)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.score_batch_size = None if score_batch_size is None else check_int("score_batch_size",
                                                                                 score_batch_size, minimum=1)

@@ -50,8 +50,8 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from .sampling import Rollouts, batched_logprobs
-from .validation import check_int, check_positive
+from .sampling import Rollouts, batched_logprobs, check_sampling
+from .validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,7 @@ class VLLMSampler:
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
         self.score_batch_size = None if score_batch_size is None else check_int("score_batch_size",
                                                                                 score_batch_size, minimum=1)
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
-        self.temperature = check_positive("temperature", temperature)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
-        self.top_p = float(top_p)
+        self.max_new_tokens, self.temperature, self.top_p = check_sampling(max_new_tokens, temperature, top_p)
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)) \
                 or not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization!r} is invalid: allowed a number "
