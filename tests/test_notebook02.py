@@ -1,11 +1,16 @@
 """Notebook 02 headless (short budget): the three rules train, and the stored verdict follows the numbers."""
 
 import json
+import time
 from pathlib import Path
 
+import nbformat
 import pytest
+from test_notebook01 import run_exercises
 
+from gxpo_lib import analysis
 from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
+from gxpo_lib.replay import read_index, shipped_results
 
 NOTEBOOK = NOTEBOOK_DIR / "02_grpo_vs_gxpo_small_llama.ipynb"
 SHORT = {"eval_every": 2, "eval_problems": 16, "eval_samples": 2, "batch_prompts": 4, "group_size": 4}
@@ -13,7 +18,7 @@ SHORT = {"eval_every": 2, "eval_problems": 16, "eval_samples": 2, "batch_prompts
 
 def test_notebook02_runs_headless_and_stores_consistent_results(tmp_path):
     steps = 4
-    execute_notebook(NOTEBOOK, tmp_path, html=False, parameters={"steps": steps, **SHORT})
+    execute_notebook(NOTEBOOK, tmp_path, html=False, parameters={"steps": steps, "replay": False, **SHORT})
     results = json.loads((tmp_path / "02_results.json").read_text())
     algos = results["algorithms"]
     assert set(algos) == {"grpo", "gxpo", "sfpo"}
@@ -45,6 +50,43 @@ def test_another_learning_rate_trains_beside_the_first_runs(tmp_path):
     """Trying another lr gets a folder of its own (no "lr differs" error); the same settings resume."""
     for lr in (2e-3, 1e-3, 2e-3):
         execute_notebook(NOTEBOOK, tmp_path, html=False, parameters={"steps": 2, "algorithms": ["grpo"],
-                                                                      "lr": lr, **SHORT})
+                                                                      "lr": lr, "replay": False, **SHORT})
     folders = sorted(p.name for p in (tmp_path / "nb02-runs").iterdir() if p.name != "live")
     assert len(folders) == 2
+
+
+# A wrong answer for each exercise: the centred rewards, the objective's sign, every step at 3 passes, pass@1.
+WRONG_02 = {"group_advantages": "[0.5, -0.5, -0.5, 0.5]", "clipped_loss": "1.2", "backward_passes": "90",
+            "pass_at_k": "0.25"}
+
+
+def test_exercises_pass_with_the_solutions_and_fail_with_wrong_answers():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cells = [c for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
+    assert 3 <= len(cells) <= 5 and all("check.fill(answer," in c.source for c in cells)
+    filled = run_exercises(NOTEBOOK)
+    assert set(filled) == set(WRONG_02) and all(r.ok for r in filled.values())
+    wrong = run_exercises(NOTEBOOK, WRONG_02)
+    assert not any(r.ok for r in wrong.values()) and all(r.message.startswith("not yet") for r in wrong.values())
+    assert all(not r.ok for r in run_exercises(NOTEBOOK, fill=False).values())
+
+
+@pytest.mark.slow
+def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
+    """Defaults (replay=True): nothing trains, and every number comes from the shipped run folders."""
+    start = time.perf_counter()
+    execute_notebook(NOTEBOOK, tmp_path, html=False)
+    seconds = time.perf_counter() - start
+    results = json.loads((tmp_path / "02_results.json").read_text())
+    assert results["replay"] is True and not (tmp_path / "nb02-runs" / "grpo_eval_problems=48").exists()
+    assert results["exercises"] == dict.fromkeys(WRONG_02, True)
+    shipped = shipped_results("nb02")
+    assert sorted(Path(a["folder"]).name for a in results["algorithms"].values()) == \
+        sorted(read_index(shipped)["runs"])
+    for name, algo in results["algorithms"].items():
+        run = analysis.load_run(shipped / Path(algo["folder"]).name)
+        assert run.algorithm == name and run.config["steps"] == results["steps"] == len(run.train)
+        assert (algo["initial_pass@1"], algo["final_pass@1"]) == (run.eval[0]["pass@1"], run.eval[-1]["pass@1"])
+        assert algo["backward_passes"] == run.eval[-1]["backward_passes"]
+    assert any(line.startswith("GRPO: sampled pass@1") for line in results["verdict"])
+    assert seconds < 180

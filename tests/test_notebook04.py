@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 
+from gxpo_lib import analysis
 from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
+from gxpo_lib.replay import read_index, shipped_results
 from gxpo_lib.trainer import TrainConfig, read_metrics, train
 
 NOTEBOOK = NOTEBOOK_DIR / "04_compare_runs.ipynb"
@@ -35,7 +37,7 @@ def _evals(folder):
 def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_runs, tmp_path):
     out = tmp_path / "out"
     execute_notebook(NOTEBOOK, out, parameters={"run_dirs": [str(two_runs / "grpo"), str(two_runs / "gxpo")],
-                                                "output_dir": "compare"})
+                                                "output_dir": "compare", "replay": False})
     results = json.loads((out / "compare" / "04_results.json").read_text())
     assert sorted(r["name"] for r in results["runs"]) == ["grpo", "gxpo"]
     assert [g["algorithm"] for g in results["groups"]] == ["grpo", "gxpo"]
@@ -86,7 +88,7 @@ def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_run
 def test_notebook04_auto_with_no_run_or_one_run_says_so(two_runs, tmp_path, copied):
     for name in copied:  # "auto" searches the working directory, which execute_notebook makes `tmp_path`
         shutil.copytree(two_runs / name, tmp_path / "runs" / name)
-    execute_notebook(NOTEBOOK, tmp_path, html=False)
+    execute_notebook(NOTEBOOK, tmp_path, html=False, parameters={"replay": False})
     results = json.loads((tmp_path / "04-compare" / "04_results.json").read_text())
     assert [r["name"] for r in results["runs"]] == copied
     expected = "No run folder found" if not copied else "Only one run found"
@@ -97,3 +99,26 @@ def test_notebook04_auto_with_no_run_or_one_run_says_so(two_runs, tmp_path, copi
         assert any(m.startswith("No grpo run found") for m in results["messages"])
     else:
         assert results["final"] == [] and results["speedup"] == [] and results["groups"] == []
+
+
+def test_notebook04_opens_the_shipped_seed_study_by_default(tmp_path):
+    """Defaults (replay=True): the shipped study's runs, and tables equal to those drawn from its folders."""
+    execute_notebook(NOTEBOOK, tmp_path, html=False)
+    results = json.loads((tmp_path / "04-compare" / "04_results.json").read_text())
+    shipped = shipped_results("seed-study")
+    assert results["replay"] is True
+    assert sorted(r["name"] for r in results["runs"]) == sorted(read_index(shipped)["runs"])
+    runs = analysis.load_runs(shipped)
+    groups = analysis.group_runs(runs, results["group_by"])
+    assert [g["label"] for g in results["groups"]] == [g.label for g in groups]
+    assert {g.algorithm for g in groups} >= {"grpo", "gxpo"}
+    finals = {r["run"]: r for r in results["final"]}
+    for run in runs:
+        benchmark, stored = next(iter(run.final_eval.items()))
+        assert finals[run.name]["benchmark"] == benchmark
+        assert finals[run.name]["pass@1"] == pytest.approx(stored["pass@1"])
+    speedup = {r["algorithm"]: r for r in results["speedup"]}
+    assert speedup["grpo"]["status"] == "reference"
+    seed_mean = analysis.band([r for r in runs if r.algorithm == "grpo"], "pass@1")   # step 0 is the start
+    grpo_peak = seed_mean.loc[seed_mean["step"] > 0, "mean"].max()
+    assert speedup["grpo"]["target"] == pytest.approx(grpo_peak)

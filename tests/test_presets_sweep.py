@@ -76,8 +76,8 @@ def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path, monkey
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
         "preset": "smoke", "out": "sweep", "parallel": 2,
-        "base": {"steps": 2, "eval_every": 2, "eval_problems": 8, "eval_samples": 2, "batch_prompts": 4,
-                 "group_size": 4, "final_eval_problems": 8, "final_eval_samples": 2},
+        "base": {"steps": 2, "eval_every": 2, "eval_problems": 4, "eval_samples": 2, "batch_prompts": 2,
+                 "group_size": 2, "max_new_tokens": 12, "final_eval_problems": 4, "final_eval_samples": 2},
         "grid": {"algorithm": ["grpo", "gxpo"], "seed": [0, 1]}}))
     sweep = load_sweep(grid)
     rows = run_sweep(sweep)

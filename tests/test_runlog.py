@@ -58,7 +58,7 @@ def test_train_rows_have_one_key_set_and_shared_x_values():
     class Rule:  # what rule_settings_row reads of a rule
         k, alpha, r_clamp = 5, 0.5, (-2.0, 3.0)
 
-        class gate:  # noqa: N801
+        class gate:
             tau = 0.5
 
     counters = runlog.new_counters() | {"backward_passes": 3, "seconds_sampling": 1.0, "seconds_update": 2.0}

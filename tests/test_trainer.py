@@ -1,6 +1,7 @@
 """train(config, workdir) end to end on the CPU: the whole pipeline, resume, validation, live settings."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,13 +17,32 @@ def small(**overrides):
     return TrainConfig(**(base | overrides))
 
 
+# The smallest evaluation (one problem, one sample at step 0 and at the last step): for runs whose evaluation
+# rows no test reads.
+NO_EVAL = dict(eval_problems=1, eval_samples=1)
+
+
 def strip_times(rows):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
 
 
-def test_one_run_exercises_the_whole_pipeline(tmp_path):
-    summary = train(small(), tmp_path)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """One run of small() (2 GXPO steps, evaluations at 0 and 2, a checkpoint each step), shared read-only:
+    (summary, folder). Tests that resume or change it work on a copy (`copy_of`)."""
+    folder = tmp_path_factory.mktemp("two-step-run")
+    return train(small(), folder), folder
+
+
+def copy_of(run, destination):
+    """A copy of a shared run's folder at `destination` (to resume or alter without touching the original)."""
+    shutil.copytree(run[1], destination)
+    return destination
+
+
+def test_one_run_exercises_the_whole_pipeline(two_step_run):
+    summary, folder = two_step_run
+    rows = read_metrics(folder / "metrics.jsonl")
     kinds = [(r["kind"], r["step"]) for r in rows]
     assert kinds == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     first = rows[1]
@@ -33,21 +53,21 @@ def test_one_run_exercises_the_whole_pipeline(tmp_path):
     assert first["backward_passes"] in (1, 2, 3, 4)  # 3 when active; a fallback or closed gate differs
     assert rows[2]["cumulative_backward_passes"] == first["backward_passes"] + rows[2]["backward_passes"]
     assert 0 <= rows[0]["pass@1"] <= 1 and "pass@2" in rows[0] and len(rows[0]["pass@1_ci"]) == 2
-    assert (tmp_path / "checkpoints").is_dir() and json.loads((tmp_path / "config.json").read_text())["k"] == 5
+    assert (folder / "checkpoints").is_dir() and json.loads((folder / "config.json").read_text())["k"] == 5
     assert summary["steps_done"] == 2
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "sfpo"])
 def test_other_algorithms_count_their_passes(tmp_path, algorithm):
-    train(small(algorithm=algorithm, k=3, steps=1, eval_every=5), tmp_path)
+    train(small(algorithm=algorithm, k=3, steps=1, eval_every=5, **NO_EVAL), tmp_path)
     row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
     assert row["backward_passes"] == (1 if algorithm == "grpo" else 4)
 
 
-def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(two_step_run, tmp_path):
     config = small(steps=4, eval_every=2, checkpoint_every=1)
     whole = train(config, tmp_path / "whole")
-    train(small(steps=2, eval_every=2, checkpoint_every=1), tmp_path / "split")
+    copy_of(two_step_run, tmp_path / "split")  # small(): the same run stopped after step 2
     resumed = train(config, tmp_path / "split")
     a = strip_times(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
     b = strip_times(read_metrics(tmp_path / "split" / "metrics.jsonl"))
@@ -57,14 +77,14 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
             assert torch.equal(p, q), name
 
 
-def test_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
-    train(small(steps=2, checkpoint_every=2, eval_every=10), tmp_path)
-    with open(tmp_path / "metrics.jsonl", "a") as handle:
+def test_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped_on_resume(two_step_run, tmp_path):
+    run = copy_of(two_step_run, tmp_path / "run")  # its last checkpoint is step 2
+    with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"kind": "train", "step": 3, "reward_mean": 0.5}\n{"kind": "tr')  # a kill mid-write
-    train(small(steps=3, checkpoint_every=2, eval_every=10), tmp_path)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    train(small(steps=3), run)
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
-    assert all(line.strip().endswith("}") for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert all(line.strip().endswith("}") for line in (run / "metrics.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("overrides, name", [
@@ -83,7 +103,7 @@ def test_first_pass_old_logprobs_train_like_the_samplers_forward(tmp_path, algor
     """TRL's shortcut (old log-probs from the first backward pass) changes the cost, not the run."""
     runs = {}
     for source in ("sampler", "first_pass"):
-        config = small(algorithm=algorithm, steps=3, eval_every=3, old_logprobs=source)
+        config = small(algorithm=algorithm, steps=3, eval_every=3, old_logprobs=source, **NO_EVAL)
         summary = train(config, tmp_path / source)
         rows = [r for r in read_metrics(tmp_path / source / "metrics.jsonl") if r["kind"] == "train"]
         runs[source] = (summary["model"], rows)
@@ -110,12 +130,12 @@ def test_first_pass_old_logprobs_refuse_settings_that_need_the_samplers_forward(
     small(algorithm="sfpo", sfpo_official_gate=False, old_logprobs="first_pass").validate()  # a grad-norm gate
 
 
-def test_unknown_setting_and_changed_run_are_rejected(tmp_path):
+def test_unknown_setting_and_changed_run_are_rejected(two_step_run, tmp_path):
     with pytest.raises(ValueError, match="^lerning_rate="):
         TrainConfig.from_dict({"lerning_rate": 1e-3})
-    train(small(steps=1, eval_every=5), tmp_path)
+    copy_of(two_step_run, tmp_path / "run")
     with pytest.raises(ValueError, match="^alpha="):
-        train(small(steps=2, alpha=0.9, eval_every=5), tmp_path)
+        train(small(steps=3, alpha=0.9), tmp_path / "run")
 
 
 def test_live_settings_reach_the_next_step(tmp_path):
@@ -125,7 +145,7 @@ def test_live_settings_reach_the_next_step(tmp_path):
         if row["kind"] == "train" and row["step"] == 1:
             control.update(tau=2.0, k=10)
 
-    train(small(steps=3, eval_every=10), tmp_path, callbacks=[on_row], control=control)
+    train(small(steps=3, eval_every=10, **NO_EVAL), tmp_path, callbacks=[on_row], control=control)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [(r["tau"], r["k"]) for r in rows] == [(0.5, 5), (2.0, 10), (2.0, 10)]
 
@@ -149,23 +169,23 @@ def test_summary_read_back_from_the_folder_matches_train(tmp_path):
 def test_grpo_controls_matched_compute_and_matched_step(tmp_path):
     # ppo_epochs=3: three optimizer passes over the same batch (GXPO's 3 backward passes, no lookahead);
     # step_scale: GRPO's learning rate multiplied (the matched-step control).
-    train(small(algorithm="grpo", ppo_epochs=3, step_scale=2.5, steps=1, eval_every=5), tmp_path)
+    train(small(algorithm="grpo", ppo_epochs=3, step_scale=2.5, steps=1, eval_every=5, **NO_EVAL), tmp_path)
     row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
     assert row["backward_passes"] == 3 and row["cumulative_backward_passes"] == 3
     assert row["learning_rate"] == pytest.approx(2.5 * 2e-3)
 
 
 def test_sfpo_official_sweeps_span_every_mini_batch(tmp_path):
-    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none"), tmp_path / "a")
+    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none", **NO_EVAL), tmp_path / "a")
     train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none",
-                sfpo_sweeps="per_minibatch"), tmp_path / "b")
+                sfpo_sweeps="per_minibatch", **NO_EVAL), tmp_path / "b")
     official, per_minibatch = (next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "train")
                                for name in ("a", "b"))
     assert official["backward_passes"] == per_minibatch["backward_passes"] == (2 + 1) * 2
 
 
 def test_a_gxpo_version_preset_runs_by_name(tmp_path):
-    train(small(version="v2", steps=1, eval_every=5), tmp_path)
+    train(small(version="v2", steps=1, eval_every=5, **NO_EVAL), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["version"] == "v2"
 

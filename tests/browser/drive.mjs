@@ -1,7 +1,7 @@
 // Drives JupyterLab in Debian's headless Chromium (playwright-core, no browser download) and checks that
 // the notebooks' widgets really redraw their plotly figures when moved with the keyboard / mouse.
 //
-//   node drive.mjs '{"scenario": "explorer"|"dashboard", "url": "http://127.0.0.1:PORT", "token": "...",
+//   node drive.mjs '{"scenario": "explorer"|"dashboard"|"exercise", "url": "http://127.0.0.1:PORT", "token": "...",
 //                    "root": "/folder/the/server/serves", "notebook": "name.ipynb", "out": "/screenshot/dir"}'
 //
 // tests/browser/test_browser.py starts the server (conftest.py) and calls this script. Progress goes to
@@ -352,7 +352,39 @@ async function dashboard(page) {
 }
 
 // -- main ----------------------------------------------------------------------------------------------------
-const scenarios = { explorer, dashboard };
+// -- scenario 3: an exercise of notebook 01, answered wrong and then right --------------------------------
+// The notebook (built by test_browser.py) holds notebook 01's parameters cell with fill_solutions = False,
+// its setup cell and its first exercise cell, verbatim. The blank is line 2 of the exercise cell
+// (`answer = ...`): the driver selects that line, types an answer over it, runs the cell (Ctrl+Enter) and
+// reads the check's printed line, once with `options.wrong`, then with `options.right`.
+async function exercise(page) {
+  const cell = page.locator('.jp-CodeCell', { hasText: `exercises['${options.exercise}']` }).first();
+  const output = cell.locator('.jp-OutputArea-output');
+  const finished = await openAndRunAll(page, options.notebook, 'exercise', 170_000);
+  await finished(output.filter({ hasText: 'not yet' }));
+  await cell.scrollIntoViewIfNeeded();
+  const feedback = { blank: (await output.innerText()).trim() };
+  log(`all cells ran; the blank gives: ${feedback.blank}`);
+  await shoot(cell, '01-exercise-blank.png');
+  const expected = { wrong: /^not yet: you gave/, right: /^right:/ };
+  for (const [i, name] of ['wrong', 'right'].entries()) {
+    await cell.locator('.cm-content').click();
+    await page.keyboard.press('Control+Home');
+    await page.keyboard.press('ArrowDown');
+    await page.keyboard.press('Home');
+    await page.keyboard.press('Shift+End');
+    await page.keyboard.type(`answer = ${options[name]}`);
+    await page.keyboard.press('Control+Enter');
+    await page.waitForFunction(([el, pattern]) => new RegExp(pattern).test(el.innerText.trim()),
+                               [await output.elementHandle(), expected[name].source], { timeout: 30_000 });
+    feedback[name] = (await output.innerText()).trim();
+    log(`typed answer = ${options[name]}: ${feedback[name]}`);
+    await shoot(cell, `0${i + 2}-exercise-${name}.png`);
+  }
+  return { feedback, source: await cell.locator('.cm-content').innerText() };
+}
+
+const scenarios = { explorer, dashboard, exercise };
 const browser = await chromium.launch({
   executablePath: process.env.GXPO_CHROMIUM || '/usr/bin/chromium', headless: true, args: ['--no-sandbox'],
 });

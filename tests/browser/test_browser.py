@@ -16,6 +16,10 @@ pytest's temp dir and are copied to runs/browser/<scenario>/ (paths printed; see
    steps, Stop. metrics.jsonl must log the starting tau and then 1 from the next step on, and the figure
    must grow with one point per logged step (and show the same steps, rewards and tau as the file).
 
+3. An exercise of notebook 01 (a notebook of its parameters cell with fill_solutions = False, its setup cell
+   and its first exercise cell, verbatim): type a wrong answer over the blank and run the cell, then the
+   right one: the check's printed feedback turns from "not yet" to "right".
+
 Needs /usr/bin/chromium and tests/browser/node_modules/playwright-core (tests/browser/setup.sh installs both);
 skipped with the reason otherwise.
 """
@@ -36,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 NB01 = REPO / "notebooks" / "01_toy_extrapolation.ipynb"
 NB02 = REPO / "notebooks" / "02_grpo_vs_gxpo_small_llama.ipynb"
 DASHBOARD_NOTEBOOK = "02_dashboard_browser_test.ipynb"
+EXERCISE_NOTEBOOK = "01_exercise_browser_test.ipynb"
 NB02_OVERRIDES = {"batch_prompts": 2, "group_size": 4}  # the rest as stored (tau = 0.5, k = 5, ...)
 
 
@@ -139,3 +144,43 @@ def test_dashboard_tau_slider_reaches_the_next_steps_and_the_figure_grows(dashbo
 def test_dashboard_shows_and_uses_the_notebooks_tau(dashboard_run):
     assert float(dashboard_run["tau_shown_at_start"]) == 0.5
     assert dashboard_run["taus"][0] == pytest.approx(0.5, rel=1e-12)
+
+
+# -- notebook 01's exercises --------------------------------------------------------------------------------
+def build_exercise_notebook(path) -> str:
+    """Notebook 01's parameters cell (fill_solutions = False), setup cell and first exercise cell, verbatim.
+
+    Returns the exercise's name (the key it stores its check result under)."""
+    nb = nbformat.read(NB01, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
+    setup = next(c for c in code if "exercises = {}" in c.source)
+    first = next(c for c in code if "exercise" in c.metadata.get("tags", []))
+    assert "fill_solutions = True" in parameters.source and first.source.splitlines()[1] == "answer = ..."
+    out = nbformat.v4.new_notebook(metadata=nb.metadata)
+    out.cells = [nbformat.v4.new_markdown_cell(f"Built by tests/browser/test_browser.py from `{NB01.name}`."),
+                 nbformat.v4.new_code_cell(parameters.source.replace("fill_solutions = True",
+                                                                     "fill_solutions = False")),
+                 nbformat.v4.new_code_cell(setup.source), nbformat.v4.new_code_cell(first.source)]
+    nbformat.write(out, path)
+    return first.source.split("exercises['")[1].split("'")[0]
+
+
+@pytest.fixture(scope="module")
+def exercise_run(lab, drive, tmp_path_factory):
+    name = build_exercise_notebook(lab.root / EXERCISE_NOTEBOOK)
+    assert name == "q_value"
+    try:  # q = S_5(0.9) / S_2(0.9) = 2.1553; the wrong answer is S_5(0.9) alone (a hinted slip)
+        return drive(lab, "exercise", EXERCISE_NOTEBOOK, tmp_path_factory.mktemp("exercise"), timeout=240,
+                     exercise=name, wrong="4.0951", right="2.1553")
+    finally:
+        lab.shutdown_kernels()
+
+
+def test_exercise_feedback_turns_from_not_yet_to_right(exercise_run):
+    feedback = exercise_run["feedback"]
+    assert feedback["blank"].startswith("not yet: fill in the blank")
+    assert feedback["wrong"].startswith("not yet: you gave 4.095; that is S_K(r) alone")
+    assert feedback["right"].startswith("right: q = 2.155 for r = 0.9, K = 5")
+    assert "answer = 2.1553" in exercise_run["source"]     # typed over the blank
+    assert "Traceback" not in " ".join(feedback.values()) and len(exercise_run["screenshots"]) == 3
