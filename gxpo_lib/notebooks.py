@@ -41,6 +41,7 @@ def execute_notebook(
     papermill.execute_notebook(
         str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
         cwd=str(out_dir), execution_timeout=timeout, progress_bar=False,
+        store_widget_state=False,  # the explorers' widget state is megabytes of plotly.js per figure
     )
     if html:
         export_html(output)
