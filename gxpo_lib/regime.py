@@ -385,9 +385,9 @@ def _reach_text(row: Any, reference: str) -> str:
 
 def markdown_table(table) -> str:
     """The cell table as README-ready markdown: pass@1 with intervals, cost, GRPO's peaks, mechanism."""
-    lines = [("| method | lr | seeds | final pass@1 | peak pass@1 | passes | train s | to same-lr GRPO "
-              "peak | to best-lr GRPO peak | mean r | cos(g0,g1) | α·q̄ | clamp | gate shut |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| method | lr | seeds | final pass@1 | peak pass@1 | passes | train s | CPU s | to same-lr "
+              "GRPO peak | to best-lr GRPO peak | mean r | cos(g0,g1) | α·q̄ | clamp | gate shut |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in table.iterrows():
         shut = "-" if row["method"].startswith("GRPO") else (
             f"{row['shut_runs']:.0f} of {row['seeds']:.0f}" + ("" if _missing(row["shutoff_step"]) else
@@ -396,7 +396,7 @@ def markdown_table(table) -> str:
             row["method"], f"{row['lr']:g}", f"{row['seeds']:.0f}",
             _cell_text(row["final"], row["final_lo"], row["final_hi"]),
             _cell_text(row["peak"], row["peak_lo"], row["peak_hi"]),
-            f"{row['backward_passes']:.0f}", f"{row['seconds']:.0f}",
+            f"{row['backward_passes']:.0f}", f"{row['seconds']:.0f}", f"{row['cpu_seconds']:.0f}",
             _reach_text(row, "same_lr"), _reach_text(row, "best_lr"),
             _cell_text(row["r_mean"], digits=2), _cell_text(row["cos_g0_g1"], digits=2),
             _cell_text(row["alpha_q"], digits=2), _cell_text(row["clamp_frac"], digits=3), shut]) + " |")

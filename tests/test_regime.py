@@ -241,3 +241,15 @@ def test_gate_replay_unit_versus_warmup_cold_start():
     assert regime.replay_gate(run, "warmup") == 12
     run["train"]["grad_norm"] = [1.0] * 5 + [5.0] * 25  # a surge the unit gate sees too
     assert regime.replay_gate(run, "unit") == 7
+
+
+def test_markdown_table_has_a_row_per_cell_with_intervals():
+    grpo = [record(seed=s, final=f, curve=(0.4, 0.5, 0.6)) for s, f in enumerate((0.40, 0.50, 0.45))]
+    gxpo = [record("gxpo", seed=s, curve=(0.4, 0.45, 0.5), multiplier=1.1, shutoff=21) for s in range(3)]
+    text = regime.markdown_table(regime.cell_table(grpo + gxpo, resamples=50))
+    lines = text.splitlines()
+    assert len(lines) == 2 + 2 and lines[0].count("|") == lines[2].count("|") == 16
+    grpo_row, gxpo_row = lines[2], lines[3]
+    assert grpo_row.startswith("| GRPO | 0.001 | 3 | 0.450 [") and grpo_row.endswith("| - |")
+    assert "not reached (0% of draws)" in gxpo_row and "| 1.10 |" in gxpo_row
+    assert gxpo_row.endswith("| 3 of 3 (step 21) |")
