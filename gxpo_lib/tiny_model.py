@@ -196,14 +196,26 @@ def build_tiny(out_dir: str | Path | None = None, seed: int = 0, data_dir: str |
     first ``monitor_problems`` test problems is measured; training stops at the first evaluation reaching
     ``target_pass_at_1``, leaving room for RL. The final pass@1 on the whole test split is written to
     ``training_info.json``. Deterministic in ``seed`` on a given machine (2 threads). Returns the info.
+    The caller's torch thread count is restored afterwards.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _build_tiny(out_dir, seed, data_dir, target_pass_at_1, max_steps, batch_size, lr, eval_every,
+                           monitor_problems, num_samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_tiny(out_dir, seed, data_dir, target_pass_at_1, max_steps, batch_size, lr, eval_every,
+                monitor_problems, num_samples) -> dict:
+    """`build_tiny`'s body, run with 2 torch threads."""
     from transformers import LlamaForCausalLM
 
     out = Path(out_dir) if out_dir is not None else tiny_model_dir()
     if not 0.0 < target_pass_at_1 < 1.0:
         raise ValueError(f"target_pass_at_1={target_pass_at_1!r} is invalid: expected a value in (0, 1)")
     started = time.time()
-    torch.set_num_threads(2)
     torch.manual_seed(seed)
     # Data: tokenized train examples; the monitor and final evaluation use the test split.
     tokenizer = build_tokenizer()

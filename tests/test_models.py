@@ -132,9 +132,15 @@ def test_build_tiny_is_deterministic_and_loadable(tmp_path):
     task.write_splits(tmp_path / "data", seed=1, n_train=64, n_test=4)
     kwargs = {"seed": 3, "data_dir": tmp_path / "data", "max_steps": 2, "batch_size": 8, "eval_every": 1,
               "monitor_problems": 2, "num_samples": 1}
-    info = tiny_model.build_tiny(tmp_path / "a", **kwargs)
-    tiny_model.build_tiny(tmp_path / "b", **kwargs)
-    assert info["steps"] == 2 and len(info["history"]) == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        info = tiny_model.build_tiny(tmp_path / "a", **kwargs)
+        assert torch.get_num_threads() == 1  # the build's 2 threads do not leak into the caller
+        tiny_model.build_tiny(tmp_path / "b", **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    assert info["threads"] == 2 and info["steps"] == 2 and len(info["history"]) == 2
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
     model, tokenizer = models.load_model(tmp_path / "a")
     assert model.config.rope_parameters["rope_type"] == "llama3" and tokenizer.chat_template

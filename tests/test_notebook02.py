@@ -81,8 +81,9 @@ def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
     assert results["replay"] is True and not (tmp_path / "nb02-runs" / "grpo_eval_problems=48").exists()
     assert results["exercises"] == dict.fromkeys(WRONG_02, True)
     shipped = shipped_results("nb02")
-    assert sorted(Path(a["folder"]).name for a in results["algorithms"].values()) == \
-        sorted(read_index(shipped)["runs"])
+    default_runs = sorted(name for name in read_index(shipped)["runs"] if "_lr=" not in name)
+    assert len(default_runs) == 3 and sorted(Path(a["folder"]).name for a in results["algorithms"].values()) == \
+        default_runs
     for name, algo in results["algorithms"].items():
         run = analysis.load_run(shipped / Path(algo["folder"]).name)
         assert run.algorithm == name and run.config["steps"] == results["steps"] == len(run.train)
@@ -90,3 +91,18 @@ def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
         assert algo["backward_passes"] == run.eval[-1]["backward_passes"]
     assert any(line.startswith("GRPO: sampled pass@1") for line in results["verdict"])
     assert seconds < 180
+
+
+@pytest.mark.slow
+def test_notebook02_small_lr_switch_replays_and_shows_the_jump_extrapolating(tmp_path):
+    """`lr = 3e-4` (the parameters cell's one-line switch) replays its shipped runs; their verdict says what the
+    mechanism did there, computed from them (alpha*q above 1 in the shipped runs)."""
+    execute_notebook(NOTEBOOK, tmp_path, parameters={"lr": 3e-4}, html=False)
+    results = json.loads((tmp_path / "02_results.json").read_text())
+    assert results["replay"] is True and results["lr"] == 3e-4
+    assert all(Path(a["folder"]).name.endswith("_lr=0.0003") for a in results["algorithms"].values())
+    mechanism = results["algorithms"]["gxpo"]["mechanism"]
+    assert mechanism["alpha_q"] > 1 and mechanism["r_mean"] > 0.5
+    assert any("the jump went beyond" in line for line in results["verdict"])
+    with pytest.raises(Exception, match="replay=False to train them"):
+        execute_notebook(NOTEBOOK, tmp_path / "other", parameters={"lr": 1e-3}, html=False)
