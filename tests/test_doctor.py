@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gxpo_lib import doctor
+from gxpo_lib.notebooks import find_notebooks
 
 
 def test_version_findings_in_range_outside_and_missing():
@@ -57,7 +58,8 @@ def test_missing_widget_extensions_name_the_fix(tmp_path):
 def test_estimates_scale_the_reference_minutes():
     assert doctor.estimate_minutes(doctor.REFERENCE_STEP_SECONDS) == pytest.approx(doctor.REFERENCE_MINUTES)
     doubled = doctor.estimate_minutes(2 * doctor.REFERENCE_STEP_SECONDS)
-    assert doubled["02_grpo_vs_gxpo_small_llama"] == pytest.approx(2 * 4.7)
+    assert doubled["03_full_scale_run"] == pytest.approx(2 * doctor.REFERENCE_MINUTES["03_full_scale_run"])
+    assert set(doctor.REFERENCE_MINUTES) >= {p.stem for p in find_notebooks()}   # every notebook has a reference
     with pytest.raises(ValueError, match="^step_seconds=0"):
         doctor.estimate_minutes(0)
 
@@ -82,7 +84,7 @@ def test_the_timed_training_step_gives_estimates():
     assert step.status in ("ok", "warn") and "s per GRPO step of 8 prompts x 8" in step.detail
     estimates = [f for f in findings if f.name.startswith("notebook ")]
     assert [f.name for f in estimates] == [f"notebook {n}" for n in doctor.REFERENCE_MINUTES]
-    assert all(f.status == "info" and "min here" in f.detail for f in estimates)
+    assert all(f.status == "info" and " here (reference " in f.detail for f in estimates)
 
 
 @pytest.mark.slow
