@@ -21,6 +21,8 @@ Notebook 03's own parameters (``backend``, ``num_processes``, ...) may be grid a
 ``CUDA_VISIBLE_DEVICES`` per parallel run (one GPU list entry per slot; "0,1|2,3" gives each slot two).
 A run whose folder holds ``run_summary.json`` is finished and skipped; a failed run is recorded in
 ``sweep_status.json`` and the others go on. A rerun resumes unfinished runs from their checkpoints.
+On the CPU each run gets ``OMP_NUM_THREADS`` = cores // parallel unless the environment sets it
+(`run_environment`), so parallel runs do not oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import queue
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +181,7 @@ def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path
     parameters = {"preset": sweep.preset, **settings, "output_dir": str(folder)}  # a grid preset wins
     params_file = folder / "sweep_parameters.json"
     atomic_write_text(params_file, json.dumps(parameters, indent=2))
-    env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
+    env = run_environment(os.environ, sweep.parallel, gpu)
     command = [sys.executable, "-m", "gxpo_lib", "execute", str(Path(sweep.notebook).resolve()), str(folder),
                "--parameters", str(params_file), "--timeout", str(sweep.timeout)]
     start = time.perf_counter()
@@ -188,6 +191,22 @@ def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path
     if process.returncode == 0:
         return {"run": name, "state": "done", "seconds": seconds, **_summary(folder)}
     return {"run": name, "state": "failed", "seconds": seconds, "error": _last_error(folder / "run.log")}
+
+
+def run_environment(environ: Mapping[str, str], parallel: int, gpu: str | None,
+                    cores: int | None = None) -> dict[str, str]:
+    """A run's environment: ``CUDA_VISIBLE_DEVICES`` for its GPU slot; on the CPU, the cores shared out.
+
+    ``parallel`` CPU runs that each start torch's default thread pool (one thread per core) oversubscribe
+    the cores; on a 2-core machine that made one run 13x slower (docs/regime.md). So each run gets
+    ``OMP_NUM_THREADS = max(1, cores // parallel)`` unless the caller's environment sets it already.
+    """
+    env = dict(environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    elif "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (cores or os.cpu_count() or 1) // max(1, parallel)))
+    return env
 
 
 def _last_error(log: Path) -> str:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from gxpo_lib.config import list_presets, load_preset, resolve_config
-from gxpo_lib.sweep import format_table, load_sweep, parse_gpus, run_sweep
+from gxpo_lib.sweep import format_table, load_sweep, parse_gpus, run_environment, run_sweep
 
 
 def test_every_preset_resolves_and_the_paper_protocol_is_faithful():
@@ -97,6 +97,16 @@ def test_two_by_two_smoke_sweep_runs_skips_and_records_failures(tmp_path, monkey
     failed = run_sweep(sweep)
     assert failed[0]["state"] == "failed" and "missing-model" in failed[0]["error"]
     assert "failures:" in format_table(failed)
+
+
+def test_parallel_cpu_runs_share_the_cores_out_unless_told():
+    env = run_environment({"PATH": "/bin"}, parallel=2, gpu=None, cores=2)
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == "/bin" and "CUDA_VISIBLE_DEVICES" not in env
+    assert run_environment({}, parallel=1, gpu=None, cores=16)["OMP_NUM_THREADS"] == "16"
+    assert run_environment({}, parallel=4, gpu=None, cores=2)["OMP_NUM_THREADS"] == "1"    # never 0
+    assert run_environment({"OMP_NUM_THREADS": "3"}, parallel=2, gpu=None, cores=2)["OMP_NUM_THREADS"] == "3"
+    on_gpu = run_environment({}, parallel=2, gpu="1", cores=2)
+    assert on_gpu["CUDA_VISIBLE_DEVICES"] == "1" and "OMP_NUM_THREADS" not in on_gpu
 
 
 def test_parallel_runs_get_their_own_folder_cwd_and_gpu(tmp_path, monkeypatch):
