@@ -403,16 +403,17 @@ def markdown_table(table) -> str:
     return "\n".join(lines)
 
 
-def replay_gate(record: dict[str, Any], init: str = "unit") -> int | None:
+def replay_gate(record: dict[str, Any], init: str | None = None) -> int | None:
     """Feed a GXPO run's logged corrective norms (its extrapolating steps) to a fresh default gate.
 
-    Returns the shut-off step in the runs' convention (the first plain step), or None if it never trips.
-    Exact up to the first trip (after it the real run took plain steps), so ``init="unit"`` with the
-    run's own settings must give its logged ``shutoff_step``; ``init="warmup"`` says what the warm-up
-    cold start would have done on the same signal.
+    Returns the shut-off step in the runs' convention (the first plain step), or None if it never trips
+    within the logged signal. ``init`` None means the run's own ``gate_init``: that replay must give its
+    logged ``shutoff_step``. The other cold start says what it would have done on the same signal, exact
+    up to the run's own shut-off (after it the real run took plain steps and logged no more signal).
     """
     from .gate import ShutoffGate
 
+    init = record["config"].get("gate_init", "unit") if init is None else init
     gate = ShutoffGate(tau=record["config"].get("gate_tau", 0.5), init=init)
     train = record["train"]
     for step, value, active in zip(train["step"], train["grad_norm"], train["active"]):

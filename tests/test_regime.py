@@ -241,6 +241,10 @@ def test_gate_replay_unit_versus_warmup_cold_start():
     assert regime.replay_gate(run, "warmup") == 12
     run["train"]["grad_norm"] = [1.0] * 5 + [5.0] * 25  # a surge the unit gate sees too
     assert regime.replay_gate(run, "unit") == 7
+    assert regime.replay_gate(run) == 7                       # the run's own gate_init (unit by default)
+    run["config"]["gate_init"] = "warmup"
+    run["train"]["grad_norm"] = norms
+    assert regime.replay_gate(run) == 12
 
 
 def test_markdown_table_has_a_row_per_cell_with_intervals():
