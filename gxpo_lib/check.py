@@ -2,8 +2,11 @@
 
     from gxpo_lib import check
     q = ...                                                   # the learner's blank
-    q = check.fill(q, lambda: 1.7, enabled=fill_solutions)    # headless runs (papermill) fill it in
-    check.q_value(q, r=0.9, k=5)                              # prints "right: ..." or "not yet: ..."
+    check.q_value(q, r=0.9, k=5, fill=fill_solutions)         # prints "right: ..." or "not yet: ..."
+
+``fill=True`` (headless runs set a notebook parameter through papermill) answers a blank with the check's own
+right answer, so a notebook runs top to bottom with nobody typing, and the exercise cell never shows the
+solution.
 
 Each check prints one line and returns a ``CheckResult`` (``.ok``, ``.message``). It never raises because
 of the learner's answer: a blank (``...`` or None), a wrong type or shape, NaN or inf all give "not yet"
@@ -11,8 +14,8 @@ with a hint. The right answers come from gxpo_lib's own functions (``extrapolati
 ``gate``, ``rules``, ``evaluation``), never from hard-coded numbers. Bad *settings* of a check (the
 notebook author's, e.g. ``k=1``) raise ``ValueError`` naming the setting, like the rest of the library.
 
-Solutions are shown collapsed: ``check.solution("q = ...")`` renders as an HTML ``<details>`` block in
-Jupyter (the same convention as a markdown cell with ``<details><summary>Solution</summary> ...``).
+Solutions are shown collapsed, in the markdown cell after each exercise (``<details><summary>Show the
+solution</summary> ...``).
 
 Checks by notebook: 01 ``q_value``, ``geometric_sum``, ``reposition``, ``jump_direction``, ``gate_z``;
 02 ``group_advantages``, ``clipped_loss``, ``backward_passes``, ``pass_at_k``; 05 ``cap_lr``,
@@ -21,6 +24,7 @@ Checks by notebook: 01 ``q_value``, ``geometric_sum``, ``reposition``, ``jump_di
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +40,9 @@ from .validation import check_choice, check_int, check_interval, check_open_unit
 
 BLANK = ...
 """What a notebook's blank holds until the learner fills it in (None counts as blank too)."""
+SOLVE = type("Solve", (), {"__repr__": lambda self: "SOLVE"})()
+"""The answer a check gets for a blank when ``fill`` is on: the check answers with its own right value."""
+_FILLED = " (a blank, filled with the solution: fill_solutions is on)"
 ALGORITHMS = ("grpo", "gxpo", "sfpo")
 _SHORT = ("short", "back", "backward", "backwards", "behind", "before", "between")
 _BEYOND = ("beyond", "past", "forward", "forwards", "further", "ahead", "overshoot")
@@ -56,43 +63,17 @@ class CheckResult:
         """The check already printed its message; a notebook shows nothing more for the returned object."""
 
 
-@dataclass(frozen=True)
-class Solution:
-    """A collapsible solution: Jupyter renders it as ``<details>``; ``str()`` is the markdown itself."""
-
-    code: str
-    title: str = "Show the solution"
-
-    def __str__(self) -> str:
-        return (f"<details><summary>{self.title}</summary>\n\n```python\n{self.code.strip()}\n```\n\n"
-                "</details>")
-
-    def _repr_markdown_(self) -> str:
-        return str(self)
-
-
-def solution(code: str, title: str = "Show the solution") -> Solution:
-    """A solution the learner can unfold: ``check.solution("q = geometric_scale(...)")`` in a cell."""
-    if not isinstance(code, str) or not code.strip():
-        raise ValueError(f"code={code!r} is invalid: allowed a non-empty string of Python code")
-    return Solution(code, title)
-
-
 def is_blank(answer: Any) -> bool:
     """True while the learner has not filled the blank in (``...`` or None)."""
     return answer is None or answer is BLANK
 
 
-def fill(answer: Any, solution: Any, enabled: bool = False) -> Any:
-    """The learner's answer, or the solution when the blank is still empty and ``enabled`` is on.
-
-    Headless runs set a notebook parameter (e.g. ``fill_solutions = True`` through papermill) and pass it
-    as ``enabled``, so the notebook runs end to end with nobody typing. ``solution`` may be the value or
-    a function of no arguments that computes it (then nothing is computed unless it is needed).
-    """
-    if enabled and is_blank(answer):
-        return solution() if callable(solution) else solution
-    return answer
+def _fillable(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
+    """Give a check the keyword ``fill``: with it on, a blank answer is answered with the right value."""
+    @functools.wraps(check)
+    def run(answer: Any, *args: Any, fill: bool = False, **kwargs: Any) -> CheckResult:
+        return check(SOLVE if fill and is_blank(answer) else answer, *args, **kwargs)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,8 +95,12 @@ def _fmt(value: np.ndarray | float) -> str:
     return np.array2string(array, precision=4, separator=", ")
 
 
-def _numbers(answer: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
-    """The answer as a float64 array of ``shape``, or (None, why not): blank, wrong type or shape, NaN."""
+def _numbers(answer: Any, shape: tuple[int, ...], solution: Any = None) -> tuple[np.ndarray | None, str]:
+    """The answer as a float64 array of ``shape``, or (None, why not): blank, wrong type or shape, NaN.
+
+    ``SOLVE`` (a blank under ``fill``) reads as ``solution``, the right value."""
+    if answer is SOLVE:
+        answer = solution
     if is_blank(answer):
         return None, "fill in the blank first (replace `...` with your answer)"
     if isinstance(answer, (bool, np.bool_, str)):
@@ -147,11 +132,11 @@ def _numeric_check(answer: Any, expected: np.ndarray | float, right: str, hint: 
                    atol: float = 1e-6) -> CheckResult:
     """Compare a numeric answer with the expected value; a known wrong value gets its own hint."""
     expected = np.asarray(expected, dtype=np.float64)
-    array, problem = _numbers(answer, expected.shape)
+    array, problem = _numbers(answer, expected.shape, solution=expected)
     if array is None:
         return _report(False, problem)
     if _close(array, expected, rtol, atol):
-        return _report(True, right)
+        return _report(True, right + (_FILLED if answer is SOLVE else ""))
     for wrong_value, wrong_hint in near_misses:
         if _close(array, wrong_value, rtol, atol):
             return _report(False, f"you gave {_fmt(array)}; {wrong_hint}")
@@ -173,6 +158,7 @@ def _tensor(name: str, value: Any) -> torch.Tensor:
 # Notebook 01: the retention ratio, the geometric scale, the jump, the gate
 # ----------------------------------------------------------------------------------------------------
 
+@_fillable
 def q_value(answer: Any, r: Any, k: int, clamp: bool = True) -> CheckResult:
     """q = S_K(r) / S_2(r) for retention ratio(s) ``r`` (a number or a list [n]), clamped to [1, K/2 + 1]."""
     check_int("k", k, minimum=2)
@@ -190,6 +176,7 @@ def q_value(answer: Any, r: Any, k: int, clamp: bool = True) -> CheckResult:
                           hint, misses)
 
 
+@_fillable
 def geometric_sum(answer: Any, r: Any, n: int) -> CheckResult:
     """S_n(r) = 1 + r + ... + r^(n-1)."""
     check_int("n", n, minimum=1)
@@ -204,6 +191,7 @@ def geometric_sum(answer: Any, r: Any, n: int) -> CheckResult:
                           "add the n powers r^0 + r^1 + ... + r^(n-1)", misses)
 
 
+@_fillable
 def reposition(answer: Any, theta0: Any, theta2: Any, r: Any, k: int, alpha: float) -> CheckResult:
     """The landing point theta~ = theta0 + alpha * q(r) * (theta2 - theta0) (numbers, or lists [n])."""
     check_int("k", k, minimum=2)
@@ -220,6 +208,7 @@ def reposition(answer: Any, theta0: Any, theta2: Any, r: Any, k: int, alpha: flo
                           misses)
 
 
+@_fillable
 def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
     """Where theta~ lands against theta2: "short" (between theta0 and theta2), "beyond", or "at" theta2."""
     check_int("k", k, minimum=2)
@@ -231,6 +220,8 @@ def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
     expected = "short" if multiplier < 1 else "beyond"
     if math.isclose(multiplier, 1.0, rel_tol=1e-9):
         expected = "at"
+    filled = answer is SOLVE
+    answer = expected if filled else answer
     if is_blank(answer):
         return _report(False, "fill in the blank first: 'short', 'beyond' or 'at'")
     if not isinstance(answer, str):
@@ -241,10 +232,11 @@ def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
         return _report(False, f"{answer!r} is not one of the answers: 'short', 'beyond' or 'at'")
     if given == expected:
         where = {"short": "short of", "beyond": "beyond", "at": "exactly at"}[expected]
-        return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2")
+        return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2" + (_FILLED if filled else ""))
     return _report(False, "theta~ - theta0 = alpha * q * (theta2 - theta0): compare alpha * q with 1")
 
 
+@_fillable
 def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0.1) -> CheckResult:
     """The EMA gate's z for ``value`` after it has seen ``history`` (mu = sigma = 1 at the start)."""
     check_open_unit("omega", omega)
@@ -268,6 +260,7 @@ def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0
 # Notebook 02: the GRPO pieces, the costs, pass@k
 # ----------------------------------------------------------------------------------------------------
 
+@_fillable
 def group_advantages(answer: Any, rewards: Sequence[float], group_size: int | None = None,
                      scale: str = "group") -> CheckResult:
     """GRPO advantages of ``rewards`` [N], groups of ``group_size`` consecutive rewards (default: one)."""
@@ -287,6 +280,7 @@ def group_advantages(answer: Any, rewards: Sequence[float], group_size: int | No
                           "whose rewards are all equal gets 0", misses, rtol=1e-3, atol=1e-4)
 
 
+@_fillable
 def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2) -> CheckResult:
     """The per-token clipped loss max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) for ratio(s) rho."""
     check_positive("eps", eps)
@@ -323,6 +317,7 @@ def _passes_of(algorithm: str, steps: int, k: int) -> int:
     return sum(rule.step(closure).backward_passes for _ in range(steps))
 
 
+@_fillable
 def backward_passes(answer: Any, algorithm: str, steps: int = 1, k: int = 5,
                     active_steps: int | None = None) -> CheckResult:
     """Backward passes of ``steps`` steps of GRPO, GXPO or SFPO (K = ``k``).
@@ -339,16 +334,18 @@ def backward_passes(answer: Any, algorithm: str, steps: int = 1, k: int = 5,
                          f"[0, steps={steps}]")
     expected = (_passes_of(algorithm, active, k) if active else 0) + \
         (_passes_of("grpo", steps - active, k) if steps > active else 0)
-    array, problem = _numbers(answer, ())
+    array, problem = _numbers(answer, (), solution=expected)
     if array is None:
         return _report(False, problem)
     if float(array) == expected:
-        return _report(True, f"{expected} backward passes for {steps} {algorithm.upper()} step(s)")
+        return _report(True, f"{expected} backward passes for {steps} {algorithm.upper()} step(s)"
+                       + (_FILLED if answer is SOLVE else ""))
     return _report(False, f"you gave {_fmt(array)}; count the passes of one step first: GRPO takes one, GXPO "
                           "three while it extrapolates (two probes and the corrective step), SFPO K + 1; "
                           "after the gate shuts every step is a plain one")
 
 
+@_fillable
 def pass_at_k(answer: Any, n: int, c: int, k: int) -> CheckResult:
     """The unbiased pass@k for one problem with ``c`` correct samples out of ``n``."""
     for name, value in (("n", n), ("c", c), ("k", k)):
@@ -376,6 +373,7 @@ def _cap_binds(lr: torch.Tensor, k: int, curvature: float, r_clamp: tuple[float,
     return (q > extrapolation.max_scale(k) + 1e-12) | (q < 1.0 - 1e-12)
 
 
+@_fillable
 def cap_lr(answer: Any, k: int, curvature: float,
            r_clamp: Sequence[float] = extrapolation.R_CLAMP) -> CheckResult:
     """The smallest learning rate at which plain GD on curvature ``curvature`` makes q's clamp bind.
@@ -408,6 +406,7 @@ def cap_lr(answer: Any, k: int, curvature: float,
                           [(1 / h, "at lr = 1/h, r = 0 and q = 1: the clamp does not bind yet")], rtol=1e-2)
 
 
+@_fillable
 def effective_multiplier(answer: Any, r: Any, k: int, alpha: float) -> CheckResult:
     """alpha * q-bar: alpha times the mean of the clamped q over the coordinates' retention ratios ``r``."""
     check_int("k", k, minimum=2)
@@ -428,6 +427,7 @@ def effective_multiplier(answer: Any, r: Any, k: int, alpha: float) -> CheckResu
 # Any notebook: a prediction made before running something
 # ----------------------------------------------------------------------------------------------------
 
+@_fillable
 def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, rtol: float = 0.1,
                explanation: str = "") -> CheckResult:
     """Compare a prediction made before a run with what the run gave.
@@ -436,9 +436,11 @@ def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, r
     one; without, both are numbers and the prediction is right within a relative ``rtol``. The message
     reveals the outcome (the run has happened) and adds ``explanation``.
     """
+    filled = answer is SOLVE
     if choices is not None:
         options = [str(c).lower() for c in choices]
         check_choice("actual", str(actual).lower(), options)
+        answer = str(actual) if filled else answer
         if is_blank(answer):
             return _report(False, f"write your prediction first: one of {', '.join(map(repr, choices))}")
         if not isinstance(answer, str) or answer.strip().lower() not in options:
@@ -449,11 +451,12 @@ def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, r
         value = float(_tensor("actual", actual).reshape(-1)[0]) if np.size(actual) == 1 else None
         if value is None:
             raise ValueError(f"actual={actual!r} is invalid: allowed one number, or a word with choices=")
-        array, problem = _numbers(answer, ())
+        array, problem = _numbers(answer, (), solution=value)
         if array is None:
             return _report(False, problem)
         ok = math.isclose(float(array), value, rel_tol=rtol, abs_tol=1e-12)
         outcome = f"the run gave {value:.4g}, you predicted {float(array):.4g}"
+    outcome += _FILLED if filled else ""
     return _report(ok, f"{outcome}. {explanation}".strip() if explanation else outcome)
 
 

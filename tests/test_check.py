@@ -177,6 +177,18 @@ def test_hostile_answers_say_not_yet_and_never_raise(name, answer, capsys):
         assert "fill in the blank" in result.message or "first" in result.message
 
 
+@pytest.mark.parametrize("name", sorted(_RIGHT_CALLS))
+def test_fill_answers_a_blank_with_the_checks_own_right_value_and_keeps_a_real_answer(name, capsys):
+    run = check.CHECKS[name]
+    for blank in (..., None):
+        filled = run(blank, **_RIGHT_CALLS[name], fill=True)
+        assert filled.ok and filled.message.startswith("right: ") and "filled with the solution" in filled.message
+        assert not run(blank, **_RIGHT_CALLS[name]).ok                  # fill is off by default
+    wrong = run("abc", **_RIGHT_CALLS[name], fill=True)                 # a learner's answer is never replaced
+    assert not wrong.ok and "filled" not in wrong.message
+    assert "Traceback" not in capsys.readouterr().out
+
+
 def test_nan_and_shape_messages_are_specific():
     assert "NaN or inf" in check.q_value(float("nan"), r=0.9, k=5).message
     assert "one number" in check.q_value([1.0, 2.0], r=0.9, k=5).message
@@ -200,24 +212,21 @@ def test_bad_settings_are_the_authors_errors():
 # ---------------------------------------------------------------- blanks, solutions
 
 
-def test_fill_returns_the_solution_only_for_a_blank_when_enabled():
-    calls = []
-
-    def solve():
-        calls.append(1)
-        return 2.5
-
-    assert check.fill(..., solve, enabled=False) is ...
-    assert calls == []  # nothing computed unless needed
-    assert check.fill(..., solve, enabled=True) == 2.5 and check.fill(None, 7, enabled=True) == 7
-    assert check.fill(1.0, solve, enabled=True) == 1.0  # the learner's own answer is kept
-    assert check.is_blank(...) and check.is_blank(None) and not check.is_blank(0)
+def test_blanks_are_ellipsis_or_none():
+    assert check.is_blank(...) and check.is_blank(None) and not check.is_blank(0) and not check.is_blank(check.SOLVE)
 
 
-def test_solution_renders_as_a_details_block():
-    shown = check.solution("q = geometric_scale(torch.tensor(0.9), 5)\n", title="Solution")
-    markdown = shown._repr_markdown_()
-    assert markdown.startswith("<details><summary>Solution</summary>") and markdown.endswith("</details>")
-    assert "```python\nq = geometric_scale(torch.tensor(0.9), 5)\n```" in str(shown)
-    with pytest.raises(ValueError, match="^code="):
-        check.solution("   ")
+@pytest.mark.parametrize("path", ["01_toy_extrapolation", "02_grpo_vs_gxpo_small_llama",
+                                  "05_when_does_extrapolation_pay"])
+def test_every_notebook_exercise_is_followed_by_its_folded_solution(path):
+    import nbformat
+
+    from gxpo_lib.notebooks import NOTEBOOK_DIR
+
+    cells = nbformat.read(NOTEBOOK_DIR / f"{path}.ipynb", as_version=4).cells
+    exercises = [i for i, c in enumerate(cells) if c.cell_type == "code" and "fill=fill_solutions" in c.source]
+    assert len(exercises) >= 4
+    for i in exercises:
+        assert "check.fill" not in cells[i].source and "..." in cells[i].source   # a blank, no solution on show
+        following = next(c for c in cells[i + 1:] if c.cell_type == "markdown")
+        assert following.source.startswith("<details><summary>Show the solution</summary>")

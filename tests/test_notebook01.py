@@ -134,8 +134,8 @@ def test_exercises_pass_with_the_solutions_and_fail_with_wrong_answers(capsys):
     assert 3 <= len(exercise_cells) <= 5
     for i, cell in enumerate(nb.cells):     # each exercise: a blank, a check, then a folded solution
         if cell in exercise_cells:
-            assert "answer = ...\n" in cell.source and "check.fill(answer," in cell.source
-            assert "enabled=fill_solutions" in cell.source
+            assert "answer = ...\n" in cell.source and "fill=fill_solutions)" in cell.source
+            assert "check.fill" not in cell.source     # the check answers a blank itself: no solution on show
             assert nb.cells[i + 1].cell_type == "markdown" and nb.cells[i + 1].source.startswith("<details>")
     filled = run_exercises(NOTEBOOK)
     assert set(filled) == set(WRONG_01) and all(r.ok and r.message.startswith("right") for r in filled.values())
