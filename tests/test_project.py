@@ -49,6 +49,12 @@ def test_each_notebook_opens_with_what_it_teaches_and_has_a_parameters_cell():
         assert "cpu" in opening and re.search(r"\d+\s*(s|sec|seconds?|min|minutes?)\b", opening), path.name
         tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: needs exactly one parameters cell"
+        colab = "".join(cells[1]["source"])      # installs the package on Colab only, does nothing elsewhere
+        assert cells[1]["cell_type"] == "code" and 'if "google.colab" in sys.modules:' in colab, path.name
+        assert f"notebooks/{path.name})" in (ROOT / "README.md").read_text(), f"{path.name}: no Colab badge"
+        last = cells[-1]
+        assert last["cell_type"] == "markdown" and "Takeaways" in "".join(last["source"]), \
+            f"{path.name}: should end with its takeaways"
 
 
 def test_ci_runs_the_readme_test_command():
