@@ -44,7 +44,6 @@ class LiveDashboard:
         self.thread: threading.Thread | None = None
         self.rows: list[dict[str, Any]] = []
         self.error: BaseException | None = None
-        self._counter = itertools.count(1)
 
         # Controls: the rule's settings (live) and the run's buttons.
         style = {"description_width": "110px"}
@@ -131,7 +130,8 @@ class LiveDashboard:
         settings["gate_tau"] = settings.pop("tau")
         config = dataclasses.replace(self.config, algorithm=self.algorithm.value, progress=False, **settings)
         config.validate()
-        folder = self.workdir / f"live-{config.algorithm}-{next(self._counter)}"
+        folder = next(path for i in itertools.count(1)            # a fresh folder, also after a restart
+                      if not (path := self.workdir / f"live-{config.algorithm}-{i}").exists())
         self.rows, self.error = [], None
         for trace in self.figure.data:
             trace.x, trace.y = [], []

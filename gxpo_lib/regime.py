@@ -551,7 +551,8 @@ def plot_pass_vs_lr(table, metric: str = "final", methods: Sequence[str] | None 
                                   part[f"{metric}_hi"].tolist(), method, _COLORS[i % len(_COLORS)]):
             fig.add_trace(trace)
     fig.update_layout(title=f"{metric} pass@1 against the learning rate (mean over seeds, 95% t band)",
-                      xaxis={"title": "learning rate", "type": "log"}, yaxis={"title": f"{metric} pass@1"},
+                      xaxis={"title": "learning rate", "type": "log", "exponentformat": "power"},
+                      yaxis={"title": f"{metric} pass@1"},
                       legend=_LEGEND, height=420)
     return fig
 
@@ -624,7 +625,9 @@ def plot_diagnostics_vs_lr(table):
                 fig.add_trace(trace, row=1, col=col)
     fig.add_hline(y=0.0, line_dash="dot", line_color="gray", row=1, col=1)
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray", row=1, col=2)
-    fig.update_xaxes(type="log", title_text="learning rate")
+    fig.update_xaxes(type="log", title_text="learning rate", exponentformat="power")
+    fig.update_yaxes(title_text="mean cos(g0, g1)", row=1, col=1)
+    fig.update_yaxes(title_text="mean alpha * q-bar", row=1, col=2)
     fig.update_layout(title="what the jump saw: gradient agreement and step multiplier against lr",
                       legend=_LEGEND, height=420)
     return fig
@@ -638,7 +641,7 @@ def plot_toy_race(race: dict[str, Any]):
                                 line={"color": _COLORS[i % len(_COLORS)]})
                      for i, (name, c) in enumerate(race["curves"].items())])
     fig.update_layout(title=f"ill-conditioned quadratic, lr {race['lr']:g}: loss against backward passes",
-                      xaxis={"title": "backward passes"}, yaxis={"title": "loss", "type": "log"},
+                      xaxis={"title": "backward passes"}, yaxis={"title": "loss", "type": "log", "exponentformat": "power"},
                       legend=_LEGEND, height=380)
     return fig
 

@@ -39,3 +39,10 @@ def test_stop_ends_the_run_early(tmp_path):
     board.stop()
     board.wait(timeout=120)
     assert not board.running and len([r for r in board.rows if r["kind"] == "train"]) < 50
+    # A new dashboard on the same folder (a restarted kernel) starts a fresh run beside the first one.
+    again = LiveDashboard(config, tmp_path)
+    again.start()
+    again.stop()
+    again.wait(timeout=120)
+    algorithm = board.algorithm.value
+    assert (tmp_path / f"live-{algorithm}-1").is_dir() and (tmp_path / f"live-{algorithm}-2").is_dir()

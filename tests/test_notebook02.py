@@ -90,6 +90,7 @@ def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
         assert (algo["initial_pass@1"], algo["final_pass@1"]) == (run.eval[0]["pass@1"], run.eval[-1]["pass@1"])
         assert algo["backward_passes"] == run.eval[-1]["backward_passes"]
     assert any(line.startswith("GRPO: sampled pass@1") for line in results["verdict"])
+    assert any("jump retreated" in line and "Notebook 05" in line for line in results["verdict"])  # alpha*q < 1
     assert seconds < 180
 
 
@@ -104,5 +105,6 @@ def test_notebook02_small_lr_switch_replays_and_shows_the_jump_extrapolating(tmp
     mechanism = results["algorithms"]["gxpo"]["mechanism"]
     assert mechanism["alpha_q"] > 1 and mechanism["r_mean"] > 0.5
     assert any("the jump went beyond" in line for line in results["verdict"])
+    assert any("jump extrapolated" in line and "Notebook 05" in line and "1e-7" in line for line in results["verdict"])
     with pytest.raises(Exception, match="replay=False to train them"):
         execute_notebook(NOTEBOOK, tmp_path / "other", parameters={"lr": 1e-3}, html=False)

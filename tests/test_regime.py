@@ -257,3 +257,16 @@ def test_markdown_table_has_a_row_per_cell_with_intervals():
     assert grpo_row.startswith("| GRPO | 0.001 | 3 | 0.450 [") and grpo_row.endswith("| - |")
     assert "not reached (0% of draws)" in gxpo_row and "| 1.10 |" in gxpo_row
     assert gxpo_row.endswith("| 3 of 3 (step 21) |")
+
+
+def test_every_regime_figure_titles_its_axes_and_writes_powers_of_ten():
+    records = [record(lr=lr, seed=s) for lr in (1e-4, 1e-3) for s in range(2)]
+    records += [record("gxpo", lr=lr, seed=s, multiplier=1.1, passes_per_step=3) for lr in (1e-4, 1e-3)
+                for s in range(2)]
+    table = regime.cell_table(records, resamples=20)
+    figures = [regime.plot_pass_vs_lr(table), regime.plot_diagnostics_vs_lr(table),
+               regime.plot_speedup_map(table), regime.plot_toy_race(regime.toy_race(0.3, steps=5))]
+    for fig in figures:
+        axes = [v for k, v in fig.layout.to_plotly_json().items() if k.startswith(("xaxis", "yaxis"))]
+        assert axes and all(a.get("title", {}).get("text") for a in axes), fig.layout.title.text
+        assert all(a.get("exponentformat") == "power" for a in axes if a.get("type") == "log")
