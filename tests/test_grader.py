@@ -38,6 +38,20 @@ def test_the_set_is_large_labelled_and_covers_the_issue():
     assert all((FIXTURES / name).exists() for name in ("NOTICE.md", "LICENSE-gsm8k.txt", "LICENSE-math.txt"))
 
 
+def test_at_most_50_problems_per_source_are_quoted():
+    # Fixtures quote a benchmark only in small amounts: the others carry a problem written for this set
+    assert all(isinstance(c.get("problem_quoted"), bool) for c in CASES)
+    assert all(c["source_id"].strip() for c in CASES if not c["problem_quoted"])
+    for source in {c["source"] for c in CASES}:
+        quoted = {c["source_id"] for c in CASES if c["source"] == source and c["problem_quoted"]}
+        assert 0 < len(quoted) <= 50, (source, len(quoted))
+    # One problem is either quoted in all its cases or in none
+    by_problem = defaultdict(set)
+    for case in CASES:
+        by_problem[case["source"], case["source_id"]].add(case["problem_quoted"])
+    assert all(len(flags) == 1 for flags in by_problem.values())
+
+
 def test_problems_and_golds_are_the_real_dataset_rows():
     files = {"math500": SHARED / "math500.jsonl", "gsm8k": SHARED / "gsm8k_test.jsonl"}
     if not all(p.exists() for p in files.values()):
@@ -48,7 +62,11 @@ def test_problems_and_golds_are_the_real_dataset_rows():
             row = json.loads(line)
             rows[source, row["id"]] = (row.get("problem") or row["question"], row["answer"])
     for case in CASES:
-        assert rows[case["source"], case["source_id"]] == (case["problem"], case["gold"]), case["id"]
+        problem, gold = rows[case["source"], case["source_id"]]
+        if case["problem_quoted"]:
+            assert (problem, gold) == (case["problem"], case["gold"]), case["id"]
+        else:  # a problem statement written for this set, with the dataset's gold answer
+            assert gold == case["gold"] and problem != case["problem"], case["id"]
 
 
 # ---------------------------------------------------------------- agreement with the labels

@@ -92,6 +92,7 @@ def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
     assert any(line.startswith("GRPO: sampled pass@1") for line in results["verdict"])
     assert any("jump retreated" in line and "Notebook 05" in line for line in results["verdict"])  # alpha*q < 1
     assert seconds < 180
+    assert (tmp_path / NOTEBOOK.name).stat().st_size < 5_000_000    # an executed copy stays small to share
 
 
 @pytest.mark.slow

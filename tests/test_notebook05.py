@@ -50,6 +50,7 @@ def executed(tmp_path_factory):
 def test_headless_run_is_fast_and_error_free(executed):
     results, path, seconds = executed
     assert seconds < 180 and results["runtime_s"] < 180
+    assert path.stat().st_size < 5_000_000    # an executed copy stays small to share
     nb = nbformat.read(path, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
