@@ -11,14 +11,14 @@ A study is a set of sweep runs (``sweeps/regime-*.yaml``) over learning rates an
   gate's shut-off step): ``cell_table(records)``;
 * measures the matched-step multiplier (a GXPO cell's mean alpha*q over its extrapolating steps) and
   writes the matched-step GRPO sweep from it: ``matched_step_multiplier``, ``write_matched_sweep``;
-* draws the study (pass@1 against lr, the speed-up map lr x K, the diagnostics against lr) and a toy race
-  on an ill-conditioned quadratic (loss against backward passes) for notebook 05.
+* runs a toy race on an ill-conditioned quadratic (loss against backward passes) for notebook 05, and the
+  speed-up map's numbers; ``gxpo_lib.regime_plots`` draws them.
 
     records = load_study(shipped("results", "regime"))
     table = cell_table(records)                      # pandas DataFrame, one row per (method, lr)
     compare(records, "GXPO K=5 grad", 2e-3)          # difference to GRPO with a Welch interval, a verdict
 
-Command line (a later session continues the study: the sweeps resume):
+Command line (the sweeps resume, so a study can grow across sessions):
 
     python -m gxpo_lib.regime export runs/regime data/results/regime
     python -m gxpo_lib.regime matched runs/regime --lr 0.002 --k 5 --retention grad --seeds 0 1 2
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ MECHANISM = {"r_mean": "r_mean", "cos_g0_g1": "cos_g0_g1", "alpha_q": "effective
 X_AXES = ("step", "seconds", "cpu_seconds", "backward_passes")  # cpu_seconds: the run's own, load-robust
 REFERENCES = ("same_lr", "best_lr")
 GRPO = "GRPO"
+MATCHED_STEP = "GRPO matched step"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def method_label(config: dict[str, Any]) -> str:
     if algorithm == "grpo":
         if config.get("ppo_epochs", 1) != 1:
             return f"GRPO x{config['ppo_epochs']} epochs"
-        return "GRPO matched step" if config.get("step_scale", 1.0) != 1.0 else GRPO
+        return MATCHED_STEP if config.get("step_scale", 1.0) != 1.0 else GRPO
     if algorithm == "sfpo":
         return f"SFPO K={config['k']}"
     label = f"GXPO K={config['k']} {config.get('retention', 'grad')}"
@@ -161,11 +163,41 @@ def method_label(config: dict[str, Any]) -> str:
     return label
 
 
-def cells(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    """Records grouped by (method, lr), seeds inside, sorted by seed; cells sorted by method then lr."""
+def _grouped(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Records grouped by (method_label, lr), in input order."""
     out: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for record in records:
         out.setdefault((method_label(record["config"]), float(record["config"]["lr"])), []).append(record)
+    return out
+
+
+def _mean_alpha_q(runs: Sequence[dict[str, Any]]) -> float | None:
+    values = [m["alpha_q"] for m in map(mechanism, runs) if m["alpha_q"] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def cells(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Records grouped by (method, lr), seeds inside, sorted by seed; cells sorted by method then lr.
+
+    A step-scaled GRPO run is the matched step of the GXPO K (grad retention) at its lr whose mean alpha*q
+    its ``step_scale`` equals (within 5%): "GRPO matched step" for K = 5, "GRPO matched step K=10" for
+    another K, "GRPO step x1.5" when it matches none.
+    """
+    grouped = _grouped(records)
+    multipliers = {(lr, int(method.split()[1][2:])): _mean_alpha_q(runs) for (method, lr), runs in grouped.items()
+                   if re.fullmatch(r"GXPO K=\d+ grad", method)}
+    out: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for (method, lr), runs in grouped.items():
+        if method != MATCHED_STEP:
+            out.setdefault((method, lr), []).extend(runs)
+            continue
+        for run in runs:
+            scale = float(run["config"]["step_scale"])
+            near = [(abs(value / scale - 1), k) for (at, k), value in multipliers.items()
+                    if at == lr and value is not None and abs(value / scale - 1) < 0.05]
+            k = min(near)[1] if near else None
+            label = f"GRPO step x{scale:g}" if k is None else MATCHED_STEP if k == 5 else f"{MATCHED_STEP} K={k}"
+            out.setdefault((label, lr), []).append(run)
     return {key: sorted(out[key], key=lambda r: r["config"]["seed"]) for key in sorted(out)}
 
 
@@ -434,12 +466,11 @@ def matched_step_multiplier(records: Sequence[dict[str, Any]], lr: float, k: int
     This is the step GXPO takes on average relative to two plain steps' displacement, hence the
     `step_scale` of the matched-step GRPO control. Raises ValueError when no such GXPO run exists.
     """
-    runs = cells(records).get((f"GXPO K={k} {retention}", float(lr)), [])
-    values = [m["alpha_q"] for m in map(mechanism, runs) if m["alpha_q"] is not None]
-    if not values:
+    value = _mean_alpha_q(_grouped(records).get((f"GXPO K={k} {retention}", float(lr)), []))
+    if value is None:
         raise ValueError(f"lr={lr!r} is invalid here: no GXPO K={k} {retention} run at that lr extrapolated "
                          "(run its sweep first)")
-    return float(np.mean(values))
+    return value
 
 
 def write_matched_sweep(records: Sequence[dict[str, Any]], lr: float, path: Path | str, k: int = 5,
@@ -513,50 +544,8 @@ def toy_race(lr: float, steps: int = 40, k: int = 5, alpha: float = 0.5, noise: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Figures
+# The speed-up map's numbers (regime_plots draws them)
 # ---------------------------------------------------------------------------------------------------
-_COLORS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
-_LEGEND = {"orientation": "h", "y": -0.25, "yanchor": "top"}
-
-
-def _rgba(hex_color: str, opacity: float) -> str:
-    return f"rgba({int(hex_color[1:3], 16)}, {int(hex_color[3:5], 16)}, {int(hex_color[5:7], 16)}, {opacity})"
-
-
-def _band_traces(x: list[float], mean: list[float], lo: list[float], hi: list[float], name: str, color: str):
-    """A mean line with markers and its interval as a shaded polygon (points without bounds: line only)."""
-    import plotly.graph_objects as go
-
-    traces = [go.Scatter(x=x, y=mean, mode="lines+markers", name=name, line={"color": color},
-                         legendgroup=name)]
-    pairs = [(a, b, c) for a, b, c in zip(x, lo, hi) if b is not None and math.isfinite(b)]
-    if pairs:
-        xs, los, his = zip(*pairs)
-        traces.append(go.Scatter(x=list(xs) + list(xs)[::-1], y=list(his) + list(los)[::-1], fill="toself",
-                                 fillcolor=_rgba(color, 0.15), line={"width": 0}, hoverinfo="skip",
-                                 showlegend=False, legendgroup=name))
-    return traces
-
-
-def plot_pass_vs_lr(table, metric: str = "final", methods: Sequence[str] | None = None):
-    """`metric` ("final" or "peak") pass@1 against lr (log axis), a line per method, 95% t band over seeds."""
-    import plotly.graph_objects as go
-
-    check_choice("metric", metric, ("final", "peak"))
-    methods = list(methods or dict.fromkeys(table["method"]))
-    fig = go.Figure()
-    for i, method in enumerate(methods):
-        part = table[table["method"] == method].sort_values("lr")
-        for trace in _band_traces(part["lr"].tolist(), part[metric].tolist(), part[f"{metric}_lo"].tolist(),
-                                  part[f"{metric}_hi"].tolist(), method, _COLORS[i % len(_COLORS)]):
-            fig.add_trace(trace)
-    fig.update_layout(title=f"{metric} pass@1 against the learning rate (mean over seeds, 95% t band)",
-                      xaxis={"title": "learning rate", "type": "log", "exponentformat": "power"},
-                      yaxis={"title": f"{metric} pass@1"},
-                      legend=_LEGEND, height=420)
-    return fig
-
-
 def _missing(value: Any) -> bool:
     """None or NaN (pandas stores a missing number as NaN)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
@@ -593,57 +582,6 @@ def speedup_map(table, reference: str = "same_lr", x: str = "step", retention: s
         values.append(row_values)
         texts.append(row_texts)
     return ks, lrs, values, texts
-
-
-def plot_speedup_map(table, reference: str = "same_lr", x: str = "step", retention: str = "grad"):
-    """Heatmap of `speedup_map`: 1 = as fast as GRPO, 0 = never reached its peak, blank = not run."""
-    import plotly.graph_objects as go
-
-    ks, lrs, values, texts = speedup_map(table, reference, x, retention)
-    fig = go.Figure(go.Heatmap(z=values, x=[f"{lr:g}" for lr in lrs], y=[f"K={k}" for k in ks], text=texts,
-                               texttemplate="%{text}", colorscale="RdBu", zmid=1.0, zmin=0.0, zmax=2.0,
-                               colorbar={"title": "speed-up"}))
-    where = "the same lr's" if reference == "same_lr" else "the best lr's"
-    fig.update_layout(title=f"GXPO ({retention}) speed-up in {x} to {where} GRPO peak (seed bootstrap)",
-                      xaxis={"title": "learning rate", "type": "category"}, yaxis={"title": "K"}, height=360)
-    return fig
-
-
-def plot_diagnostics_vs_lr(table):
-    """Mean cos(g0, g1) and alpha*q over extrapolating steps against lr, per extrapolating method."""
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("cos(g0, g1)", "alpha * q-bar"))
-    methods = [m for m in dict.fromkeys(table["method"]) if not m.startswith("GRPO")]
-    for i, method in enumerate(methods):
-        part = table[table["method"] == method].sort_values("lr")
-        color = _COLORS[i % len(_COLORS)]
-        for col, (key, short) in enumerate((("cos_g0_g1", "cos"), ("alpha_q", "alpha_q")), 1):
-            for trace in _band_traces(part["lr"].tolist(), part[key].tolist(), part[f"{short}_lo"].tolist(),
-                                      part[f"{short}_hi"].tolist(), method, color):
-                trace.showlegend = trace.showlegend is not False and col == 1
-                fig.add_trace(trace, row=1, col=col)
-    fig.add_hline(y=0.0, line_dash="dot", line_color="gray", row=1, col=1)
-    fig.add_hline(y=1.0, line_dash="dot", line_color="gray", row=1, col=2)
-    fig.update_xaxes(type="log", title_text="learning rate", exponentformat="power")
-    fig.update_yaxes(title_text="mean cos(g0, g1)", row=1, col=1)
-    fig.update_yaxes(title_text="mean alpha * q-bar", row=1, col=2)
-    fig.update_layout(title="what the jump saw: gradient agreement and step multiplier against lr",
-                      legend=_LEGEND, height=420)
-    return fig
-
-
-def plot_toy_race(race: dict[str, Any]):
-    """Loss (log axis) against backward passes for the curves of `toy_race`."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure([go.Scatter(x=c["passes"], y=c["loss"], mode="lines", name=name,
-                                line={"color": _COLORS[i % len(_COLORS)]})
-                     for i, (name, c) in enumerate(race["curves"].items())])
-    fig.update_layout(title=f"ill-conditioned quadratic, lr {race['lr']:g}: loss against backward passes",
-                      xaxis={"title": "backward passes"}, yaxis={"title": "loss", "type": "log", "exponentformat": "power"},
-                      legend=_LEGEND, height=380)
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------------

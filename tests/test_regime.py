@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gxpo_lib import regime, toy
+from gxpo_lib import regime, regime_plots, toy
 from gxpo_lib.analysis import t_critical
 from gxpo_lib.extrapolation import geometric_scale
 from gxpo_lib.sweep import load_sweep
@@ -264,9 +264,20 @@ def test_every_regime_figure_titles_its_axes_and_writes_powers_of_ten():
     records += [record("gxpo", lr=lr, seed=s, multiplier=1.1, passes_per_step=3) for lr in (1e-4, 1e-3)
                 for s in range(2)]
     table = regime.cell_table(records, resamples=20)
-    figures = [regime.plot_pass_vs_lr(table), regime.plot_diagnostics_vs_lr(table),
-               regime.plot_speedup_map(table), regime.plot_toy_race(regime.toy_race(0.3, steps=5))]
+    figures = [regime_plots.plot_pass_vs_lr(table), regime_plots.plot_diagnostics_vs_lr(table),
+               regime_plots.plot_speedup_map(table), regime_plots.plot_toy_race(regime.toy_race(0.3, steps=5))]
     for fig in figures:
         axes = [v for k, v in fig.layout.to_plotly_json().items() if k.startswith(("xaxis", "yaxis"))]
         assert axes and all(a.get("title", {}).get("text") for a in axes), fig.layout.title.text
         assert all(a.get("exponentformat") == "power" for a in axes if a.get("type") == "log")
+
+
+def test_a_scaled_grpo_run_joins_the_matched_step_of_the_k_whose_alpha_q_it_equals():
+    gxpo = [record("gxpo", seed=s, multiplier=1.1) for s in range(2)]
+    gxpo += [record("gxpo", seed=s, multiplier=2.0, k=10) for s in range(2)]
+    scaled = [record(seed=0, step_scale=1.1), record(seed=1, step_scale=1.12),   # within 5% of K=5's 1.1
+              record(seed=0, step_scale=2.0), record(seed=0, step_scale=1.5)]
+    labels = {key[0]: [r["config"]["step_scale"] for r in runs] for key, runs in regime.cells(gxpo + scaled).items()}
+    assert labels["GRPO matched step"] == [1.1, 1.12]
+    assert labels["GRPO matched step K=10"] == [2.0] and labels["GRPO step x1.5"] == [1.5]
+    assert regime.matched_step_multiplier(gxpo, 1e-3, k=10) == pytest.approx(2.0)
