@@ -31,8 +31,8 @@ def test_conda_environments_parse_and_name_the_pyproject_extras():
 
 def test_torch_is_installed_alone_first():
     makefile = (ROOT / "Makefile").read_text()
-    first = makefile.index("pip install -q torch==2.13.0\n")
-    assert first < makefile.index("-e '.[$(EXTRAS)]'")
+    first = makefile.index("pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))\n")
+    assert first < makefile.index("-e '.[$(EXTRAS)]'")     # alone, and before everything that depends on it
 
 
 def test_notebooks_are_stored_without_outputs():
