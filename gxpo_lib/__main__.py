@@ -1,5 +1,6 @@
 """Command line: `python -m gxpo_lib <command>`.
 
+    run --preset P [-s NAME=VALUE ...] --out DIR   one training run (validated; run_summary.json, figures)
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)
     strip-notebooks [folder]         remove outputs from the stored notebooks
     sweep GRID.yaml [--parallel N] [--gpus 0,1] [--dry-run]   run a grid of notebook-03 runs, skipping
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gxpo_lib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="one training run (python -m gxpo_lib run --help)", add_help=False)
     run = commands.add_parser("run-notebooks", help="execute every notebook headless into a folder")
     run.add_argument("--out", default="runs")
     run.add_argument("--notebooks", default=str(notebooks.NOTEBOOK_DIR))
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--parallel", type=int, default=None, help="runs at a time (overrides the file)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs without executing them")
     sweep.add_argument("--gpus", default=None, help="GPU per parallel run, e.g. 0,1,2,3 (or 0,1|2,3 per run)")
+    sweep.add_argument("--direct", action="store_true", help="run each point as `run` (no notebook kernel)")
     execute = commands.add_parser("execute", help="execute one notebook headless (papermill) into a folder")
     execute.add_argument("notebook")
     execute.add_argument("out_dir")
@@ -40,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     execute.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     doctor = commands.add_parser("doctor", help="check the environment and estimate each notebook's minutes")
     doctor.add_argument("--no-train", action="store_true", help="skip the timed tiny training step")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["run"]:  # one training run: its own parser (gxpo_lib.experiment)
+        from .experiment import main as run_main
+
+        return run_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 plan.gpus = parse_gpus(args.gpus)
             except ValueError as error:
                 parser.error(str(error))
+        plan.direct = plan.direct or args.direct
         if args.parallel is not None:
             if args.parallel < 1:
                 parser.error(f"--parallel={args.parallel} is invalid: allowed an integer >= 1")

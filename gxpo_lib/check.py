@@ -302,7 +302,8 @@ def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2) ->
 
 def _passes_of(algorithm: str, steps: int, k: int) -> int:
     """Backward passes that ``steps`` real steps of the rule take on a small quadratic (gate off)."""
-    from .rules import GXPO, SFPO, PlainStep
+    from .rules import GXPO, PlainStep
+    from .sfpo import SFPO
 
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     optimizer = torch.optim.SGD([theta], lr=0.1)

@@ -31,6 +31,8 @@ VANISHING_PROBE = ("continue", "fallback")
 ACTIVE_SETS = ("absolute", "relative", "all")
 SCALE_FORMS = ("horner", "closed")
 GATE_STATISTICS = ("pre_clip", "post_clip")
+Q_MODES = ("per_coordinate", "scalar")
+OPTIMIZERS = ("adamw", "sgd")
 VERSIONS = ("v1", "v2", "v3", "v5")
 VERSIONS_WITH_ENTROPY_GATE = ("v5",)  # rules.VERSIONS holds each version's gate (a test keeps the two in step)
 SFPO_SWEEPS = ("official", "per_minibatch")
@@ -87,9 +89,12 @@ class TrainConfig:
                              ("choice", GATE_STATISTICS), "rule")
     version: str | None = _s(None, "the authors' code version (v1, v2, v3, v5) setting every other rule and gate "
                              "option; k, alpha, max_grad_norm still apply", ("optional_choice", VERSIONS), "rule")
+    q_mode: str = _s("per_coordinate", "GXPO's jump: per-coordinate q (authors) or one scalar q-bar (our control)",
+                     ("choice", Q_MODES), "rule")
     ppo_epochs: int = _s(1, "GRPO only: passes over each batch (3: the matched-compute control of GXPO)",
                          ("int", 1), "rule")
-    step_scale: float = _s(1.0, "GRPO only: lr multiplier (the matched-step control: a GXPO run's mean alpha*q)",
+    step_scale: float = _s(1.0, "GRPO only: lr multiplier (displacement-matched control: a GXPO run's update-norm "
+                           "ratio)",
                            ("positive",), "rule")
     sfpo_sweeps: str = _s("official", "SFPO with mini-batches: K full sweeps (official) or per mini-batch",
                           ("choice", SFPO_SWEEPS), "rule")
@@ -137,8 +142,11 @@ class TrainConfig:
     instruction: str | None = _s(None, "appended to each problem (None: none for arith, the math one else)",
                                  ("optional_str",), "data")
     # -- optimisation --
-    lr: float = _s(2e-3, "AdamW learning rate", ("positive",), "optim")
-    weight_decay: float = _s(0.01, "AdamW decoupled weight decay", ("nonneg",), "optim")
+    optimizer: str = _s("adamw", "adamw (default) or sgd (plain gradient descent: r is 1 - lr*h exactly on a quadratic)",
+                        ("choice", OPTIMIZERS), "optim")
+    momentum: float = _s(0.0, "SGD momentum in [0, 1) (optimizer: sgd)", ("nonneg",), "optim")
+    lr: float = _s(2e-3, "learning rate", ("positive",), "optim")
+    weight_decay: float = _s(0.01, "weight decay (AdamW: decoupled; SGD: L2 in the gradient)", ("nonneg",), "optim")
     max_grad_norm: float | None = _s(1.0, "global-norm clip (None: none)", ("optional_positive",), "optim")
     batch_prompts: int = _s(8, "prompts per step", ("int", 1), "optim")
     group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", ("int", 2), "optim")
@@ -197,6 +205,12 @@ class TrainConfig:
         if self.ppo_epochs > 1 and self.old_logprobs == "first_pass":
             raise ValueError(f"ppo_epochs={self.ppo_epochs} is invalid with old_logprobs='first_pass': later "
                              "epochs need the sampler's fixed old log-probs; use 'sampler'")
+        if self.q_mode != "per_coordinate" and self.algorithm != "gxpo":
+            raise ValueError(f"q_mode={self.q_mode!r} is invalid with algorithm={self.algorithm!r}: it is GXPO's "
+                             "(allowed 'per_coordinate')")
+        if self.momentum != 0.0 and (self.optimizer != "sgd" or self.momentum >= 1.0):
+            raise ValueError(f"momentum={self.momentum!r} is invalid with optimizer={self.optimizer!r}: allowed "
+                             "a value in [0, 1) with optimizer='sgd' (0 otherwise)")
         if self.version is not None and self.algorithm != "gxpo":
             raise ValueError(f"version={self.version!r} is invalid with algorithm={self.algorithm!r}: the "
                              "version presets are GXPO's (allowed None)")
@@ -367,7 +381,7 @@ RULE_SETTINGS = settings_in("rule") + settings_in("gate")   # what tells one rul
 GATE_KEYWORDS = {name: name.removeprefix("gate_") for name in settings_in("gate") if name != "gate"}
 # GXPO's own keywords beyond k, alpha, max_grad_norm and the gate (SFPO takes none of them).
 GXPO_KEYWORDS = ("r_clamp", "optimizer_state", "retention", "skip_corrective", "vanishing_probe", "active_set",
-                 "scale_form", "q_clamp", "gate_statistic")
+                 "scale_form", "q_clamp", "gate_statistic", "q_mode")
 
 
 def uses_entropy_gate(config: TrainConfig) -> bool:
@@ -387,7 +401,8 @@ def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
         return kwargs
     kwargs |= {"k": config.k, "alpha": config.alpha}
     if config.version is not None:  # GXPO.from_version sets every other option as that version did
-        return kwargs | {"version": config.version} | ({"gate": None} if config.gate == "none" else {})
+        return kwargs | {"version": config.version} | ({"gate": None} if config.gate == "none" else {}) | (
+            {"q_mode": config.q_mode} if config.q_mode != "per_coordinate" else {})
     gate = config.resolved_gate
     if gate == "none":
         kwargs["gate"] = None

@@ -193,7 +193,8 @@ def correct_counts(sampler, scorer, problems: Sequence[dict], samples: int, seed
 def summarize_counts(counts: Sequence[int], samples: int, lengths: Sequence[float], seed: int) -> dict:
     """pass@k for k = 1, 2, 4, ... <= samples with bootstrap intervals over problems, and the mean length.
 
-    Returns {"pass@k": float, "pass@k_ci": [low, high], ..., "response_length": float}.
+    Returns {"pass@k": float, "pass@k_ci": [low, high], ..., "response_length": float, "correct_counts":
+    [int per problem, in the problems' order]} (the counts let two runs be paired problem by problem).
     """
     result: dict = {}
     k = 1
@@ -204,6 +205,7 @@ def summarize_counts(counts: Sequence[int], samples: int, lengths: Sequence[floa
         result[f"pass@{k}_ci"] = [float(low), float(high)]
         k *= 2
     result["response_length"] = float(np.mean(lengths))
+    result["correct_counts"] = [int(c) for c in counts]
     return result
 
 

@@ -1,4 +1,4 @@
-"""Update rules: PlainStep (GRPO's one pass), GXPO (two probes, extrapolate, correct) and SFPO.
+"""Update rules: PlainStep (GRPO's one pass) and GXPO (two probes, extrapolate, correct); SFPO is in `sfpo`.
 
 Each rule wraps any ``torch.optim.Optimizer`` and is driven like ``optimizer.step(closure)``:
 
@@ -29,10 +29,9 @@ from .extrapolation import (
     FlatLayout,
     geometric_scale,
     optimizer_direction,
-    reposition,
     retention,
 )
-from .gate import GATE_SETTINGS, ShutoffGate, sfpo_official_gate
+from .gate import GATE_SETTINGS, ShutoffGate
 from .validation import check_choice, check_int, check_interval, check_optional_positive, check_positive
 
 Closure = Callable[[], torch.Tensor]
@@ -41,6 +40,7 @@ RETENTION_MODES = ("grad", "clip_corrected", "update")
 ACTIVE_SETS = ("absolute", "relative", "all")
 GATE_STATISTICS = ("pre_clip", "post_clip")
 VANISHING_PROBE = ("continue", "fallback")
+Q_MODES = ("per_coordinate", "scalar")
 MIN_GRAD_NORM = 1e-8  # a probe gradient at or below this norm is "vanishing"
 
 # Every option as each version of the authors' code behaves (docs/versions.md).
@@ -88,6 +88,11 @@ class StepInfo:
     cos_g0_g1: float | None = None
     cos_g0_gslow: float | None = None
     effective_multiplier: float | None = None
+    # What the step did to the parameters (every rule): ||theta_{t+1} - theta_t||; GXPO also reports one
+    # plain step from theta0 (||theta1 - theta0||, the first probe) and its corrective step (||theta_{t+1} - theta~||).
+    update_norm: float | None = None
+    probe_step_norm: float | None = None
+    corrective_norm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,16 +150,36 @@ class UpdateRule:
         self.optimizer.step()
 
     def _plain_step(self, closure: Closure, info: StepInfo) -> StepInfo:
-        """GRPO's update: one pass, clip, optimizer step; a non-finite gradient skips the step."""
+        """GRPO's update: one pass, clip, optimizer step; a non-finite gradient skips the step.
+
+        `info.update_norm` is measured against a transient copy of the parameters taken before the step.
+        """
         loss, norm = self._backward(closure)
         info.backward_passes += 1
         info.loss, info.grad_norm = loss, norm
         if _finite(norm):
+            before = self.snapshot_params()
             self._clip_and_step(norm)
+            info.update_norm = self.distance_from(before)
         else:
             self.optimizer.zero_grad(set_to_none=False)
-            info.skipped = True
+            info.skipped, info.update_norm = True, 0.0
         return info
+
+    def snapshot_params(self) -> list[torch.Tensor]:
+        """A detached copy of the trainable parameters, in their own dtypes (one batched call)."""
+        return torch._foreach_mul([p.detach() for p in self.params], 1.0)
+
+    @torch.no_grad()
+    def distance_from(self, reference: Sequence[torch.Tensor]) -> float:
+        """||theta - reference|| over the trainable parameters, each difference taken in at least float32
+        and summed in float64 (one device sync). `reference`: one tensor per parameter, same shapes."""
+        total = None
+        for p, ref in zip(self.params, reference):
+            work = _work_dtype(p.dtype)
+            square = (p.detach().to(work) - ref.to(work)).pow(2).sum(dtype=torch.float64)
+            total = square if total is None else total + square.to(total.device)
+        return float(total) ** 0.5
 
     def _new_info(self) -> StepInfo:
         self.num_steps += 1
@@ -359,6 +384,10 @@ class GXPO(_GatedRule):
             theta1): "continue" (the authors: r = 0, q = 1, theta~ = theta0 + alpha (theta2 - theta0)) or
             "fallback" (restore theta0, one plain step). A vanishing first probe always falls back.
         skip_corrective: ablation: stop at theta~ (2 backward passes); the gate then watches g1's norm.
+        q_mode: "per_coordinate" (the authors: each coordinate jumps by its own q) or "scalar" (a control
+            of ours, not in the authors' code: every coordinate jumps by one q-bar, the mean of q over the
+            active coordinates, theta~ = theta0 + alpha q-bar (theta2 - theta0); same three passes, so it
+            separates the per-coordinate geometry from a bigger step).
         gate: "default" (a ShutoffGate from the keywords below), a ready ShutoffGate, or None (never
             shut off).
         **gate_settings: tau, omega, warmup, patience, mode, window, signal, permanent, reopen_after,
@@ -381,6 +410,7 @@ class GXPO(_GatedRule):
         gate_statistic: str = "pre_clip",
         vanishing_probe: str = "continue",
         skip_corrective: bool = False,
+        q_mode: str = "per_coordinate",
         gate: ShutoffGate | None | str = "default",
         **gate_settings: Any,
     ):
@@ -396,6 +426,7 @@ class GXPO(_GatedRule):
         self.gate_statistic = check_choice("gate_statistic", gate_statistic, GATE_STATISTICS)
         self.vanishing_probe = check_choice("vanishing_probe", vanishing_probe, VANISHING_PROBE)
         self.skip_corrective = _check_bool("skip_corrective", skip_corrective)
+        self.q_mode = check_choice("q_mode", q_mode, Q_MODES)
         super().__init__(optimizer, max_grad_norm, _make_gate(gate, gate_settings))
         # theta0 and two probe slots: 3 P-sized flat buffers (g1 holds theta1 for retention="update")
         self._theta0: list[torch.Tensor] | None = None
@@ -427,7 +458,7 @@ class GXPO(_GatedRule):
                 "optimizer_state": self.optimizer_state, "retention": self.retention,
                 "active_set": self.active_set, "scale_form": self.scale_form, "q_clamp": self.q_clamp,
                 "gate_statistic": self.gate_statistic, "vanishing_probe": self.vanishing_probe,
-                "skip_corrective": self.skip_corrective}
+                "skip_corrective": self.skip_corrective, "q_mode": self.q_mode}
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Closure, gate_signal: float | None = None) -> StepInfo:
@@ -462,6 +493,7 @@ class GXPO(_GatedRule):
         """Passes 1-3 and the reposition; returns the statistic the gate should see."""
         update = self.retention == "update"
         loss0, n0 = self._probe(closure, info, "_g0", first=True)     # theta0 -> theta1
+        info.probe_step_norm = self.distance_from(self._views["_theta0"])  # one plain step from theta0
         steps = [self._step_constants()]
         if update:                                                     # keep theta1 in the g1 slot
             torch._foreach_copy_(self._buffer("_g1", work=True), [p.detach() for p in self.params])
@@ -474,13 +506,17 @@ class GXPO(_GatedRule):
             self._restore_optimizer(snapshot)
         if self.skip_corrective:
             info.loss, info.grad_norm = loss0, n1
+            info.update_norm = self.distance_from(self._views["_theta0"])
             return n1 * (c1 if self.gate_statistic == "post_clip" else 1.0)
         loss_s, n_s = self._backward(closure)                          # corrective pass at theta~
         info.backward_passes += 1
         if not _finite(n_s):
             raise _Fallback
         info.cos_g0_gslow = self._cos_g0_gslow(n_s)
+        torch._foreach_copy_(self._views["_g1"], [p.detach() for p in self.params])  # keep theta~ (g1 is free)
         self._clip_and_step(n_s)
+        info.corrective_norm = self.distance_from(self._views["_g1"])
+        info.update_norm = self.distance_from(self._views["_theta0"])
         info.loss, info.grad_norm, info.gslow_norm = loss_s, n_s, n_s
         return n_s * (self._clip_scale(n_s) if self.gate_statistic == "post_clip" else 1.0)
 
@@ -504,26 +540,25 @@ class GXPO(_GatedRule):
     @torch.no_grad()
     def _jump(self, info: StepInfo, c0: float, c1: float, steps) -> None:
         """Per coordinate, chunk by chunk: r, q; write theta~ = theta0 + alpha q (theta2 - theta0) into the
-        parameters; the diagnostics' sums are read out with one device sync at the end."""
+        parameters; the diagnostics' sums are read out with one device sync at the end. With
+        ``q_mode="scalar"`` a first pass finds q-bar (the mean q over active coordinates) and every
+        coordinate jumps by it."""
         flat, update, alpha = self._flat, self.retention == "update", self.alpha
-        scales = (c0, c1) if self.retention == "clip_corrected" else (1.0, 1.0)
-        thresholds = self._relative_thresholds(steps) if self.active_set == "relative" else None
+        context = self._retention_context(c0, c1, steps)
+        q_bar = self._mean_active_q(context) if self.q_mode == "scalar" else None
         r_inactive = min(max(1.0, self.r_clamp[0]), self.r_clamp[1])  # what retention gives an inactive one
         rows, q_max = [], []
         for c, (g, start, end, _) in enumerate(flat.chunks):
             theta0, theta2 = self._theta0[g][start:end], flat.gather(c)
             work = _work_dtype(theta0.dtype)
-            x0, x1 = self._probe_values(c, g, start, end, steps) if update else \
-                (self._g0[g][start:end], self._g1[g][start:end])
-            active = "all" if self.active_set == "all" else \
-                x0.abs() > (self.delta if thresholds is None else flat.per_coordinate(c, thresholds, x0))
-            r, _raw, bound = retention(x0, x1, self.r_clamp, self.delta, active=active, scales=scales)
-            q = geometric_scale(r, self.k, self.delta, clamp=self.q_clamp, form=self.scale_form)
+            x1, active, r, bound, q = self._chunk_scale(c, context)
+            every = isinstance(active, str)  # active_set="all"
+            if q_bar is not None:
+                q = torch.full_like(q, q_bar)
+            elif not every:
+                q = torch.where(active, q, 1.0)
             t0 = theta0.to(work)
             disp2 = theta2.to(work) - t0
-            every = isinstance(active, str)  # active_set="all"
-            if not every:
-                q = torch.where(active, q, 1.0)
             jump = (alpha * q).mul_(disp2)                                # as reposition(): t0 + (alpha q) disp2
             flat.scatter(c, (t0 + jump).to(theta0.dtype))
             g0, g1 = self._g0[g][start:end], (self._g0[g][start:end] if update else x1)  # update: no g1
@@ -536,6 +571,36 @@ class GXPO(_GatedRule):
                 torch.dot(g1, g1))]))
             q_max.append(q.max().to(torch.float64))
         self._fill(info, torch.cat([torch.stack(rows).sum(0), torch.stack(q_max).max().view(1)]).tolist(), update)
+
+    def _retention_context(self, c0: float, c1: float, steps) -> dict[str, Any]:
+        """What every chunk's r and q need: the clip scales, the step constants, V5's relative thresholds."""
+        return {"scales": (c0, c1) if self.retention == "clip_corrected" else (1.0, 1.0), "steps": steps,
+                "thresholds": self._relative_thresholds(steps) if self.active_set == "relative" else None}
+
+    def _chunk_scale(self, c: int, context: dict[str, Any]):
+        """Chunk c's (x1, active mask or "all", r, clamp-bound mask, q per coordinate) from the probes."""
+        g, start, end, _ = self._flat.chunks[c]
+        x0, x1 = self._probe_values(c, g, start, end, context["steps"]) if self.retention == "update" else \
+            (self._g0[g][start:end], self._g1[g][start:end])
+        thresholds = context["thresholds"]
+        active = "all" if self.active_set == "all" else \
+            x0.abs() > (self.delta if thresholds is None else self._flat.per_coordinate(c, thresholds, x0))
+        r, _raw, bound = retention(x0, x1, self.r_clamp, self.delta, active=active, scales=context["scales"])
+        q = geometric_scale(r, self.k, self.delta, clamp=self.q_clamp, form=self.scale_form)
+        return x1, active, r, bound, q
+
+    def _mean_active_q(self, context: dict[str, Any]) -> float:
+        """q-bar for ``q_mode="scalar"``: the mean of q over the active coordinates (1 when none is)."""
+        total, count = [], []
+        for c in range(len(self._flat.chunks)):
+            _x1, active, _r, _bound, q = self._chunk_scale(c, context)
+            every = isinstance(active, str)
+            total.append(q.sum(dtype=torch.float64) if every else torch.where(active, q, 0.0).sum(dtype=torch.float64))
+            count.append(torch.tensor(float(q.numel()), dtype=torch.float64, device=q.device) if every
+                         else active.sum().to(torch.float64))
+        total_q, n_active = (float(torch.stack([t.to(total[0].device) for t in ts]).sum()) for ts in (total, count))
+        return total_q / n_active if n_active > 0 else 1.0
+
     def _probe_values(self, c: int, g: int, start: int, end: int, steps) -> tuple[torch.Tensor, torch.Tensor]:
         """retention="update": the two optimizer directions d0, d1 on chunk c (theta1 is in the g1 slot;
         a parameter whose lr is 0 has no direction: d0 = 0 makes it inactive)."""
@@ -575,103 +640,6 @@ class GXPO(_GatedRule):
         self._g0_norm = g0_sq**0.5
         denominator = (g0_sq * g1_sq) ** 0.5
         info.cos_g0_g1 = g0g1 / denominator if denominator > 0 and not update else None
-
-
-class SFPO(_GatedRule):
-    """Slow-fast policy optimization (the strongest peer; docs/algorithm.md): K+1 backward passes.
-
-    Save theta0; K plain steps; theta' = theta0 + alpha (theta_K - theta0); one more plain step at
-    theta'. The optimizer state is never touched. Two structures when a batch has m mini-batches:
-    `step` (one closure: K+1 steps on that mini-batch, repeated per mini-batch by the caller) and
-    `step_sweeps` (the official one: K full sweeps over all mini-batches, reposition, one more sweep).
-
-    Args:
-        optimizer: any torch optimizer.
-        k: number of fast steps (or sweeps) K (>= 2).
-        alpha: scalar reposition factor (> 0).
-        max_grad_norm: global-norm clip (None = no clipping).
-        gate: "official" (SFPO's entropy z-score over a window of 30, threshold 1.0, permanent;
-            the caller passes the entropy as ``gate_signal=``), "default" (a ShutoffGate built from the
-            keywords), a ready ShutoffGate, or None (never shut off).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 3, alpha: float = 0.8,
-                 max_grad_norm: float | None = 1.0, gate: ShutoffGate | None | str = "official", **gate_settings: Any):
-        self.k = check_int("k", k, minimum=2)
-        self.alpha = check_positive("alpha", alpha)
-        if gate == "official" and not gate_settings:
-            gate = sfpo_official_gate()
-        super().__init__(optimizer, max_grad_norm, _make_gate(gate, gate_settings))
-        self._theta0: list[torch.Tensor] | None = None
-
-    _BUFFERS = ("_theta0",)
-
-    @property
-    def backward_passes_per_step(self) -> int:  # while active, per mini-batch
-        return self.k + 1
-
-    def settings(self) -> dict[str, Any]:
-        return {"max_grad_norm": self.max_grad_norm, "k": self.k, "alpha": self.alpha}
-
-    def step(self, closure: Closure, gate_signal: float | None = None) -> StepInfo:
-        """K fast steps, reposition and one slow step, all on this one mini-batch (closure)."""
-        return self.step_sweeps([closure], gate_signal)
-
-    def step_sweeps(self, closures: Sequence[Closure], gate_signal: float | None = None) -> StepInfo:
-        """The official SFPO update of one batch of m mini-batches (one closure each): K sweeps of m
-        plain steps, theta' = theta0 + alpha (theta_K - theta0), one more sweep: (K+1) m passes. The
-        record's loss and grad_norm are the slow sweep's means; the gate gets one observation.
-        With one closure this is `step`."""
-        closures = list(closures)
-        if not closures or not all(callable(c) for c in closures):
-            raise ValueError(f"closures={closures!r} is invalid: allowed a non-empty list of closures")
-        self._check_signal(gate_signal)
-        info = self._new_info()
-        if not self._gate_allows():
-            return self._finish(self._sweep(closures, info))
-        self._save_params("_theta0")
-        for _ in range(self.k):                                        # the fast trajectory
-            for closure in closures:
-                _loss, norm = self._backward(closure)
-                info.backward_passes += 1
-                if not _finite(norm):
-                    self._load_params("_theta0")
-                    info.fallback = True
-                    return self._finish(self._sweep(closures, info))
-                self._clip_and_step(norm)
-                info.g0_norm = norm if info.g0_norm is None else info.g0_norm
-        self._reposition(info)                                         # theta' = theta0 + alpha (theta_K - theta0)
-        self._sweep(closures, info)                                    # the slow correction
-        if info.skipped:
-            return self._finish(info)
-        info.active, info.gslow_norm = True, info.grad_norm
-        self._feed_gate(info, info.grad_norm, gate_signal)
-        return self._finish(info)
-
-    def _sweep(self, closures: list[Closure], info: StepInfo) -> StepInfo:
-        """One plain step per mini-batch; loss and grad_norm: their means (skipped: any was skipped)."""
-        losses, norms = [], []
-        for closure in closures:
-            self._plain_step(closure, info)
-            losses.append(info.loss)
-            norms.append(info.grad_norm)
-        info.grad_norm = sum(norms) / len(norms)
-        info.loss = None if None in losses else sum(losses) / len(losses)
-        return info
-
-    @torch.no_grad()
-    def _reposition(self, info: StepInfo) -> None:
-        """theta' = theta0 + alpha (theta_K - theta0) chunk by chunk; the displacement norm in one sync."""
-        flat, parts = self._flat, []
-        for c, (g, start, end, _) in enumerate(flat.chunks):
-            theta0, theta_k = self._theta0[g][start:end], flat.gather(c)
-            work = _work_dtype(theta0.dtype)
-            disp = theta_k.to(work) - theta0.to(work)
-            parts.append((disp * disp).sum(dtype=torch.float64))
-            flat.scatter(c, reposition(theta0, theta_k, 1.0, self.alpha))
-        info.disp2_norm = info.dispK_norm = float(torch.stack(parts).sum()) ** 0.5
-        info.jump_norm = self.alpha * info.dispK_norm
-        info.effective_multiplier = self.alpha
 
 
 def _check_bool(name: str, value: Any) -> bool:

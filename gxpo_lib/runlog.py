@@ -235,6 +235,31 @@ def read_summary(workdir: Path | str) -> dict[str, Any]:
     return _read_json(Path(workdir) / SUMMARY_FILE) or {}
 
 
+def build_summary(workdir: Path | str, preset: str | None = None, backend: str = "gxpo") -> dict[str, Any]:
+    """``run_summary.json``: what a sweep and notebook 04 read first, from the run folder's own files.
+
+    Validation pass@1 (the cheap curve, ``eval`` rows) is ``val_pass@1_initial`` / ``_last`` / ``_peak``;
+    ``final_pass@1`` is the final evaluation's sampled pass@1 on ``final_benchmark`` (the first of
+    ``final_eval_sets``; None without one); ``final_eval`` holds every benchmark's pass@k and intervals.
+    """
+    done = summarize_run(workdir)
+    config = read_config(workdir)
+    evals = [r["pass@1"] for r in read_rows(workdir, "eval") if r.get("pass@1") is not None]
+    final = done["final_eval"]
+    benchmark = next(iter(config.get("final_eval_sets") or ()), None)
+    return {
+        "preset": preset, "backend": backend, "algorithm": config.get("algorithm"), "model": config.get("model"),
+        "seed": config.get("seed"), "steps": done["steps_done"], "backward_passes": done["backward_passes"],
+        "train_seconds": round(sum(done.get(key, 0.0) for key in TRAIN_PHASES), 2),
+        "cpu_seconds": round(done.get("cpu_seconds", 0.0), 2), "shutoff_step": done["shutoff_step"],
+        "val_pass@1_initial": evals[0] if evals else None, "val_pass@1_last": evals[-1] if evals else None,
+        "val_pass@1_peak": max(evals, default=None), "final_benchmark": benchmark,
+        "final_pass@1": final.get(benchmark, {}).get("pass@1") if benchmark else None,
+        "final_eval": {name: {k: v for k, v in result.items() if k.startswith("pass@")}
+                       for name, result in final.items()},
+    }
+
+
 def summarize_run(workdir: Path | str) -> dict[str, Any]:
     """What `train` returns (without the model), read back from a run folder's files.
 

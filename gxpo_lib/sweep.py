@@ -10,10 +10,14 @@ A grid file (YAML):
       algorithm: [grpo, gxpo]
       seed: [0, 1]
 
-``preset`` may also be a grid axis (``grid: {preset: [paper-grpo, paper-gxpo], seed: [0, 1, 2]}``); examples
-live in ``sweeps/``.
+``preset`` may also be a grid axis (``grid: {preset: [paper-grpo, paper-gxpo], seed: [0, 1, 2]}``). A study of
+several arms lists them under ``grids:``, each ``{base: {...}, grid: {...}}`` over the shared ``base`` (a run's
+name holds its arm's own base settings and its grid values); examples live in ``sweeps/``.
 
-    python -m gxpo_lib sweep grid.yaml [--parallel N] [--gpus 0,1,...] [--dry-run]
+    python -m gxpo_lib sweep grid.yaml [--parallel N] [--gpus 0,1,...] [--dry-run] [--direct]
+
+``--direct`` (or ``direct: true`` in the file) runs each point as ``python -m gxpo_lib run`` (`experiment.run`, no
+notebook kernel); by default each run executes notebook 03 and leaves its executed report.
 
 Every run executes in its own process (``python -m gxpo_lib execute``, papermill inside) with its own
 working directory, its output streamed to ``run.log`` in its folder; one line is printed per finished run.
@@ -47,7 +51,8 @@ from .notebooks import NOTEBOOK_DIR
 from .runlog import SUMMARY_FILE, atomic_write_text
 
 RUN_NOTEBOOK = NOTEBOOK_DIR / "03_full_scale_run.ipynb"
-GRID_KEYS = {"preset", "out", "parallel", "base", "grid", "notebook", "timeout", "gpus"}
+GRID_KEYS = {"preset", "out", "parallel", "base", "grid", "grids", "notebook", "timeout", "gpus", "direct"}
+ARM_KEYS = {"base", "grid"}
 
 
 @dataclass
@@ -62,16 +67,25 @@ class Sweep:
     notebook: Path = RUN_NOTEBOOK
     timeout: int = 24 * 3600
     gpus: list[str] = field(default_factory=list)   # CUDA_VISIBLE_DEVICES per parallel slot
+    arms: list[dict[str, Any]] = field(default_factory=list)  # grids: [{base, grid}, ...] (empty: one arm)
+    direct: bool = False                              # python -m gxpo_lib run instead of notebook 03
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
-        """(run name, settings) for every point of the grid, in a stable order."""
-        names = list(self.grid)
-        points = itertools.product(*(self.grid[n] for n in names)) if names else [()]
+        """(run name, settings) for every point of every arm, in a stable order; names are unique."""
         runs = []
-        for values in points:
-            setting = dict(zip(names, values))
-            label = "_".join(f"{n}={_label(v)}" for n, v in setting.items()) or "run"
-            runs.append((label, self.base | setting))
+        for arm in self.arms or [{"base": {}, "grid": self.grid}]:
+            names, own = list(arm["grid"]), arm.get("base") or {}
+            points = itertools.product(*(arm["grid"][n] for n in names)) if names else [()]
+            for values in points:
+                setting = own | dict(zip(names, values))
+                label = "_".join(f"{n}={_label(v)}" for n, v in setting.items()) or "run"
+                runs.append((label, self.base | setting))
+        seen = set()
+        for label, _ in runs:
+            if label in seen:
+                raise ValueError(f"run {label}: two points of the grid file share this name (arms must differ "
+                                 "in their own base or grid settings)")
+            seen.add(label)
         return runs
 
 
@@ -92,15 +106,26 @@ def load_sweep(path: Path | str) -> Sweep:
     if unknown:
         raise ValueError(f"{unknown[0]}: not a grid-file key (allowed: {', '.join(sorted(GRID_KEYS))})")
     grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError("grid: expected a mapping of setting -> non-empty list of values")
+    _check_grid("grid", grid)
+    arms = raw.get("grids", [])
+    if not isinstance(arms, list) or ("grids" in raw and (not arms or raw.get("grid"))):
+        raise ValueError("grids: expected a list of {base, grid} arms (and no top-level grid beside it)")
+    for number, arm in enumerate(arms):
+        if not isinstance(arm, dict) or set(arm) - ARM_KEYS or not isinstance(arm.get("base") or {}, dict):
+            raise ValueError(f"grids[{number}]: expected a mapping with keys base and grid")
+        _check_grid(f"grids[{number}].grid", arm.get("grid") or {})
+        arm["grid"] = arm.get("grid") or {}
+    direct = raw.get("direct", False)
+    if not isinstance(direct, bool):
+        raise ValueError(f"direct={direct!r} is invalid: allowed true or false")
     parallel = raw.get("parallel", 1)
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel={parallel!r} is invalid: allowed an integer >= 1")
     out = raw.get("out") or f"runs/{path.stem}"
     sweep = Sweep(out=Path(out), preset=raw.get("preset"), base=raw.get("base") or {}, grid=grid,
                   parallel=parallel, notebook=Path(raw.get("notebook", RUN_NOTEBOOK)),
-                  timeout=int(raw.get("timeout", 24 * 3600)), gpus=parse_gpus(_gpu_text(raw.get("gpus"))))
+                  timeout=int(raw.get("timeout", 24 * 3600)), gpus=parse_gpus(_gpu_text(raw.get("gpus"))),
+                  arms=arms, direct=direct)
     for name, settings in sweep.runs():
         try:
             _check_notebook_parameters(settings)
@@ -109,6 +134,11 @@ def load_sweep(path: Path | str) -> Sweep:
         except ValueError as error:
             raise ValueError(f"run {name}: {error}") from None
     return sweep
+
+
+def _check_grid(where: str, grid: Any) -> None:
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{where}: expected a mapping of setting -> non-empty list of values")
 
 
 def _check_notebook_parameters(settings: dict[str, Any]) -> None:
@@ -182,8 +212,9 @@ def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path
     params_file = folder / "sweep_parameters.json"
     atomic_write_text(params_file, json.dumps(parameters, indent=2))
     env = run_environment(os.environ, sweep.parallel, gpu)
-    command = [sys.executable, "-m", "gxpo_lib", "execute", str(Path(sweep.notebook).resolve()), str(folder),
-               "--parameters", str(params_file), "--timeout", str(sweep.timeout)]
+    command = _direct_command(parameters, folder) if sweep.direct else [
+        sys.executable, "-m", "gxpo_lib", "execute", str(Path(sweep.notebook).resolve()), str(folder),
+        "--parameters", str(params_file), "--timeout", str(sweep.timeout)]
     start = time.perf_counter()
     with (folder / "run.log").open("a", encoding="utf-8") as log:
         process = subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -191,6 +222,22 @@ def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path
     if process.returncode == 0:
         return {"run": name, "state": "done", "seconds": seconds, **_summary(folder)}
     return {"run": name, "state": "failed", "seconds": seconds, "error": _last_error(folder / "run.log")}
+
+
+def _direct_command(parameters: dict[str, Any], folder: Path) -> list[str]:
+    """``python -m gxpo_lib run`` for one point (``--direct``): each setting as ``-s NAME=JSON``."""
+    settings = {k: v for k, v in parameters.items() if k not in NOTEBOOK_PARAMETERS}
+    launch = {k: v for k, v in parameters.items() if k in NOTEBOOK_PARAMETERS and k not in ("preset", "output_dir")}
+    unsupported = sorted(set(launch) - {"backend", "num_processes"})
+    if unsupported:
+        raise ValueError(f"{unsupported[0]}: not available with --direct (run through notebook 03 instead)")
+    command = [sys.executable, "-m", "gxpo_lib", "run", "--out", str(folder), "--no-figures",
+               "--backend", str(launch.get("backend", "gxpo")), "--num-processes", str(launch.get("num_processes", 1))]
+    if parameters.get("preset"):
+        command += ["--preset", str(parameters["preset"])]
+    for name, value in settings.items():
+        command += ["-s", f"{name}={json.dumps(value)}"]
+    return command
 
 
 def run_environment(environ: Mapping[str, str], parallel: int, gpu: str | None,
@@ -221,12 +268,12 @@ def _summary(folder: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())
-    return {k: summary.get(k) for k in ("final_pass@1", "peak_pass@1", "shutoff_step", "backward_passes")}
+    return {k: summary.get(k) for k in ("final_pass@1", "val_pass@1_peak", "shutoff_step", "backward_passes")}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text summary table of a sweep."""
-    columns = ["run", "state", "seconds", "final_pass@1", "peak_pass@1", "shutoff_step", "backward_passes"]
+    columns = ["run", "state", "seconds", "final_pass@1", "val_pass@1_peak", "shutoff_step", "backward_passes"]
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

@@ -22,7 +22,8 @@ import torch
 
 from .extrapolation import R_CLAMP, geometric_scale, max_scale, retention
 from .gate import GATE_SETTINGS
-from .rules import GXPO, SFPO, PlainStep, UpdateRule
+from .rules import GXPO, PlainStep, UpdateRule
+from .sfpo import SFPO
 from .validation import (
     check_choice,
     check_int,

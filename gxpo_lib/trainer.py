@@ -32,10 +32,11 @@ from .evaluation import evaluate
 from .losses import group_advantages
 from .objective import PolicyObjective
 from .problems import prompt_formatter, run_problems
-from .rules import GXPO, SFPO, PlainStep, StepInfo
+from .rules import GXPO, PlainStep, StepInfo
 from .runlog import read_rows as read_metrics
 from .runlog import summarize_run
 from .sampling import batched_logprobs
+from .sfpo import SFPO
 
 __all__ = ["TrainConfig", "TrainControl", "TrainState", "build_rule", "make_sampler", "read_metrics",
            "summarize_run", "train", "train_step"]
@@ -89,6 +90,15 @@ def build_rule(config: TrainConfig, optimizer: torch.optim.Optimizer):
     if "version" in kwargs:
         return GXPO.from_version(kwargs.pop("version"), optimizer, **kwargs)
     return RULES[config.algorithm](optimizer, **kwargs)
+
+
+def build_optimizer(config: TrainConfig, trainable: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or plain SGD (optionally with momentum; L2 decay) at lr x step_scale: GRPO's
+    displacement-matched control scales the learning rate, which scales each plain step (AdamW's decay too)."""
+    lr = config.lr * config.step_scale
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
 
 
 def check_runtime(config: TrainConfig) -> None:
@@ -148,9 +158,7 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = copy.deepcopy(model).requires_grad_(False) if config.kl_beta > 0 and not config.lora else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # step_scale (GRPO's matched-step control) scales the learning rate, and with it AdamW's decay step.
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr * config.step_scale, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     sampler = make_sampler(config, model, tokenizer, prompt_formatter(config, tokenizer), workdir)
     scorer = RewardScorer(workers=config.reward_workers, timeout_s=config.reward_timeout)
     return TrainState(config, model, tokenizer, optimizer, build_rule(config, optimizer), sampler, scorer,
@@ -301,9 +309,14 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
         if config.kl_beta > 0:  # the reference policy's view, once per step, a micro-batch at a time
             with reference_policy(state.model, state.reference) as ref_model:
                 ref_logprobs = batched_logprobs(ref_model, rollouts, config.temperature, config.micro_batch_size)
+        several = config.mini_batches * config.ppo_epochs > 1 and not (
+            config.algorithm == "sfpo" and config.sfpo_sweeps == "official")
+        before = state.rule.snapshot_params() if several else None  # the step spans several rule steps
         infos, objectives = _update(state, rollouts, advantages, ref_logprobs)
 
     record = _aggregate(infos)
+    if before is not None:  # ||theta_{t+1} - theta_t|| over the whole step, not a mean of its parts
+        record["update_norm"] = state.rule.distance_from(before)
     counters["backward_passes"] += record["backward_passes"]
     mask = rollouts.completion_mask
     entropy = rollouts.entropy if rollouts.entropy is not None else objectives[0].sampling_entropy

@@ -73,7 +73,8 @@ def test_unknown_names_are_refused_with_the_allowed_list():
 
 def test_rule_and_gate_keywords_derive_from_the_config():
     from gxpo_lib.gate import ShutoffGate
-    from gxpo_lib.rules import GXPO, SFPO
+    from gxpo_lib.rules import GXPO
+    from gxpo_lib.sfpo import SFPO
 
     gate_params = set(inspect.signature(ShutoffGate.__init__).parameters) - {"self"}
     assert set(cfg.GATE_KEYWORDS.values()) <= gate_params

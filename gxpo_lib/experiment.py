@@ -1,0 +1,125 @@
+"""One run the library owns: validate, train (native or TRL), write ``run_summary.json`` and the figures.
+
+    from gxpo_lib import run
+    summary = run("smoke", {"algorithm": "gxpo", "k": 5}, "runs/my-run")     # re-run: resumes
+    python -m gxpo_lib run --preset smoke -s algorithm=gxpo -s k=5 --out runs/my-run
+
+Notebook 03 is this function's report (it calls `run` and reads the folder); sweeps run it directly
+(``sweep --direct``) or through notebook 03 (the default, leaving each run's executed report).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import runlog
+from .config import check_notebook_parameters, resolve_config
+
+
+def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: str | Path = "run", *,
+        backend: str = "gxpo", num_processes: int = 1, accelerate_config: str | None = None,
+        trl_overrides: dict[str, Any] | None = None, resume: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Train one run into `workdir` (or resume it) and return its `runlog.build_summary`.
+
+    Args:
+        preset: a preset name (``gxpo_lib/presets``) or None for the defaults.
+        overrides: TrainConfig settings over the preset (None values mean "keep the preset's").
+        workdir: the run folder.
+        backend: "gxpo" (gxpo_lib's trainer in this process) or "trl" (TRL's GRPOTrainer via accelerate,
+            in a subprocess).
+        num_processes, accelerate_config, trl_overrides: the TRL backend's launch settings.
+        resume: False refuses a folder that already holds a run.
+        figures: write ``figures/training.html`` (and ``diagnostics.html`` for GXPO/SFPO).
+    Every setting is validated (ValueError naming it) before any model loads.
+    """
+    check_notebook_parameters({"backend": backend, "num_processes": num_processes,
+                               "accelerate_config": accelerate_config, "trl_overrides": trl_overrides,
+                               "resume": resume})
+    config = resolve_config(preset, overrides)
+    run_dir = Path(workdir)
+    if backend == "trl":
+        from .integrations import accelerate_config_path, accelerate_launch_args
+
+        accelerate_launch_args(num_processes)
+        if accelerate_config is not None:
+            accelerate_config_path(accelerate_config)
+    else:
+        from .trainer import check_runtime
+
+        check_runtime(config)
+    if not resume and (run_dir / "checkpoints").exists():
+        raise ValueError(f"workdir={str(run_dir)!r} already holds a run and resume=False: choose another "
+                         "folder or resume")
+    if backend == "trl":
+        from .integrations import launch_trl, stream
+
+        process = launch_trl({**config.to_dict(), "trl": trl_overrides or {}}, run_dir,
+                             num_processes=num_processes, accelerate_config=accelerate_config)
+        for line in stream(process, progress_only=True):   # raises with the run's last lines if it fails
+            print(line, flush=True)
+    else:
+        from .trainer import train
+
+        train(config, run_dir)
+    summary = runlog.build_summary(run_dir, preset=preset, backend=backend)
+    runlog.write_summary(run_dir, summary)
+    if figures:
+        write_figures(run_dir)
+    return summary
+
+
+def write_figures(run_dir: Path | str) -> list[Path]:
+    """The run's training figure (and, for an extrapolating rule, its diagnostics) as interactive HTML."""
+    from . import analysis
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    loaded = analysis.load_run(run_dir)
+    written = [folder / "training.html"]
+    analysis.plot_training(loaded).write_html(written[0], include_plotlyjs="cdn")
+    diagnostics = analysis.plot_diagnostics([loaded])
+    if diagnostics is not None:
+        written.append(folder / "diagnostics.html")
+        diagnostics.write_html(written[-1], include_plotlyjs="cdn")
+    return written
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["k=5", "lr=1e-4", "lora=false", "final_eval_sets=[arith]"]`` -> typed values (YAML scalars)."""
+    values = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"-s {pair!r} is invalid: allowed NAME=VALUE")
+        values[name.strip()] = yaml.safe_load(text)
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gxpo_lib run --preset P [-s NAME=VALUE ...] --out DIR [--backend trl] [--no-figures]``."""
+    parser = argparse.ArgumentParser(prog="python -m gxpo_lib run", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("-s", "--set", dest="settings", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--out", required=True, help="the run folder")
+    parser.add_argument("--backend", default="gxpo", help="gxpo (native) or trl")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_settings(args.settings)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        summary = run(args.preset, overrides, args.out, backend=args.backend, num_processes=args.num_processes,
+                      figures=not args.no_figures)
+    except ValueError as error:  # a bad setting, named, before anything loaded
+        parser.error(str(error))
+    print(f"[gxpo] {summary['algorithm']} seed {summary['seed']}: {summary['steps']} steps, "
+          f"{summary['backward_passes']} backward passes, final pass@1 {summary['final_pass@1']}; "
+          f"wrote {Path(args.out) / runlog.SUMMARY_FILE}", flush=True)
+    return 0
