@@ -11,6 +11,7 @@ Notebook 03 is this function's report (it calls `run` and reads the folder); swe
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,16 @@ def write_figures(run_dir: Path | str) -> list[Path]:
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``["k=5", "lr=1e-4", "lora=false", "final_eval_sets=[arith]"]`` -> typed values (YAML scalars)."""
+    """``["k=5", "lr=1e-4", "lora=false", "final_eval_sets=[arith]"]`` -> typed values (JSON, else YAML)."""
     values = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"-s {pair!r} is invalid: allowed NAME=VALUE")
-        values[name.strip()] = yaml.safe_load(text)
+        try:
+            values[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:  # YAML reads what JSON does not: [arith], bare words
+            values[name.strip()] = yaml.safe_load(text)
     return values
 
 

@@ -36,7 +36,8 @@ TRAIN_KEYS = ("kind", "step", "k", "alpha", "tau", "r_min", "r_max", "reward_mea
               "backward_passes", "cumulative_backward_passes", "seconds", "cpu_seconds", "active", "fallback",
               "skipped", "gate_open", "gate_z", "grad_norm", "r_mean", "r_std", "scale_mean", "scale_max",
               "effective_multiplier", "cos_g0_g1", "cos_g0_gslow", "jump_norm", "param_norm",
-              "inactive_frac", "ratio_clip_frac")
+              "inactive_frac", "ratio_clip_frac", "update_norm", "probe_step_norm", "disp2_norm",
+              "corrective_norm")
 INDEX_FILE = "replay.json"
 RUN_FILES = (runlog.CONFIG_FILE, runlog.FINAL_EVAL_FILE, runlog.SUMMARY_FILE)
 
