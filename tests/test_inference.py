@@ -66,7 +66,7 @@ def test_bad_inputs_are_refused():
 
 
 def _record(algorithm, lr, seed, update_norm, final, k=5, q_mode="per_coordinate", step_scale=1.0, counts=None):
-    counts = counts or [int(round(final * 8))] * 10
+    counts = counts or [round(final * 8)] * 10
     return {"name": f"{algorithm}-{lr}-{seed}", "config": {"algorithm": algorithm, "k": k, "lr": lr, "seed": seed,
             "q_mode": q_mode, "step_scale": step_scale, "optimizer": "adamw", "steps": 60},
             "train": [{"update_norm": update_norm}] * 3, "eval": [],
