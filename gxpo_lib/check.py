@@ -4,21 +4,35 @@
     q = ...                                                   # the learner's blank
     check.q_value(q, r=0.9, k=5, fill=fill_solutions)         # prints "right: ..." or "not yet: ..."
 
-``fill=True`` (headless runs set a notebook parameter through papermill) answers a blank with the check's own
-right answer, so a notebook runs top to bottom with nobody typing, and the exercise cell never shows the
-solution.
+**Filling blanks (class mode).** ``fill`` says whether a blank is answered with the check's own right value,
+so a notebook runs top to bottom with nobody typing (the exercise cell never shows the solution): ``True``
+and ``False`` force it; ``None`` (the notebooks' default ``fill_solutions = None``) is *auto*: filled only
+when the notebook runs headless (``headless()``: papermill, ``python -m gxpo_lib run-notebooks``, ``make
+run``, nbconvert), never in a kernel a person drives (JupyterLab, VS Code, Colab), so Run All in a class
+shows "not yet" under every blank. A check called directly defaults to ``fill=False``.
 
-Each check prints one line and returns a ``CheckResult`` (``.ok``, ``.message``). It never raises because
-of the learner's answer: a blank (``...`` or None), a wrong type or shape, NaN or inf all give "not yet"
-with a hint. The right answers come from gxpo_lib's own functions (``extrapolation``, ``losses``,
+**What counts as right.** A number is right when it rounds like the right value at 3 significant figures:
+|typed - right| <= half a unit in the 3rd significant figure of the right value (plus float slack), element
+by element; so the value a check or a solution prints (4 significant figures, or 3) is right, and so is any
+3-significant-figure rounding of it (2.13 and 2.12 for 2.125). An answer that matches a known wrong method
+(to the same precision, and closer to it than to the right value) gets that method's hint; one right only
+to 2 significant figures is told it is close; anything else gets the check's general hint.
+
+Each check prints one line, ``right: ...`` or ``not yet: ...`` (a wrong answer: ``not yet: you gave X;
+hint``), and returns a ``CheckResult`` (``.ok``, ``.message``). A two-part question (``gate_z`` with
+``shuts=``, ``clipped_loss`` with ``stops=``) is one check over both blanks: its line is ``right: PART 1 |
+PART 2`` once both are right, else ``not yet: LABEL: right | LABEL: you gave X; hint``. A check never raises
+because of the learner's answer: a blank (``...`` or None), a wrong type or shape, NaN or inf all give "not
+yet" with a hint. The right answers come from gxpo_lib's own functions (``extrapolation``, ``losses``,
 ``gate``, ``rules``, ``evaluation``), never from hard-coded numbers. Bad *settings* of a check (the
 notebook author's, e.g. ``k=1``) raise ``ValueError`` naming the setting, like the rest of the library.
 
 Solutions are shown collapsed, in the markdown cell after each exercise (``<details><summary>Show the
 solution</summary> ...``).
 
-Checks by notebook: 01 ``q_value``, ``geometric_sum``, ``reposition``, ``jump_direction``, ``gate_z``;
-02 ``group_advantages``, ``clipped_loss``, ``backward_passes``, ``pass_at_k``; 05 ``cap_lr``,
+Checks by notebook: 01 ``q_value``, ``geometric_sum``, ``reposition``, ``jump_direction``, ``gate_z`` (z, and
+with ``shuts=`` whether the gate shuts); 02 ``group_advantages``, ``clipped_loss`` (the loss, and with
+``stops=`` whether the clip stops the push), ``backward_passes``, ``pass_at_k``; 05 ``cap_lr``,
 ``effective_multiplier``; any notebook ``prediction``.
 """
 
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +51,20 @@ import torch
 from . import extrapolation, losses
 from .evaluation import pass_at_k as _pass_at_k
 from .gate import ShutoffGate
+from .notebooks import HEADLESS_ENV
 from .validation import check_choice, check_int, check_interval, check_open_unit, check_positive
 
 BLANK = ...
 """What a notebook's blank holds until the learner fills it in (None counts as blank too)."""
 SOLVE = type("Solve", (), {"__repr__": lambda self: "SOLVE"})()
 """The answer a check gets for a blank when ``fill`` is on: the check answers with its own right value."""
-_FILLED = " (a blank, filled with the solution: fill_solutions is on)"
+_FILLED = " (a blank, filled with the solution: a headless run, or fill_solutions=True)"
+_NOT_ASKED = type("NotAsked", (), {"__repr__": lambda self: "NOT_ASKED"})()
+"""The default of a two-part check's second blank: that part is not asked (``...`` / None is a blank)."""
+DIGITS = 3
+"""A number is right when it rounds like the right value at this many significant figures."""
+_YES = ("yes", "y", "true")
+_NO = ("no", "n", "false")
 ALGORITHMS = ("grpo", "gxpo", "sfpo")
 _SHORT = ("short", "back", "backward", "backwards", "behind", "before", "between")
 _BEYOND = ("beyond", "past", "forward", "forwards", "further", "ahead", "overshoot")
@@ -68,12 +90,66 @@ def is_blank(answer: Any) -> bool:
     return answer is None or answer is BLANK
 
 
-def _fillable(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
-    """Give a check the keyword ``fill``: with it on, a blank answer is answered with the right value."""
-    @functools.wraps(check)
-    def run(answer: Any, *args: Any, fill: bool = False, **kwargs: Any) -> CheckResult:
-        return check(SOLVE if fill and is_blank(answer) else answer, *args, **kwargs)
-    return run
+def _kernel_takes_input() -> bool | None:
+    """Whether the request the IPython kernel is running came from a front end a person can type into.
+
+    Jupyter front ends (JupyterLab, Notebook, VS Code, Colab) send each cell with ``allow_stdin`` true;
+    headless executors (nbclient, under papermill and nbconvert) send it false. None outside a kernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return None
+    try:
+        content = (kernel.get_parent("shell") or {}).get("content") or {}
+    except Exception:  # an ipykernel without get_parent(channel)
+        content = {}
+    if "allow_stdin" in content:
+        return bool(content["allow_stdin"])
+    allow = getattr(kernel, "_allow_stdin", None)
+    return None if allow is None else bool(allow)
+
+
+def headless() -> bool:
+    """True when no person drives this process: a notebook executed top to bottom by a program.
+
+    ``$GXPO_HEADLESS`` decides when it is set (gxpo_lib's runner sets 1 for the kernels it starts; 0 forces
+    False); otherwise True only inside a kernel whose current cell came from a front end that cannot take
+    input (papermill, nbconvert). A plain Python process, IPython in a terminal, and every interactive
+    Jupyter front end give False."""
+    flag = os.environ.get(HEADLESS_ENV, "").strip().lower()
+    if flag:
+        return flag not in ("0", "false", "no")
+    return _kernel_takes_input() is False
+
+
+def resolve_fill(fill: Any) -> bool:
+    """A notebook's ``fill_solutions``: True / False force it; None (or "auto") means ``headless()``."""
+    if fill is None or (isinstance(fill, str) and fill.strip().lower() == "auto"):
+        return headless()
+    if isinstance(fill, (bool, np.bool_)):
+        return bool(fill)
+    raise ValueError(f"fill={fill!r} is invalid: allowed True, False or None (auto: filled only in a headless "
+                     "run)")
+
+
+def _fillable(check: Callable[..., CheckResult] | None = None, *,
+              parts: tuple[str, ...] = ()) -> Any:
+    """Give a check the keyword ``fill`` (see ``resolve_fill``): with it on, a blank answer (and a blank
+    second part named in ``parts``, when it is asked) is answered with the right value."""
+    def wrap(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
+        @functools.wraps(check)
+        def run(answer: Any, *args: Any, fill: Any = False, **kwargs: Any) -> CheckResult:
+            if resolve_fill(fill):
+                answer = SOLVE if is_blank(answer) else answer
+                for name in parts:
+                    if name in kwargs and is_blank(kwargs[name]):
+                        kwargs[name] = SOLVE
+            return check(answer, *args, **kwargs)
+        return run
+    return wrap if check is None else wrap(check)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,6 +161,16 @@ def _report(ok: bool, text: str) -> CheckResult:
     result = CheckResult(ok, f"{'right' if ok else 'not yet'}: {text}")
     print(result.message)
     return result
+
+
+def _report_parts(parts: Sequence[tuple[str, bool, str]]) -> CheckResult:
+    """One line for a question of several parts ``(label, ok, text)``: right once every part is right."""
+    if all(ok for _, ok, _ in parts):
+        return _report(True, " | ".join(text for _, _, text in parts))
+    if all(text.startswith("fill in the blank") for _, _, text in parts):
+        labels = " and ".join(label for label, _, _ in parts)
+        return _report(False, f"fill in the blanks first: replace each `...` with your answer ({labels})")
+    return _report(False, " | ".join(f"{label}: {'right' if ok else text}" for label, ok, text in parts))
 
 
 def _fmt(value: np.ndarray | float) -> str:
@@ -123,24 +209,75 @@ def _numbers(answer: Any, shape: tuple[int, ...], solution: Any = None) -> tuple
     return array, ""
 
 
-def _close(array: np.ndarray, expected: np.ndarray | float, rtol: float, atol: float) -> bool:
-    return bool(np.allclose(array, expected, rtol=rtol, atol=atol))
+def rounding_window(value: Any, digits: int = DIGITS) -> np.ndarray:
+    """Half a unit in the ``digits``-th significant figure of each element, plus float slack.
+
+    An element that is zero (to 1e-9 of the largest) gets 1e-6: a typed 0 is right for it."""
+    value = np.asarray(value, dtype=np.float64)
+    size = np.abs(value)
+    zero = size <= 1e-9 * max(1.0, float(size.max(initial=0.0)))
+    exponent = np.floor(np.log10(np.where(zero, 1.0, size)))
+    half = 0.5 * 10.0 ** (exponent - digits + 1) + 1e-9 * np.maximum(size, 1.0)
+    return np.where(zero, 1e-6, half)
 
 
-def _numeric_check(answer: Any, expected: np.ndarray | float, right: str, hint: str,
-                   near_misses: Sequence[tuple[np.ndarray | float, str]] = (), rtol: float = 1e-4,
-                   atol: float = 1e-6) -> CheckResult:
-    """Compare a numeric answer with the expected value; a known wrong value gets its own hint."""
+def rounds_to(array: Any, value: Any, digits: int = DIGITS) -> bool:
+    """True if every element of ``array`` is within the rounding of ``value`` at ``digits`` significant figures."""
+    array, value = np.asarray(array, dtype=np.float64), np.asarray(value, dtype=np.float64)
+    return array.shape == value.shape and bool(np.all(np.abs(array - value) <= rounding_window(value, digits)))
+
+
+def _judge(answer: Any, expected: np.ndarray | float, right: str, hint: str,
+           near_misses: Sequence[tuple[np.ndarray | float, str]] = (), rtol: float = 0.0) -> tuple[bool, str]:
+    """Judge a numeric answer: (ok, text). Right within the rounding of 3 significant figures (or ``rtol``,
+    relative, where a check allows more: an answer read off a plot). Otherwise, in this order: a known wrong
+    method's value to 3 significant figures (and nearer to it than to the right one) gets that method's hint;
+    the right value to 2 significant figures is told it is close; a wrong method's value to 2 significant
+    figures gets its hint; anything else the general ``hint``."""
     expected = np.asarray(expected, dtype=np.float64)
     array, problem = _numbers(answer, expected.shape, solution=expected)
     if array is None:
-        return _report(False, problem)
-    if _close(array, expected, rtol, atol):
-        return _report(True, right + (_FILLED if answer is SOLVE else ""))
+        return False, problem
+    if rounds_to(array, expected) or (rtol > 0 and np.allclose(array, expected, rtol=rtol, atol=0.0)):
+        return True, right + (_FILLED if answer is SOLVE else "")
+    gave = f"you gave {_fmt(array)}"
+    wrongs = []
     for wrong_value, wrong_hint in near_misses:
-        if _close(array, wrong_value, rtol, atol):
-            return _report(False, f"you gave {_fmt(array)}; {wrong_hint}")
-    return _report(False, f"you gave {_fmt(array)}; {hint}")
+        wrong = np.asarray(wrong_value, dtype=np.float64)
+        wrong = wrong.reshape(expected.shape) if wrong.size == expected.size else np.broadcast_to(wrong, expected.shape)
+        if not rounds_to(wrong, expected):  # a wrong method that gives the right value here is no slip
+            wrongs.append((wrong, wrong_hint))
+    for digits in (DIGITS, DIGITS - 1):  # a wrong method's value to 3 significant figures, then to 2
+        if digits < DIGITS and rounds_to(array, expected, digits):
+            return False, (f"{gave}; close, but it does not round to the right value at {DIGITS} significant "
+                           "figures: check the rounding, or give more digits")
+        for wrong, wrong_hint in wrongs:
+            if rounds_to(array, wrong, digits) and np.linalg.norm(array - wrong) < np.linalg.norm(array - expected):
+                return False, f"{gave}; {wrong_hint}"
+    return False, f"{gave}; {hint}"
+
+
+def _numeric_check(answer: Any, expected: np.ndarray | float, right: str, hint: str,
+                   near_misses: Sequence[tuple[np.ndarray | float, str]] = (), rtol: float = 0.0) -> CheckResult:
+    """Compare a numeric answer with the expected value (see ``_judge``), print and return the result."""
+    return _report(*_judge(answer, expected, right, hint, near_misses, rtol))
+
+
+def _judge_yes_no(answer: Any, expected: bool, right: str, hint: str) -> tuple[bool, str]:
+    """Judge a yes/no answer ("yes" / "no", True / False): (ok, text)."""
+    filled = answer is SOLVE
+    answer = expected if filled else answer
+    if is_blank(answer):
+        return False, "fill in the blank first: 'yes' or 'no'"
+    if isinstance(answer, (bool, np.bool_)):
+        given = bool(answer)
+    elif isinstance(answer, str) and answer.strip().lower() in _YES + _NO:
+        given = answer.strip().lower() in _YES
+    else:
+        return False, f"you gave {answer!r}; answer 'yes' or 'no' (or True / False)"
+    if given == expected:
+        return True, right + (_FILLED if filled else "")
+    return False, f"you gave {answer!r}; {hint}"
 
 
 def _tensor(name: str, value: Any) -> torch.Tensor:
@@ -229,16 +366,21 @@ def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
     word = answer.strip().lower()
     given = "short" if word in _SHORT else "beyond" if word in _BEYOND else "at" if word in _AT else None
     if given is None:
-        return _report(False, f"{answer!r} is not one of the answers: 'short', 'beyond' or 'at'")
+        return _report(False, f"you gave {answer!r}, which is not one of the answers: 'short', 'beyond' or 'at'")
     if given == expected:
         where = {"short": "short of", "beyond": "beyond", "at": "exactly at"}[expected]
         return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2" + (_FILLED if filled else ""))
-    return _report(False, "theta~ - theta0 = alpha * q * (theta2 - theta0): compare alpha * q with 1")
+    return _report(False, f"you gave {answer!r}; theta~ - theta0 = alpha * q * (theta2 - theta0): compare alpha * q "
+                          "with 1")
 
 
-@_fillable
-def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0.1) -> CheckResult:
-    """The EMA gate's z for ``value`` after it has seen ``history`` (mu = sigma = 1 at the start)."""
+@_fillable(parts=("shuts",))
+def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0.1, tau: float = 0.5,
+           warmup: int = 2, shuts: Any = _NOT_ASKED) -> CheckResult:
+    """The EMA gate's z for ``value`` after it has seen ``history`` (mu = sigma = 1 at the start).
+
+    With ``shuts`` (a second blank: "yes" / "no"), also whether a gate with threshold ``tau`` and
+    ``warmup`` warm-up observations shuts on ``value`` (the library's ``ShutoffGate``, patience 1)."""
     check_open_unit("omega", omega)
     values = [float(v) for v in _tensor("history + [value]", [*history, value]).tolist()]
     gate = ShutoffGate(tau=1e9, omega=omega, warmup=0)  # never trips: only the statistics matter here
@@ -248,12 +390,34 @@ def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0
     expected = gate.observe(values[-1])
     # The usual slip: scoring H against the statistics already updated with H.
     after = (values[-1] - gate.mu) / (gate.sigma + 1e-8)
-    return _numeric_check(
+    z_part = _judge(
         answer, expected, f"z = ({values[-1]:.4g} - {mu:.4g}) / {sigma:.4g} = {expected:.4g}",
         "z = (H - mu) / (sigma + 1e-8) with mu, sigma the EMA before H; both start at 1, and after each "
         "observation sigma^2 <- (1-omega) sigma^2 + omega (H - mu)^2 (at least 0.01^2), mu <- (1-omega) mu "
         "+ omega H",
         [(after, "that scores H against the statistics already updated with H: use mu, sigma from before")])
+    if shuts is _NOT_ASKED:
+        return _report(*z_part)
+    check_positive("tau", tau)
+    check_int("warmup", warmup, minimum=0)
+    real = ShutoffGate(tau=tau, omega=omega, warmup=warmup, patience=1)
+    for h in values[:-1]:
+        real.observe(h)
+    if not real.is_open:
+        raise ValueError(f"tau={tau!r} is invalid with history={list(history)!r}: the gate shuts before value")
+    z = real.observe(values[-1])
+    shut = not real.is_open
+    if shut:
+        why = (f"yes: z = {z:.4g} >= tau = {tau:g}, past the gate's warm-up ({warmup} observations), so it shuts "
+               "extrapolation off")
+    elif len(values) <= warmup:
+        why = f"no: observation {len(values)} is still in the gate's warm-up ({warmup}), which only feeds the EMA"
+    else:
+        why = f"no: z = {z:.4g} < tau = {tau:g}, so the gate stays open"
+    shut_part = _judge_yes_no(shuts, shut, why,
+                              f"compare z with tau: z >= tau closes the gate once its first {warmup} (warm-up) "
+                              "observations are past")
+    return _report_parts([("z", *z_part), ("shuts", *shut_part)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,12 +441,16 @@ def group_advantages(answer: Any, rewards: Sequence[float], group_size: int | No
         misses.append((centred, "you centred the rewards; now divide by the group's std (+ 1e-6)"))
     return _numeric_check(answer, expected, f"A = {_fmt(expected)}",
                           "A = (R - mean of its group) / (std of its group + 1e-6), std with n - 1; a group "
-                          "whose rewards are all equal gets 0", misses, rtol=1e-3, atol=1e-4)
+                          "whose rewards are all equal gets 0", misses)
 
 
-@_fillable
-def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2) -> CheckResult:
-    """The per-token clipped loss max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) for ratio(s) rho."""
+@_fillable(parts=("stops",))
+def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2, stops: Any = _NOT_ASKED) -> CheckResult:
+    """The per-token clipped loss max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)) for ratio(s) rho.
+
+    With ``stops`` (a second blank: "yes" / "no", for one ratio), also whether the clip stops the update
+    from pushing the token further: the loss's gradient with respect to the token's log-probability is 0
+    (autograd through the library's ``clipped_surrogate``)."""
     check_positive("eps", eps)
     rho = _tensor("ratio", ratio)
     if not (rho > 0).all():
@@ -295,9 +463,23 @@ def clipped_loss(answer: Any, ratio: Any, advantage: float, eps: float = 0.2) ->
     misses = [(-expected, "that is the objective; the loss is its negative (the optimizer minimises it)"),
               (unclipped, ("that ignores the clip: where rho leaves [1 - eps, 1 + eps] in the direction A "
                           "favours, the clipped term wins the max"))]
-    return _numeric_check(answer, expected, f"loss = {_fmt(expected)}",
-                          "loss = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the worse of the two",
-                          misses)
+    loss_part = _judge(answer, expected, f"loss = {_fmt(expected)}",
+                       "loss = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)): the worse of the two", misses)
+    if stops is _NOT_ASKED:
+        return _report(*loss_part)
+    if rho.numel() != 1:
+        raise ValueError(f"ratio={ratio!r} is invalid with stops=: allowed one ratio")
+    logprob = logprobs.detach().clone().requires_grad_(True)
+    grad, = torch.autograd.grad(losses.clipped_surrogate(logprob, torch.zeros_like(logprob), adv,
+                                                         clip_eps=eps).sum(), logprob)
+    stopped = bool(grad.abs().max() == 0)
+    why = ("yes: the clipped term wins the max and does not depend on rho, so the loss's gradient is 0: the "
+           "update no longer pushes this token" if stopped else
+           "no: the unclipped term -A * rho wins the max, so the gradient still moves rho")
+    stop_part = _judge_yes_no(stops, stopped, why,
+                              "which term wins the max? Where it is the clipped one, the loss is flat in rho and "
+                              "no gradient reaches the token")
+    return _report_parts([("loss", *loss_part), ("stops", *stop_part)])
 
 
 def _passes_of(algorithm: str, steps: int, k: int) -> int:
@@ -434,7 +616,8 @@ def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, r
     """Compare a prediction made before a run with what the run gave.
 
     With ``choices`` the prediction is one of those words (case-insensitive) and ``actual`` the right
-    one; without, both are numbers and the prediction is right within a relative ``rtol``. The message
+    one; without, both are numbers and the prediction is right within a relative ``rtol`` (or where it
+    rounds like the run's value at 3 significant figures). The message
     reveals the outcome (the run has happened) and adds ``explanation``.
     """
     filled = answer is SOLVE
@@ -443,11 +626,11 @@ def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, r
         check_choice("actual", str(actual).lower(), options)
         answer = str(actual) if filled else answer
         if is_blank(answer):
-            return _report(False, f"write your prediction first: one of {', '.join(map(repr, choices))}")
+            return _report(False, f"fill in the blank first: your prediction, one of {', '.join(map(repr, choices))}")
         if not isinstance(answer, str) or answer.strip().lower() not in options:
-            return _report(False, f"{answer!r} is not one of {', '.join(map(repr, choices))}")
+            return _report(False, f"you gave {answer!r}, which is not one of {', '.join(map(repr, choices))}")
         ok = answer.strip().lower() == str(actual).lower()
-        outcome = f"the run gave {actual!r}"
+        outcome = f"the run gave {actual!r}" if ok else f"you gave {answer!r}; the run gave {actual!r}"
     else:
         value = float(_tensor("actual", actual).reshape(-1)[0]) if np.size(actual) == 1 else None
         if value is None:
@@ -455,8 +638,9 @@ def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, r
         array, problem = _numbers(answer, (), solution=value)
         if array is None:
             return _report(False, problem)
-        ok = math.isclose(float(array), value, rel_tol=rtol, abs_tol=1e-12)
-        outcome = f"the run gave {value:.4g}, you predicted {float(array):.4g}"
+        ok = math.isclose(float(array), value, rel_tol=rtol, abs_tol=1e-12) or rounds_to(array, value)
+        outcome = (f"the run gave {value:.4g}, you predicted {float(array):.4g}" if ok else
+                   f"you gave {float(array):.4g}; the run gave {value:.4g}")
     outcome += _FILLED if filled else ""
     return _report(ok, f"{outcome}. {explanation}".strip() if explanation else outcome)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from .paths import shipped
 
 NOTEBOOK_DIR = shipped("notebooks")  # package data; notebooks/ in a checkout
+HEADLESS_ENV = "GXPO_HEADLESS"
+"""Set to 1 for the kernels `execute_notebook` starts: `gxpo_lib.check.headless` reads it (0 forces False)."""
 
 
 def find_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
@@ -29,7 +32,9 @@ def execute_notebook(
 ) -> Path:
     """Execute one notebook with papermill into `out_dir` (its working directory too); returns the output.
 
-    The executed copy keeps the notebook's name; with `html` an HTML copy is written beside it.
+    The executed copy keeps the notebook's name; with `html` an HTML copy is written beside it. The kernel
+    starts with ``GXPO_HEADLESS=1`` (`check.headless`): exercises whose ``fill_solutions`` is None (auto)
+    are filled with their solutions, so the run goes top to bottom.
     """
     import papermill
 
@@ -38,11 +43,19 @@ def execute_notebook(
         raise ValueError(f"notebook={str(notebook)!r} is invalid: allowed an existing .ipynb file")
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / notebook.name
-    papermill.execute_notebook(
-        str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
-        cwd=str(out_dir), execution_timeout=timeout, progress_bar=False,
-        store_widget_state=False,  # the explorers' widget state is megabytes of plotly.js per figure
-    )
+    before = os.environ.get(HEADLESS_ENV)
+    os.environ[HEADLESS_ENV] = "1"  # the kernel papermill starts inherits it; restored below
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
+            cwd=str(out_dir), execution_timeout=timeout, progress_bar=False,
+            store_widget_state=False,  # the explorers' widget state is megabytes of plotly.js per figure
+        )
+    finally:
+        if before is None:
+            os.environ.pop(HEADLESS_ENV, None)
+        else:
+            os.environ[HEADLESS_ENV] = before
     if html:
         export_html(output)
     return output
