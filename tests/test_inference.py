@@ -112,3 +112,29 @@ def test_family_rows_pair_by_seed_and_correct_with_holm():
     assert by[("GXPO K=5 - GRPO", 3e-4)]["verdict"] == "pending"
     assert verdict.match_check(records, 1e-4)["ok"]
     assert "| GXPO K=5 - GRPO | 0.0001 | 5 |" in verdict.markdown(rows)
+
+
+def _curve_record(algorithm, lr, seed, curve, k=5):
+    record = _record(algorithm, lr, seed, 1.0, curve[-1], k=k)
+    record["eval"] = [{"step": 5 * i, "pass@1": v, "cumulative_backward_passes": 5 * i * (3 if algorithm == "gxpo" else 1),
+                       "cpu_seconds": float(i)} for i, v in enumerate(curve)]
+    return record
+
+
+def test_speedup_counts_steps_to_the_reference_peak_with_its_baseline():
+    grpo = {s: _curve_record("grpo", 1e-4, s, [0.3, 0.35, 0.4, 0.45 + 0.01 * s]) for s in range(5)}
+    fast = {s: _curve_record("gxpo", 1e-4, s, [0.3, 0.5, 0.5, 0.5]) for s in range(5)}
+    result = verdict.speedup(grpo, fast, draws=200)
+    assert result["target"] == pytest.approx(0.47) and result["step_method"] == 5
+    assert result["speedup_steps"] == pytest.approx(15 / 5) and result["speedup_passes"] == pytest.approx(15 / 15)
+    assert result["reached_share"] == 1.0 and 0 < result["baseline_share"] <= 1.0
+    slow = {s: _curve_record("gxpo", 1e-4, s, [0.3, 0.3, 0.3, 0.3]) for s in range(5)}
+    assert verdict.speedup(grpo, slow, draws=50)["reached_share"] == 0.0
+
+
+def test_best_lr_is_chosen_on_late_validation_and_the_report_renders():
+    records = [_curve_record("grpo", lr, s, [0.3, 0.4, 0.5, value]) for lr, value in ((1e-4, 0.4), (3e-4, 0.6))
+               for s in range(5)]
+    assert verdict.best_lr(records, "GRPO", [1e-4, 3e-4, 1e-3]) == 3e-4
+    text = verdict.report(records)
+    assert "### Family 1: AdamW" in text and "pending" in text and "### Family 3: best-tuned" in text

@@ -28,6 +28,8 @@ ALPHA = 0.05
 SEEDS = (0, 1, 2, 3, 4)
 MATCH_TOLERANCE = 0.15   # the matched arm's mean update_norm must be within 15% of GXPO's
 LEARNING_RATES = (1e-4, 3e-4, 5.5e-4, 1e-3, 2e-3)
+GRPO_LEARNING_RATES = (1e-4, 3e-4, 4.5e-4, 5.5e-4, 6.7e-4, 1e-3, 1.5e-3, 2e-3)
+SGD_LEARNING_RATES = (0.03, 0.1, 0.3)     # chosen by the pre-registered pilot (docs/regime.md, study log)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,6 +202,112 @@ def adamw_family(records: Sequence[dict[str, Any]], lrs: Sequence[float] = LEARN
     return family_table(records, comparisons)
 
 
+def k10_family(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Family 2: GXPO K=10 against GRPO and its own matched GRPO at 1e-4 and 3e-4."""
+    comparisons = []
+    for lr in (1e-4, 3e-4):
+        comparisons.append(("GXPO K=10 - GRPO", "GXPO K=10", "GRPO", lr, False))
+        comparisons.append(("GXPO K=10 - matched GRPO", "GXPO K=10", matched_arm(records, lr, k=10) or "(pending)",
+                            lr, True))
+    return family_table(records, comparisons)
+
+
+def sgd_family(records: Sequence[dict[str, Any]], lrs: Sequence[float] = SGD_LEARNING_RATES) -> list[dict[str, Any]]:
+    """Family 4: family 1's comparisons with plain SGD."""
+    comparisons = []
+    for lr in lrs:
+        comparisons.append(("SGD GXPO K=5 - GRPO", "SGD GXPO K=5", "SGD GRPO", lr, False))
+        matched = matched_arm(records, lr, sgd=True) or "(pending)"
+        comparisons.append(("SGD GXPO K=5 - matched GRPO", "SGD GXPO K=5", matched, lr, True))
+        comparisons.append(("SGD GXPO K=5 - scalar-q", "SGD GXPO K=5", "SGD GXPO K=5 scalar-q", lr, True))
+    return family_table(records, comparisons)
+
+
+def late_validation(records_by_seed: dict[int, dict]) -> float | None:
+    """The seed mean of validation pass@1 averaged over the last three evaluations (the best-lr criterion)."""
+    values = [np.mean([r["pass@1"] for r in record["eval"][-3:]]) for record in records_by_seed.values()]
+    return float(np.mean(values)) if values else None
+
+
+def best_lr(records: Sequence[dict[str, Any]], arm_name: str, lrs: Sequence[float]) -> float | None:
+    """The pre-registered best lr of an arm: the highest `late_validation` among the lrs with all 5 seeds."""
+    scored = {lr: late_validation(c) for lr in lrs if len(c := cell(records, arm_name, lr, 60)) == len(SEEDS)}
+    return max(scored, key=scored.get) if scored else None
+
+
+def best_family(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Family 3: best-tuned GXPO K=5 against best-tuned GRPO (final pass@1, paired by seed)."""
+    grpo, gxpo = best_lr(records, "GRPO", GRPO_LEARNING_RATES), best_lr(records, "GXPO K=5", LEARNING_RATES)
+    if grpo is None or gxpo is None:
+        return [{"comparison": "best GXPO K=5 - best GRPO", "lr": math.nan, "equivalence": True, "pending": True,
+                 "verdict": "pending"}]
+    result = compare(cell(records, "GXPO K=5", gxpo), cell(records, "GRPO", grpo))
+    row = {"comparison": f"best GXPO K=5 (lr {gxpo:g}) - best GRPO (lr {grpo:g})", "lr": gxpo, "equivalence": True,
+           **(result or {"pending": True})}
+    if result:
+        row["p_holm"], row["tost_p_holm"] = row["p"], row["tost_p"]   # a family of one of each
+    row["verdict"] = _verdict(row)
+    return [row]
+
+
+def seed_mean_curve(records_by_seed: dict[int, dict], seeds: Sequence[int] | None = None) -> list[dict[str, float]]:
+    """Validation pass@1, cumulative backward passes and CPU seconds per evaluation step, averaged over seeds."""
+    chosen = [records_by_seed[s] for s in (seeds if seeds is not None else sorted(records_by_seed))]
+    steps = [r["step"] for r in chosen[0]["eval"]]
+    curve = []
+    for i, step in enumerate(steps):
+        rows = [c["eval"][i] for c in chosen]
+        curve.append({"step": step, "pass@1": float(np.mean([r["pass@1"] for r in rows])),
+                      "backward_passes": float(np.mean([r.get("cumulative_backward_passes", 0) for r in rows])),
+                      "cpu_seconds": float(np.mean([r.get("cpu_seconds", 0.0) for r in rows]))})
+    return curve
+
+
+def speedup(reference: dict[int, dict], method: dict[int, dict], draws: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Steps to the reference's seed-mean validation peak, reference / method (None: not reached), with a
+    paired seed bootstrap (the same seeds drawn for both sides) and the identical-method baseline: how often a
+    resample of the reference reaches the peak of another resample of itself."""
+    from ..evaluation import speedup_to_peak
+
+    seeds = sorted(set(reference) & set(method))
+    keys = ("step", "backward_passes")
+
+    def hit(ref_seeds, meth_seeds, meth):
+        return speedup_to_peak(seed_mean_curve(reference, ref_seeds), seed_mean_curve(meth, meth_seeds),
+                               metric="pass@1", x_keys=keys)
+
+    point = hit(seeds, seeds, method)
+    rng = np.random.default_rng(seed)
+    reached = baseline = 0
+    ratios = []
+    for _ in range(draws):
+        chosen = list(rng.choice(seeds, len(seeds)))
+        result = hit(chosen, chosen, method)
+        if result["step_speedup"] is not None:
+            reached += 1
+            ratios.append(result["step_speedup"])
+        baseline += hit(chosen, list(rng.choice(seeds, len(seeds))), reference)["step_speedup"] is not None
+    interval = tuple(float(v) for v in np.quantile(ratios, [0.025, 0.975])) if ratios else None
+    return {"target": point["target"], "step_method": point["step_method"], "speedup_steps": point["step_speedup"],
+            "speedup_passes": point["backward_passes_speedup"], "interval": interval,
+            "reached_share": reached / draws, "baseline_share": baseline / draws}
+
+
+def report(records: Sequence[dict[str, Any]]) -> str:
+    """Every family's table as markdown, with the matched controls' update-size check."""
+    parts = ["### Family 1: AdamW", markdown(adamw_family(records)), "", "### Family 2: K = 10",
+             markdown(k10_family(records)), "", "### Family 3: best-tuned", markdown(best_family(records)), "",
+             "### Family 4: plain SGD", markdown(sgd_family(records)), "", "### Matched controls: update size",
+             "| lr | K | optimizer | step_scale | matched / GXPO mean update_norm | within ±15% |", "|---|---|---|---|---|---|"]
+    for lr, k, sgd in [(lr, 5, False) for lr in LEARNING_RATES] + [(1e-4, 10, False), (3e-4, 10, False)] + [
+            (lr, 5, True) for lr in SGD_LEARNING_RATES]:
+        check = match_check(records, lr, k, sgd)
+        if check:
+            parts.append(f"| {lr:g} | {k} | {'SGD' if sgd else 'AdamW'} | {check['step_scale']:g} | "
+                         f"{check['matched_over_gxpo']:.3f} | {'yes' if check['ok'] else 'NO'} |")
+    return "\n".join(parts)
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """A family's rows as a markdown table (differences in pass@1, 95% paired-t and two-level bootstrap)."""
     lines = ["| comparison | lr | seeds | difference [95% paired t] | bootstrap 95% | p (Holm) | TOST p (Holm) | verdict |",
@@ -224,12 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     matched.add_argument("--k", type=int, default=5)
     matched.add_argument("--sgd", action="store_true")
     matched.add_argument("--append", default=None, help="a study grid file to append the matched arm to")
-    report = sub.add_parser("report", help="family 1's table (markdown)")
-    report.add_argument("runs")
+    report_parser = sub.add_parser("report", help="every family's table (markdown)")
+    report_parser.add_argument("runs")
     args = parser.parse_args(argv)
     records = load_records(args.runs)
     if args.command == "report":
-        print(markdown(adamw_family(records)))
+        print(report(records))
         return 0
     try:
         result = matched_scale(records, args.lr, args.k, args.sgd)
