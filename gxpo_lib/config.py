@@ -211,6 +211,11 @@ class TrainConfig:
         if self.momentum != 0.0 and (self.optimizer != "sgd" or self.momentum >= 1.0):
             raise ValueError(f"momentum={self.momentum!r} is invalid with optimizer={self.optimizer!r}: allowed "
                              "a value in [0, 1) with optimizer='sgd' (0 otherwise)")
+        if self.dtype == "float16" and not self.lora:
+            raise ValueError("dtype='float16' is invalid with lora=False: full fine-tuning in float16 has no "
+                             "float32 master weights or loss scaling, and AdamW's state underflows (its eps "
+                             "1e-8 is 0 in float16), turning the weights NaN at the first step; use "
+                             "dtype='bfloat16' or 'float32', or lora=True (peft keeps adapters in float32)")
         if self.version is not None and self.algorithm != "gxpo":
             raise ValueError(f"version={self.version!r} is invalid with algorithm={self.algorithm!r}: the "
                              "version presets are GXPO's (allowed None)")

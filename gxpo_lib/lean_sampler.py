@@ -116,7 +116,10 @@ def supports(model) -> bool:
 def _weight(module) -> torch.Tensor:
     """The effective ``[out, in]`` weight of a linear layer: base weight plus the active LoRA deltas.
 
-    Returns the module's own tensor when nothing is to be merged (it is only read), else a new tensor.
+    Returns the module's own tensor when nothing is to be merged (it is only read), else a new tensor in
+    the base weight's dtype. peft keeps the adapters of a bfloat16 / float16 base in float32 (its
+    ``autocast_adapter_dtype``), so the sum is taken in float32 and rounded once to the base dtype (the
+    activations' dtype: a float32 merge would break every matmul of the layer).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -126,7 +129,7 @@ def _weight(module) -> torch.Tensor:
     if module.disable_adapters or module.merged:  # merged: the deltas are in the base weight already
         return weight
     deltas = [module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A]
-    return weight + sum(deltas) if deltas else weight
+    return (weight + sum(deltas)).to(weight.dtype) if deltas else weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,6 +152,10 @@ class _LlamaDecoder:
     Built from a snapshot of the model's weights (LoRA merged); each RMSNorm's weight is folded into the
     columns of the matrix that reads its output (W @ (w * x) == (W * w) @ x). Shapes: B rows, P prompt length,
     L cache length (P + max_new_tokens - 1), H / Hkv query / key-value heads of size hd, V vocabulary.
+
+    Dtypes: the embedding's dtype (the model's: float32, bfloat16 or float16) is the compute dtype; every
+    matrix, the RoPE table and the KV cache hold it, as HF's forward does. As in HF, the RMSNorm statistics
+    and the decode step's attention softmax are taken in float32 and the logits are returned in float32.
     """
 
     def __init__(self, llama, max_positions: int):
@@ -159,17 +166,19 @@ class _LlamaDecoder:
         self.scale = self.head_dim ** -0.5
         core = llama.model
         self.embed = core.embed_tokens.weight
+        dtype = self.dtype = self.embed.dtype  # the activations' dtype; `.to(dtype)` is a no-op when equal
         self.eps_tensor = torch.tensor(config.rms_norm_eps, dtype=torch.float32, device=self.embed.device)
-        self.lm_head = _weight(llama.lm_head) * core.norm.weight
+        self.lm_head = (_weight(llama.lm_head) * core.norm.weight).to(dtype)
         self.layers = []
         for layer in core.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)])
-                .mul_(layer.input_layernorm.weight),
-                _weight(attn.o_proj).t(),
-                torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).mul_(layer.post_attention_layernorm.weight),
-                _weight(mlp.down_proj).t()))
+                .mul_(layer.input_layernorm.weight).to(dtype),
+                _weight(attn.o_proj).to(dtype).t(),
+                torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])
+                .mul_(layer.post_attention_layernorm.weight).to(dtype),
+                _weight(mlp.down_proj).to(dtype).t()))
         # RoPE table [max_positions, hd] from the model's own rotary module (exact: an outer product).
         positions = torch.arange(max_positions, device=self.embed.device)[None]
         cos, sin = core.rotary_emb(self.embed[:1], positions)
@@ -207,6 +216,13 @@ class _LlamaDecoder:
         norm = torch.linalg.vector_norm(x32, dim=-1, keepdim=True)
         x32 = x32 * torch.rsqrt(torch.addcmul(self.eps_tensor, norm, norm, value=1 / self.hidden))
         return x32 if x.dtype == torch.float32 else x32.to(x.dtype)
+
+    @staticmethod
+    def _softmax(scores: torch.Tensor) -> torch.Tensor:
+        """Softmax over the last dim, in float32 for a half-precision input (as HF's eager attention). [...]"""
+        if scores.dtype == torch.float32:
+            return scores.softmax(-1)
+        return scores.softmax(-1, dtype=torch.float32).to(scores.dtype)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [B, D] -> [B, V] in float32."""
@@ -261,7 +277,7 @@ class _LlamaDecoder:
             values.view(rows, kv, -1, hd)[:, :, index] = qkv[:, (heads + kv) * hd:].view(rows, kv, hd)
             q = qk[:, :heads].reshape(rows * kv, heads // kv, hd)
             scores = torch.baddbmm(bias, q, keys_t[:, :, :span], alpha=self.scale)
-            out = torch.bmm(scores.softmax(-1), values[:, :span]).view(rows, heads * hd)
+            out = torch.bmm(self._softmax(scores), values[:, :span]).view(rows, heads * hd)
             x = torch.addmm(x, out, layer.o_t)
             # SwiGLU MLP.
             gate, up = F.linear(self._norm(x), layer.gate_up).chunk(2, -1)

@@ -230,7 +230,15 @@ class VLLMSampler:
         return self.model.get_base_model() if self.lora else self.model
 
     def _engine_dtype(self) -> str:
-        dtype = self.dtype if self.dtype is not None else next(self.model.parameters()).dtype
+        """The engine's dtype name: ``dtype`` if given, else the base model's compute dtype (its input
+        embedding's). Not the first parameter's: under a LoRA-wrapped bfloat16 / float16 base, peft keeps
+        the adapters in float32, and an engine built from their dtype would serve the model in float32."""
+        if self.dtype is not None:
+            dtype = self.dtype
+        else:
+            embeddings = self._base_model().get_input_embeddings()
+            weight = getattr(embeddings, "weight", None)
+            dtype = weight.dtype if weight is not None else next(self.model.parameters()).dtype
         return str(dtype).removeprefix("torch.")
 
     def _build_engine(self):
