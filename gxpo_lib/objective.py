@@ -12,7 +12,17 @@ whole mini-batch's for every ``loss_type`` (``aggregation="exact"``):
 
 ``aggregation="verl"`` reproduces the authors' verl runs instead: each micro-batch's own aggregate divided by
 the number of micro-batches, so the mini-batch gradient is a mean of per-micro-batch means and depends on
-the micro-batch size. Peak memory is bounded by one micro-batch's activations and logits.
+the micro-batch size.
+
+Memory: each micro-batch is trimmed to its own longest completion (and to its own longest prompt), and the
+log-probs come from `losses.policy_token_logprobs`: the LM head runs only at the active completion tokens, a
+chunk of tokens at a time, recomputed in backward, so no ``[rows, T, V]`` logits are materialised or saved.
+With ``aggregation="exact"`` the rows are sorted by completion length before they are cut into
+micro-batches (longest first), which leaves the accumulated gradient unchanged; ``"verl"`` keeps the
+rollouts' order, since its result depends on which rows share a micro-batch.
+
+Devices: the rollouts, advantages, old and reference log-probs may live anywhere (the trainer builds the
+advantages on the CPU); each is moved once to the device of the model's input embeddings.
 
 The objective keeps its own statistics (`stats`, the last pass's) and, with ``old_logprobs="first_pass"``,
 its own fixed old log-probs taken from its first call: nothing is written into the rollouts.
@@ -20,13 +30,31 @@ its own fixed old log-probs taken from its first call: nothing is written into t
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import LOSS_AGGREGATIONS as AGGREGATIONS
-from .losses import grpo_objective
-from .sampling import Rollouts, completion_logprobs, micro_batches
+from .losses import grpo_objective, policy_token_logprobs, read_out
+from .sampling import Rollouts, micro_batches
+
+
+@dataclass
+class MicroBatch:
+    """Which rows one micro-batch holds and how far it is trimmed (computed once, on the CPU).
+
+    rows: ``[b]`` row indices into the mini-batch; prompt_start: the first prompt column any of its rows
+    uses (columns before it are left padding for all of them); width: its longest completion (>= 1);
+    tokens: its active completion tokens; active: ``[N]`` flat indices of those tokens in ``[b * width]``.
+    """
+
+    rows: torch.Tensor
+    prompt_start: int
+    width: int
+    tokens: int
+    active: torch.Tensor
+    device: torch.device | None = None                                   # where `on_device` lives
+    on_device: dict[str, torch.Tensor] = field(default_factory=dict)     # `PolicyObjective._inputs`' cache
 
 
 class PolicyObjective:
@@ -40,76 +68,138 @@ class PolicyObjective:
             log-probs become the fixed old log-probs of every later call (TRL's single-iteration shortcut).
         loss settings: loss_type, clip_eps, clip_eps_high, kl_beta, entropy_coef, temperature,
             max_completion_length; micro_batch_size (None: all B rows at once); aggregation "exact" | "verl".
+        logit_chunk_tokens: tokens per LM-head chunk (None: `losses.LOGIT_CHUNK_ELEMENTS` // vocabulary).
     """
 
     def __init__(self, model, batch: Rollouts, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None,
                  old_logprobs: torch.Tensor | None, *, loss_type: str, clip_eps: float,
                  clip_eps_high: float | None, kl_beta: float, entropy_coef: float, temperature: float,
-                 max_completion_length: int, micro_batch_size: int | None = None, aggregation: str = "exact"):
+                 max_completion_length: int, micro_batch_size: int | None = None, aggregation: str = "exact",
+                 logit_chunk_tokens: int | None = None):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is invalid: allowed one of {AGGREGATIONS}")
+        rows = len(batch.completions)
+        if advantages.shape != (rows,):
+            raise ValueError(f"advantages has shape {tuple(advantages.shape)}: allowed [{rows}], one per row")
         self.model, self.batch, self.advantages, self.ref_logprobs = model, batch, advantages, ref_logprobs
         self.old_logprobs = old_logprobs
         self.sampling_entropy: torch.Tensor | None = None   # [B, T], set by a first_pass call
         self.loss_settings = dict(loss_type=loss_type, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
                                   beta=kl_beta, entropy_coef=entropy_coef, max_completion_length=max_completion_length)
-        self.temperature, self.aggregation = temperature, aggregation
-        self.parts = micro_batches(len(batch.completions), micro_batch_size)
+        self.temperature, self.aggregation, self.logit_chunk_tokens = temperature, aggregation, logit_chunk_tokens
         self.mask = batch.completion_mask
-        self.tokens = self.mask.sum().clamp(min=1)   # the mini-batch's (= optimizer step's) active tokens
+        self.parts = self._plan(micro_batch_size)
+        self.tokens = max(1, sum(part.tokens for part in self.parts))   # the mini-batch's (= optimizer step's)
         self.stats: dict[str, float] = {}
         self.passes = 0
 
-    def _weights(self, rows: slice) -> tuple[float, dict[str, Any]]:
+    def _plan(self, micro_batch_size: int | None) -> list[MicroBatch]:
+        """The micro-batches: rows (sorted longest first under "exact"), trimmed widths, active tokens."""
+        mask = self.batch.completion_mask.detach().cpu().bool()
+        prompt_mask = self.batch.prompt_mask.detach().cpu().bool()
+        columns = torch.arange(1, mask.shape[1] + 1)
+        ends = (mask * columns).amax(1) if mask.numel() else torch.zeros(mask.shape[0], dtype=torch.long)
+        order = torch.arange(mask.shape[0])
+        if self.aggregation == "exact":   # grouping rows of similar length wastes less padding
+            order = torch.sort(ends, descending=True, stable=True).indices
+        parts = []
+        for cut in micro_batches(mask.shape[0], micro_batch_size):
+            rows = order[cut]
+            width = max(1, int(ends[rows].max()))
+            used = prompt_mask[rows].any(0).nonzero()
+            prompt_start = min(int(used[0]) if len(used) else 0, prompt_mask.shape[1] - 1)
+            active = mask[rows, :width].reshape(-1).nonzero().squeeze(1)
+            parts.append(MicroBatch(rows, prompt_start, width, int(mask[rows].sum()), active))
+        return parts
+
+    def _weights(self, part: MicroBatch) -> tuple[float, dict]:
         """(loss weight, aggregation keywords) of one micro-batch, so the weighted sum is the mini-batch loss."""
-        n_rows = len(self.batch.completions)
-        part_rows = rows.stop - rows.start
         if self.aggregation == "verl":
             return 1.0 / len(self.parts), {}
-        loss_type = self.loss_settings["loss_type"]
-        if loss_type in ("token_mean", "dapo"):   # token sums over the mini-batch's tokens
+        if self.loss_settings["loss_type"] in ("token_mean", "dapo"):   # token sums over the mini-batch's tokens
             return 1.0, {"loss_type": "dapo", "num_items_in_batch": self.tokens}
-        return part_rows / n_rows, {}             # grpo, dr_grpo: per-row terms averaged over all rows
+        return len(part.rows) / len(self.batch.completions), {}   # grpo, dr_grpo: per-row terms over all rows
+
+    def _inputs(self, part: MicroBatch, device: torch.device, first_pass: bool) -> dict[str, torch.Tensor]:
+        """The micro-batch's trimmed tensors on `device`: ids [b, P' + width], masks, advantages [b], the fixed
+        old / reference log-probs [b, width] and the active-token index [N]; copied there once."""
+        if part.device == device and (first_pass or "old" in part.on_device):
+            return part.on_device
+        columns = slice(0, part.width)
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:   # the micro-batch's rows, where the tensor lives
+            return tensor.detach()[part.rows.to(tensor.device)]
+
+        prompt_ids = pick(self.batch.prompt_ids)[:, part.prompt_start:]
+        prompt_mask = pick(self.batch.prompt_mask)[:, part.prompt_start:]
+        mask = pick(self.batch.completion_mask)[:, columns]
+        inputs = {
+            "rows": part.rows, "input_ids": torch.cat([prompt_ids, pick(self.batch.completion_ids)[:, columns].to(prompt_ids.device)], 1),
+            "attention_mask": torch.cat([prompt_mask, mask.to(prompt_mask.device)], 1),
+            "mask": mask, "advantages": pick(self.advantages), "active": part.active,
+        }
+        if self.ref_logprobs is not None:
+            inputs["ref"] = pick(self.ref_logprobs)[:, columns]
+        if not first_pass:
+            inputs["old"] = pick(self.old_logprobs)[:, columns]
+        part.device, part.on_device = device, {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        return part.on_device
 
     def __call__(self) -> torch.Tensor:
+        device = _input_device(self.model)
         first_pass = self.old_logprobs is None
         want_entropy = self.loss_settings["entropy_coef"] > 0 or first_pass
-        olds, entropies, total = [], [], torch.zeros(())
-        weighted: dict[str, float] = {}
-        for rows in self.parts:
-            part = self.batch.rows(rows)
-            out = completion_logprobs(self.model, part, temperature=self.temperature, with_entropy=want_entropy)
+        olds, entropies, losses, merged = None, None, [], {}
+        for part in self.parts:
+            inputs = self._inputs(part, device, first_pass)
+            prompt_length = inputs["input_ids"].shape[1] - part.width
+            out = policy_token_logprobs(self.model, inputs["input_ids"], inputs["attention_mask"], prompt_length,
+                                        temperature=self.temperature, with_entropy=want_entropy,
+                                        token_positions=inputs["active"], chunk_tokens=self.logit_chunk_tokens)
             logprobs, entropy = out if want_entropy else (out, None)
-            mask = part.completion_mask
-            if first_pass:
-                olds.append(logprobs.detach() * mask)
-                entropies.append(entropy.detach() * mask)
-            old = olds[-1] if first_pass else self.old_logprobs[rows]
-            weight, agg = self._weights(rows)
+            mask = inputs["mask"]
+            if first_pass:   # [B, T] in the mini-batch's row order, zeros past each micro-batch's width
+                if olds is None:
+                    olds, entropies = logprobs.new_zeros(self.mask.shape), logprobs.new_zeros(self.mask.shape)
+                olds[inputs["rows"], :part.width] = logprobs.detach() * mask
+                entropies[inputs["rows"], :part.width] = entropy.detach() * mask
+            old = logprobs.detach() * mask if first_pass else inputs["old"]
+            weight, agg = self._weights(part)
             settings = self.loss_settings | agg
-            share = float(mask.sum()) / float(self.tokens)
+            share = part.tokens / self.tokens
             if self.aggregation == "exact" and settings["entropy_coef"] > 0:
                 settings["entropy_coef"] *= share / weight   # the bonus is a token mean over the mini-batch
             loss, stats = grpo_objective(
-                logprobs, old, self.advantages[rows], mask,
-                ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[rows],
-                entropy=entropy if settings["entropy_coef"] > 0 else None, **settings)
+                logprobs, old, inputs["advantages"], mask, ref_logprobs=inputs.get("ref"),
+                entropy=entropy if settings["entropy_coef"] > 0 else None, stats_as_tensors=True, **settings)
             (loss * weight).backward()
-            total = total + loss.detach() * weight
-            _merge_stats(weighted, stats, share)
-        weighted["loss"] = float(total)
+            losses.append(loss.detach() * weight)
+            _merge_stats(merged, stats, share)
+        total = torch.stack(losses).sum()
+        merged["loss"] = total
+        self.stats = read_out(merged)   # one device sync per pass
         if first_pass:
-            self.old_logprobs, self.sampling_entropy = torch.cat(olds), torch.cat(entropies)
-        self.stats = weighted
+            self.old_logprobs, self.sampling_entropy = olds, entropies
         self.passes += 1
         return total
 
 
-def _merge_stats(into: dict[str, float], stats: dict[str, float], share: float) -> None:
-    """Token-weighted means of one micro-batch's statistics (extremes for the ratio's min and max)."""
+def _input_device(model) -> torch.device:
+    """Where the model wants its input ids: its input embeddings' device (else its first parameter's)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if torch.is_tensor(weight) else next(model.parameters()).device
+
+
+def _merge_stats(into: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], share: float) -> None:
+    """Token-weighted means of one micro-batch's statistics (extremes for the ratio's min and max), as
+    0-dim tensors (read out once per pass)."""
     for key, value in stats.items():
-        if key in ("ratio_min", "ratio_max"):
-            pick = min if key == "ratio_min" else max
-            into[key] = pick(into.get(key, value), value)
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if key not in into:
+            into[key] = value if key in ("ratio_min", "ratio_max") else value * share
+        elif key in ("ratio_min", "ratio_max"):
+            into[key] = (torch.minimum if key == "ratio_min" else torch.maximum)(into[key], value.to(into[key].device))
         else:
-            into[key] = into.get(key, 0.0) + value * share
+            into[key] = into[key] + value.to(into[key].device) * share

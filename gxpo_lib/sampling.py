@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .losses import per_token_logprobs, token_entropy
+from .losses import policy_token_logprobs
 from .validation import check_int, check_positive
 
 
@@ -83,13 +83,14 @@ def completion_logprobs(model, rollouts_or_ids, attention_mask=None, prompt_leng
         prompt_length = rollouts_or_ids.prompt_ids.shape[1]
     else:
         input_ids = rollouts_or_ids
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-    logits = logits[:, prompt_length - 1:-1]  # the logits that predict each completion token
-    logprobs = per_token_logprobs(logits, input_ids[:, prompt_length:], temperature=temperature)
+    # The memory-lean path of the objective: the LM head only at completion positions, a chunk at a time,
+    # never [B, T, V] logits; returned in the model's dtype, as the samplers' own log-probs are.
+    dtype = model.get_input_embeddings().weight.dtype
+    result = policy_token_logprobs(model, input_ids, attention_mask, prompt_length, temperature=temperature,
+                                   with_entropy=with_entropy)
     if with_entropy:
-        return logprobs, token_entropy(logits, temperature=temperature)
-    return logprobs
+        return result[0].to(dtype), result[1].to(dtype)
+    return result.to(dtype)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> tuple[int, float, float]:
