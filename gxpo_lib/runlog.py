@@ -7,6 +7,12 @@
 written, so a killed run loses no logged step; a torn last line from a crash is skipped with a warning.
 Non-finite floats are written as null (JSON has no NaN).
 
+A damaged file never ends in a raw decoding error: a line of metrics.jsonl that is not a JSON object is
+skipped with a warning naming the file; a damaged final_eval.json or run_summary.json is ignored with a
+warning (resuming re-runs the final evaluation; `gxpo_lib.run` rewrites the summary); a damaged config.json
+is a ValueError naming the file and what to do. Resuming (`MetricsLog(resume_step=...)`) keeps each logged
+row once; the checkpoint side of a resume is `gxpo_lib.trainer.restore_checkpoint`'s.
+
 Importable without torch.
 """
 
@@ -148,17 +154,32 @@ def write_json(path: Path | str, value: Any) -> None:
 class MetricsLog:
     """Appends rows to a run's metrics.jsonl, each one flushed and fsync'ed at once.
 
-    ``MetricsLog(workdir, resume_step=s)`` keeps the rows up to step `s` (the checkpoint resumed from) and
-    drops the rest; ``resume_step=None`` starts a fresh log. `target` is a run folder or a ``.jsonl`` path.
+    ``MetricsLog(workdir, resume_step=s)`` cuts the log back to the checkpoint resumed from, so that no
+    logged step is lost or repeated once the steps after `s` are re-run (same seeds, same rows):
+
+    - rows of steps after `s` are dropped, and so are unreadable lines (torn, garbage) and rows without a
+      numeric step (each with a warning naming the file);
+    - a row logged twice (same kind, step and benchmark) is kept once, the first, with a warning;
+    - ``final_eval`` rows and ``final_eval.json`` (next to a ``metrics.jsonl``) are made to agree: a
+      benchmark is kept only when both hold it (a damaged final_eval.json counts as empty, with a warning),
+      so a final evaluation that either lost is run again and logged once.
+
+    ``resume_step=None`` starts a fresh log (and drops a stale final_eval.json beside it). `target` is a run
+    folder or a ``.jsonl`` path.
     """
 
     def __init__(self, target: Path | str, resume_step: int | None = None):
         target = Path(target)
         self.path = target if target.suffix == ".jsonl" else target / METRICS_FILE
+        final_path = self.path.with_name(FINAL_EVAL_FILE) if self.path.name == METRICS_FILE else None
         if resume_step is None:
             self.path.unlink(missing_ok=True)
+            if final_path is not None:
+                final_path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
+            kept = _cut_rows(self.path, read_rows(self.path, stacklevel=3), resume_step)
+            if final_path is not None:
+                kept = _agree_on_final_eval(final_path, kept)
             atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in kept))
         self.handle = self.path.open("a", encoding="utf-8")
 
@@ -178,6 +199,63 @@ def _dumps(row: dict[str, Any]) -> str:
     return json.dumps(row, allow_nan=False)
 
 
+def _is_step(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _cut_rows(path: Path, rows: list[dict[str, Any]], resume_step: int) -> list[dict[str, Any]]:
+    """The rows up to `resume_step`, each (kind, step, benchmark) once; what is dropped besides the steps
+    after the checkpoint is warned about, naming `path`."""
+    kept, seen, stepless, repeated = [], set(), 0, 0
+    for row in rows:
+        step = row.get("step", 0)
+        if not _is_step(step):
+            stepless += 1
+            continue
+        if step > resume_step:
+            continue
+        key = (row.get("kind"), step, str(row.get("benchmark")))
+        if key in seen:
+            repeated += 1
+            continue
+        seen.add(key)
+        kept.append(row)
+    if stepless:
+        warnings.warn(f"{path}: dropped {stepless} row(s) without a numeric step", RuntimeWarning, stacklevel=4)
+    if repeated:
+        warnings.warn(f"{path}: dropped {repeated} repeated row(s) (the same kind and step logged twice)",
+                      RuntimeWarning, stacklevel=4)
+    return kept
+
+
+def _agree_on_final_eval(final_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the final evaluations that both the rows and final_eval.json hold (rewriting the file to them)."""
+    done = _read_final_eval_file(final_path, stacklevel=5)
+    logged = {r.get("benchmark") for r in rows if r.get("kind") == "final_eval"}
+    both = {name: result for name, result in done.items() if name in logged and isinstance(result, dict)}
+    rows = [r for r in rows if r.get("kind") != "final_eval" or r.get("benchmark") in both]
+    if not both:
+        final_path.unlink(missing_ok=True)
+    elif both != done:
+        write_json(final_path, both)
+    return rows
+
+
+def log_gap(rows: list[dict[str, Any]], step: int, seconds_eval: float | None = None) -> str | None:
+    """What a log lacks of the steps up to a checkpoint's `step` (None when it covers them): the train row
+    of a step 1..`step`, or, given the checkpoint's cumulative ``seconds_eval``, the evaluation row that
+    ended step `step` (the last row up to `step` carries the checkpoint's counters)."""
+    logged = {r.get("step") for r in rows if r.get("kind") == "train"}
+    missing = next((s for s in range(1, step + 1) if s not in logged), None)
+    if missing is not None:
+        return f"the train row of step {missing}"
+    reached = [r.get("seconds_eval") for r in rows if r.get("kind") in ("train", "eval") and _is_step(r.get("step"))
+               and r["step"] <= step and _is_step(r.get("seconds_eval"))]
+    if seconds_eval is not None and reached and max(reached) < seconds_eval:
+        return f"the evaluation row of step {step}"
+    return None
+
+
 def write_config(workdir: Path | str, config: dict[str, Any]) -> None:
     write_json(Path(workdir) / CONFIG_FILE, config)
 
@@ -193,46 +271,90 @@ def write_summary(workdir: Path | str, summary: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------
-def read_rows(path: Path | str, kind: str | None = None) -> list[dict[str, Any]]:
+def read_rows(path: Path | str, kind: str | None = None, *, stacklevel: int = 2) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl (a file, or a run folder holding one), optionally of one `kind`.
 
-    A torn last line (a kill mid-write) is skipped with a warning; a missing file gives [].
+    A torn last line (a kill mid-write) and any line that is not a JSON object (garbage bytes, a damaged
+    disk block) are skipped with a warning naming the file and line; a missing file gives [].
     """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
         return []
-    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    rows, lines = [], path.read_bytes().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            where = "its torn last line" if number == len(lines) else f"line {number}, not valid JSON"
-            warnings.warn(f"{path}: skipped {where}", RuntimeWarning, stacklevel=2)
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+            continue
+        where = "its torn last line" if number == len(lines) else f"line {number}, not a JSON object"
+        warnings.warn(f"{path}: skipped {where}", RuntimeWarning, stacklevel=stacklevel)
     return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+def load_json_object(path: Path | str) -> tuple[dict[str, Any] | None, str | None]:
+    """``(object, None)`` for a readable JSON-object file, ``(None, None)`` when it is missing and
+    ``(None, what is wrong)`` when it is damaged (empty, truncated, garbage, not an object)."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text (garbage bytes)"
+    except OSError as error:
+        return None, f"unreadable ({error.strerror or error})"
+    if not text.strip():
+        return None, "empty"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at line {error.lineno}: truncated or damaged)"
+    if not isinstance(value, dict):
+        return None, f"holds a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 def read_config(workdir: Path | str) -> dict[str, Any]:
-    """A run's saved settings with old names normalised ({} if none); folders from older versions load too."""
+    """A run's saved settings with old names normalised ({} if none); folders from older versions load too.
+    A damaged config.json is a ValueError naming it."""
     from .config import normalise_names
 
-    return normalise_names(_read_json(Path(workdir) / CONFIG_FILE) or {}, warn=False)
+    path = Path(workdir) / CONFIG_FILE
+    value, problem = load_json_object(path)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; restore it from a copy, or resume the run with its settings "
+                         "(gxpo_lib.run or train), which checks them against its checkpoints and rewrites it")
+    return normalise_names(value or {}, warn=False)
+
+
+def _read_final_eval_file(path: Path, stacklevel: int = 3) -> dict[str, Any]:
+    value, problem = load_json_object(path)
+    if problem is not None:
+        warnings.warn(f"{path}: {problem}; ignored (resuming the run re-runs the final evaluation)",
+                      RuntimeWarning, stacklevel=stacklevel)
+    return value or {}
 
 
 def read_final_eval(workdir: Path | str) -> dict[str, Any]:
-    return _read_json(Path(workdir) / FINAL_EVAL_FILE) or {}
+    """final_eval.json ({} when missing; a damaged one is ignored with a warning naming it)."""
+    return _read_final_eval_file(Path(workdir) / FINAL_EVAL_FILE)
 
 
 def read_summary(workdir: Path | str) -> dict[str, Any]:
-    """A finished run's run_summary.json ({} when it has none)."""
-    return _read_json(Path(workdir) / SUMMARY_FILE) or {}
+    """A finished run's run_summary.json ({} when it has none; a damaged one is ignored with a warning)."""
+    path = Path(workdir) / SUMMARY_FILE
+    value, problem = load_json_object(path)
+    if problem is not None:
+        warnings.warn(f"{path}: {problem}; ignored (gxpo_lib.run on the folder rewrites it)", RuntimeWarning,
+                      stacklevel=2)
+    return value or {}
 
 
 def build_summary(workdir: Path | str, preset: str | None = None, backend: str = "gxpo") -> dict[str, Any]:

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,10 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
     model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=config.dtype)
     if config.lora:
         model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.lora_targets)
+    if not config.lora and next(model.parameters()).dtype == torch.bfloat16:
+        warnings.warn(f"full fine-tuning in bfloat16 without float32 master weights: AdamW steps of about "
+                      f"lr={config.lr * config.step_scale:g} below half a bfloat16 ulp (|w| * 2^-9) are lost; "
+                      "use dtype='float32' or lora=True", RuntimeWarning, stacklevel=2)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = copy.deepcopy(model).requires_grad_(False) if config.kl_beta > 0 and not config.lora else None
@@ -184,7 +189,8 @@ def save_checkpoint(workdir: Path, step: int, state: TrainState) -> Path:
     torch.save({"step": step, "trainable": trainable, "optimizer": state.optimizer.state_dict(),
                 "rule": state.rule.state_dict(), "counters": dict(state.counters),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()}}, tmp)
+                        "python": random.getstate()},
+                "config": state.config.to_dict()}, tmp)  # the settings again, should config.json be lost
     os.replace(tmp, path)
     for old in sorted(folder.glob("step_*.pt"))[:-state.config.keep_checkpoints]:
         old.unlink()
@@ -196,37 +202,159 @@ def latest_checkpoint(workdir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+CHECKPOINT_KEYS = ("step", "trainable", "optimizer", "rule", "counters", "rng")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(contents, None)`` for an intact checkpoint, ``(None, what is wrong)`` for a damaged one (empty,
+    truncated, garbage, not a checkpoint, or holding another step than its name says)."""
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a broken file
+        if path.stat().st_size == 0:
+            return None, "empty"
+        return None, f"unreadable, truncated or damaged ({_first_line(str(error)) or type(error).__name__})"
+    if not isinstance(saved, dict) or any(key not in saved for key in CHECKPOINT_KEYS):
+        return None, "not a gxpo_lib checkpoint (its contents lack " + ", ".join(CHECKPOINT_KEYS) + ")"
+    step = saved["step"]
+    if not isinstance(step, int) or path.name != f"step_{step:06d}.pt":
+        return None, f"holds step {step!r}, not the step its name says"
+    return saved, None
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [""])[0][:160]
+
+
 def restore_checkpoint(workdir: Path, state: TrainState) -> int:
-    """Load the newest checkpoint into `state`; returns its step (0 when there is none)."""
-    path = latest_checkpoint(workdir)
-    if path is None:
+    """Load the newest usable checkpoint into `state`; returns its step (0 when there is none).
+
+    What a crash, a full disk or a kill can leave, and what a resume does with it:
+
+    - ``checkpoints/*.tmp`` (a save cut short; never a checkpoint): removed.
+    - A damaged ``step_*.pt`` (empty, truncated, garbage, another step inside than its name): passed over
+      for the next older one, with a warning naming it; it is moved aside to ``<name>.damaged``.
+    - A checkpoint whose steps metrics.jsonl does not hold whole (a train row of a step up to it, or the
+      evaluation row that ended it, is lost): passed over for the next older one that the rows cover, with a
+      warning naming metrics.jsonl (`runlog.log_gap`).
+    - Then metrics.jsonl is cut back to the step resumed from (`runlog.MetricsLog`) and the steps after it
+      are re-run: the same seeds give the same rows, so no logged step is lost or repeated.
+    - No usable checkpoint left, or a checkpoint whose backward-pass count disagrees with the log's row of
+      its step (two runs mixed in one folder): ValueError naming the file and what to do.
+    """
+    folder = workdir / "checkpoints"
+    for leftover in folder.glob("*.tmp"):
+        leftover.unlink(missing_ok=True)
+    candidates = sorted(folder.glob("step_*.pt"), reverse=True)
+    if not candidates:
         return 0
-    saved = torch.load(path, weights_only=False)
+    metrics = workdir / runlog.METRICS_FILE
+    rows = runlog.read_rows(metrics, stacklevel=3)
+    damaged, uncovered = [], []  # (path, what is wrong)
+    for path in candidates:
+        saved, problem = read_checkpoint(path)
+        if saved is None:
+            damaged.append((path, problem))
+            continue
+        gap = runlog.log_gap(rows, saved["step"], saved["counters"].get("seconds_eval"))
+        if gap is not None:
+            uncovered.append((path, f"lacks {gap}, which {path.name} follows"))
+            continue
+        _check_against_rows(path, saved, rows, metrics)
+        _apply_checkpoint(path, saved, state)
+        used = f"resumed from {path.name} (step {saved['step']}); the steps after it are re-run"
+        for bad, problem in damaged:
+            bad.replace(bad.with_name(bad.name + ".damaged"))
+            warnings.warn(f"{bad}: {problem}; moved it aside to {bad.name}.damaged and {used}", RuntimeWarning,
+                          stacklevel=3)
+        for _, problem in uncovered:
+            warnings.warn(f"{metrics}: {problem}; {used}", RuntimeWarning, stacklevel=3)
+        return saved["step"]
+    over = f"start the run over in another workdir, or delete {folder} to start it over here"
+    if uncovered and not damaged:
+        path, problem = uncovered[-1]
+        raise ValueError(f"{metrics}: {problem}, the oldest checkpoint left, so the logged steps cannot be kept "
+                         f"whole; restore {metrics.name} from a copy, or {over}")
+    path, problem = damaged[0]
+    others = "; ".join(f"{p.name}: {why}" for p, why in damaged[1:] + uncovered)
+    raise ValueError(f"{path}: {problem}; no other usable checkpoint is left{f' ({others})' if others else ''}, "
+                     f"so the run cannot resume; {over}")
+
+
+def _check_against_rows(path: Path, saved: dict[str, Any], rows: list[dict[str, Any]], metrics: Path) -> None:
+    """The log's row of the checkpoint's step must count the backward passes the checkpoint does."""
+    row = next((r for r in rows if r.get("kind") == "train" and r.get("step") == saved["step"]), {})
+    logged, held = row.get("cumulative_backward_passes"), saved["counters"].get("backward_passes")
+    if logged is not None and held is not None and logged != held:
+        raise ValueError(f"{path}: counts {held} backward passes at step {saved['step']}, but {metrics.name}'s "
+                         f"row of that step counts {logged}: the checkpoints and the log come from different "
+                         f"runs; start the run over in another workdir, or delete {path.parent} and "
+                         f"{metrics.name} to start it over here")
+
+
+def _apply_checkpoint(path: Path, saved: dict[str, Any], state: TrainState) -> None:
+    """Copy a read checkpoint into `state` (ValueError naming `path` when it does not fit this model)."""
     named = dict(state.model.named_parameters())
-    with torch.no_grad():
-        for name, value in saved["trainable"].items():
-            named[name].copy_(value)
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.rule.load_state_dict(saved["rule"])
-    state.counters.update(saved["counters"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    np.random.set_state(saved["rng"]["numpy"])
-    random.setstate(saved["rng"]["python"])
-    return saved["step"]
+    unfit = [n for n, v in saved["trainable"].items() if n not in named or named[n].shape != v.shape]
+    if unfit:
+        raise ValueError(f"{path}: its weight {unfit[0]!r} does not fit the model being trained: the folder "
+                         "holds another model's run; use another workdir")
+    try:
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                named[name].copy_(value)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.rule.load_state_dict(saved["rule"])
+        state.counters.update(saved["counters"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: does not restore into this run ({_first_line(str(error))}); use another "
+                         "workdir, or delete its checkpoints to start the run over") from error
+
+
+def _settings_copy(workdir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint holding a copy of the run's settings, and that copy (None: none)."""
+    for path in sorted((workdir / "checkpoints").glob("step_*.pt"), reverse=True):
+        saved, _ = read_checkpoint(path)
+        if saved is not None and isinstance(saved.get("config"), dict):
+            return path, saved["config"]
+    return None
 
 
 def check_resumable(workdir: Path, config: TrainConfig) -> None:
-    """A workdir holding a different run must not be silently continued with other settings."""
+    """A workdir holding a different run must not be silently continued with other settings.
+
+    The run's settings are config.json's; when that is missing or damaged, the copy in the newest readable
+    checkpoint stands in (with a warning naming config.json; `train` then rewrites it), and without one
+    it is a ValueError naming config.json and what to do.
+    """
     if latest_checkpoint(workdir) is None:
         return
-    saved = runlog.read_config(workdir)
+    path = workdir / runlog.CONFIG_FILE
+    saved, problem = runlog.load_json_object(path)
+    source = path.name
+    if saved is None:
+        problem = problem or "missing"
+        copy_ = _settings_copy(workdir)
+        if copy_ is None:
+            raise ValueError(f"{path}: {problem}, and no checkpoint holds a copy of the run's settings, so they "
+                             "cannot be checked; restore config.json from a copy, or start the run over in another "
+                             f"workdir (or delete {workdir / 'checkpoints'})")
+        saved, source = copy_[1], f"{copy_[0].name}'s copy of config.json"
+        warnings.warn(f"{path}: {problem}; checked the settings against {source} and rewrote it", RuntimeWarning,
+                      stacklevel=3)
+    from .config import normalise_names
+
+    saved = normalise_names(json.loads(json.dumps(saved)), warn=False)
     current = json.loads(json.dumps(config.to_dict()))
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # a setting newer than the run: its default
     differing = sorted(k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != current[k])
     if differing:
         name = differing[0]
-        raise ValueError(f"{name}={current[name]!r} differs from the run in {workdir} ({saved.get(name)!r}): "
-                         "use another workdir, or the same settings to resume")
+        raise ValueError(f"{name}={current[name]!r} differs from the run in {workdir} ({saved.get(name)!r}, "
+                         f"{source}): use another workdir, or the same settings to resume")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,7 +391,7 @@ def _objective(state: TrainState, batch, advantages, ref_logprobs) -> PolicyObje
 
 def _entropy_signal(rollouts, rows: slice) -> float:
     """The sampling policy's token-mean entropy over `rows` (what an entropy-signal gate reads)."""
-    return float(rollouts.entropy[rows].sum() / rollouts.completion_mask[rows].sum().clamp(min=1))
+    return float(rollouts.entropy[rows].float().sum() / rollouts.completion_mask[rows].sum().clamp(min=1))
 
 
 def _update(state: TrainState, rollouts, advantages, ref_logprobs) -> tuple[list[StepInfo], list[PolicyObjective]]:
@@ -324,7 +452,7 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
     return runlog.train_row(
         step, record, state.rule, scored.rewards, counters,
         response_length=float(mask.sum(1).float().mean()),
-        entropy=None if entropy is None else float(entropy.sum() / mask.sum().clamp(min=1)),
+        entropy=None if entropy is None else float(entropy.float().sum() / mask.sum().clamp(min=1)),
         kl=stats.get("kl"), clip_frac=stats.get("clip_frac"), reward_parse_fail=scored.counts.n_parse_fail,
         reward_timeout=scored.counts.n_timeout, reward_error=scored.counts.n_error,
         learning_rate=config.lr * config.step_scale)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from gxpo_lib import runlog
 from gxpo_lib.config import RULE_SETTINGS, TrainConfig
 from gxpo_lib.integrations import PROGRESS_PREFIX
-from gxpo_lib.integrations.trl import LOSS_TYPES, GXPOConfig, GXPOTrainer
+from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer
 from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
 
 
@@ -204,6 +207,74 @@ class ProgressCallback(TrainerCallback):
               f"reward_mean={'nan' if reward is None else f'{reward:.3f}'} backward_passes={row['backward_passes']} "
               f"cumulative_backward_passes={row['cumulative_backward_passes']} gate_open={row['gate_open']} "
               f"active={row['active']} seconds={row['seconds']:.1f}", flush=True)
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a TRL ``checkpoint-N`` folder (None when intact): TRL writes it in place, so a
+    kill or a full disk can leave it partial. trainer_state.json and gxpo_state.json (written last) must be
+    JSON objects of step N; the weights (safetensors headers) and every ``*.pt`` / ``*.pth`` / ``*.bin``
+    (torch zip archives) must be whole."""
+    from safetensors import safe_open
+
+    step = int(folder.name.rsplit("-", 1)[1])
+    for name in ("trainer_state.json", STATE_FILE):
+        value, problem = runlog.load_json_object(folder / name)
+        if value is None:
+            return f"{name} is {problem or 'missing'} (a save cut short)"
+        saved = value.get("global_step" if name == "trainer_state.json" else "step")
+        if saved != step:
+            return f"{name} holds step {saved!r}, not {step}"
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not weights:
+        return "holds no model weights (*.safetensors or *.bin)"
+    for path in weights + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except Exception as error:  # SafetensorError / OSError: a truncated or garbage file
+                return f"{path.name} is damaged ({str(error).splitlines()[0][:100] if str(error) else 'empty'})"
+        elif not zipfile.is_zipfile(path):
+            return f"{path.name} is {'empty' if path.stat().st_size == 0 else 'truncated or damaged'}"
+    return None
+
+
+def resumable_checkpoint(workdir: Path, warn: bool = True) -> tuple[Path | None, list[Path]]:
+    """The newest intact ``checkpoint-N`` whose step metrics.jsonl's train rows reach, and the damaged
+    folders newer than it (to move aside). The rule is the native trainer's (`restore_checkpoint`): damaged
+    or uncovered checkpoints are passed over for older ones with a warning naming them (`warn`), the log is
+    then cut back to the step resumed from; none usable among several is a ValueError naming the file.
+    ``(None, [])`` when the folder holds no checkpoint."""
+    found = [p for p in workdir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    candidates = sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    if not candidates:
+        return None, []
+    metrics = workdir / runlog.METRICS_FILE
+    rows = runlog.read_rows(metrics)
+    damaged, uncovered = [], []
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            damaged.append((folder, problem))
+            continue
+        step = int(folder.name.split("-")[1])
+        gap = runlog.log_gap(rows, step)
+        if gap is not None:
+            uncovered.append((folder, f"lacks {gap}, which {folder.name} follows"))
+            continue
+        for bad, problem in damaged if warn else ():
+            warnings.warn(f"{bad}: {problem}; moved it aside to damaged-{bad.name} and resumed from "
+                          f"{folder.name}; the steps after it are re-run", RuntimeWarning, stacklevel=2)
+        for _, problem in uncovered if warn else ():
+            warnings.warn(f"{metrics}: {problem}; resumed from {folder.name}; the steps after it are re-run",
+                          RuntimeWarning, stacklevel=2)
+        return folder, [bad for bad, _ in damaged]
+    over = "start the run over in another workdir, or delete its checkpoint-* folders to start it over here"
+    if uncovered and not damaged:
+        raise ValueError(f"{metrics}: {uncovered[-1][1]}, the oldest checkpoint left, so the logged steps cannot "
+                         f"be kept whole; restore {metrics.name} from a copy, or {over}")
+    folder, problem = damaged[0]
+    raise ValueError(f"{folder}: {problem}; no other usable checkpoint is left, so the run cannot resume; {over}")
+
+
 def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_overrides: dict[str, Any] | None = None,
                    model_and_tokenizer=None) -> GXPOTrainer:
     """Train (or resume) a TrainConfig-described run with GXPOTrainer in this process (one rank of a launch).
@@ -225,9 +296,14 @@ def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_override
     if state.num_processes != launched:
         raise RuntimeError(f"{launched} processes were launched but accelerate sees {state.num_processes}")
     args = grpo_config_from_train_config(config, workdir, state.num_processes, **(trl_overrides or {}))
-    # Records of the run, and a fresh metrics.jsonl unless resuming.
-    checkpoint = get_last_checkpoint(str(workdir)) if workdir.is_dir() else None
+    # Records of the run, and a fresh metrics.jsonl unless resuming (from the newest intact checkpoint).
+    checkpoint, damaged = resumable_checkpoint(workdir, warn=state.is_main_process) if workdir.is_dir() else (None, [])
+    state.wait_for_everyone()  # every rank has chosen before rank 0 moves damaged checkpoints aside
     if state.is_main_process:
+        for folder in damaged:  # out of TRL's rotation, which would otherwise keep them over intact ones
+            aside = folder.with_name(f"damaged-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)  # an older damaged copy of the same step
+            folder.rename(aside)
         workdir.mkdir(parents=True, exist_ok=True)
         runlog.write_config(workdir, config.to_dict())
         runlog.atomic_write_text(workdir / "trl_args.json", args.to_json_string())
@@ -246,7 +322,7 @@ def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_override
                           peft_config=peft_config)
     trainer.add_callback(ProgressCallback(trainer))
     trainer.add_callback(EvaluationCallback(trainer, config, tokenizer, workdir))
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
     return trainer
 
 
