@@ -175,13 +175,15 @@ class FlatLayout:
     below a chunk each.
     """
 
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], numels: Sequence[int] | None = None):
+        """params: the (local) tensors laid out; numels: each parameter's full element count, the divisor
+        of `rms_per_param` (default: the tensors' own; FSDP2 passes the unsharded counts)."""
         for i, p in enumerate(params):
             if not p.is_contiguous():
                 raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is not contiguous: allowed only "
                                  "contiguous parameters (call .contiguous() on it before building the optimizer)")
         self.key = self.key_of(params)
-        self.numels = [p.numel() for p in params]
+        self.numels = [p.numel() for p in params] if numels is None else [int(n) for n in numels]
         by_group: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             by_group.setdefault((p.device, p.dtype), []).append(i)
@@ -253,16 +255,20 @@ class FlatLayout:
             return values
         return values.repeat_interleave(torch.tensor(self.lengths[c], device=like.device))
 
-    def rms_per_param(self, values: Callable[[int, int, int, int], torch.Tensor]) -> torch.Tensor:
+    def rms_per_param(self, values: Callable[[int, int, int, int], torch.Tensor],
+                      reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Root mean square of each parameter's share of a chunked quantity, shape [n_params] (float64).
 
-        `values(c, group, start, end)` gives the quantity on chunk c ([end - start]); one pass, no sync."""
+        `values(c, group, start, end)` gives the quantity on chunk c ([end - start]); one pass, no sync.
+        `reduce`: sums the per-parameter squared sums [n_params] over the shards (FSDP2: an all-reduce)."""
         n = len(self.offsets)
-        device = self.slices[0][0].device
+        device = self.slices[0][0].device if self.chunks else self.groups[0][0]
         sums = torch.zeros(n, dtype=torch.float64, device=device)
         for c, (g, start, end, segments) in enumerate(self.chunks):
             x = values(c, g, start, end)
             per_segment = torch.segment_reduce((x * x).to(torch.float64), "sum",
                                                lengths=torch.tensor(self.lengths[c], device=x.device))
             sums.index_add_(0, torch.tensor([i for i, _, _ in segments], device=device), per_segment.to(device))
+        if reduce is not None:
+            sums = reduce(sums)
         return (sums / torch.tensor(self.numels, dtype=torch.float64, device=device)).sqrt()

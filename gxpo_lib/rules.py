@@ -10,17 +10,21 @@ The rule zeroes gradients itself before every ``closure()`` call and returns a `
 (docs/algorithm.md). A pass whose gradient is not finite never reaches the parameters (fallback).
 The extrapolation's work buffers are flat (`extrapolation.FlatLayout`): one vector per (device, dtype)
 of the trainable parameters, so its arithmetic runs over a few long chunks, not one tensor at a time.
+FSDP2-sharded (DTensor) parameters work too: the math runs on each rank's local shard and the global sums
+are all-reduced (`distributed`), so every rank gets the same StepInfo and gate decisions.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from .distributed import local, reducer_for, restore_optimizer, snapshot_optimizer, square_sum
 from .extrapolation import (
     DELTA,
     R_CLAMP,
@@ -120,8 +124,17 @@ class UpdateRule:
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not self.params:
             raise ValueError("optimizer has no parameters with requires_grad=True: nothing to update")
+        self.reducer = reducer_for(self.params)  # None: plain tensors; else FSDP2 shards (`distributed`)
         self.num_steps = 0
         self.total_backward_passes = 0
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The trainable parameters, or each rank's local shard of them (detached views) when sharded."""
+        return self.params if self.reducer is None else [local(p) for p in self.params]
+
+    def _grads(self) -> list[torch.Tensor]:
+        """The live gradients (local shards when sharded), one per trainable parameter."""
+        return [p.grad if self.reducer is None else local(p.grad) for p in self.params]
 
     # -- one pass ----------------------------------------------------------------------------------
     def _backward(self, closure: Closure) -> tuple[float, float]:
@@ -133,6 +146,9 @@ class UpdateRule:
         for p in self.params:  # parameters the loss did not touch contribute a zero gradient
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if self.reducer is not None:  # sharded: the squared local sums, all-reduced with the loss
+            grads = self._grads()
+            return self.reducer.pass_totals(_to_float(loss), square_sum(grads, grads[0].device))
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params])
         return _to_float(loss), float(norm)
 
@@ -146,7 +162,7 @@ class UpdateRule:
         """Clip the live gradient to max_grad_norm (given its pre-clip norm) and take an optimizer step."""
         scale = self._clip_scale(norm)
         if scale < 1.0:
-            torch._foreach_mul_([p.grad for p in self.params], scale)
+            torch._foreach_mul_(self._grads(), scale)
         self.optimizer.step()
 
     def _plain_step(self, closure: Closure, info: StepInfo) -> StepInfo:
@@ -168,18 +184,18 @@ class UpdateRule:
 
     def snapshot_params(self) -> list[torch.Tensor]:
         """A detached copy of the trainable parameters, in their own dtypes (one batched call)."""
-        return torch._foreach_mul([p.detach() for p in self.params], 1.0)
+        return torch._foreach_mul([p.detach() for p in self._local_params()], 1.0)
 
     @torch.no_grad()
     def distance_from(self, reference: Sequence[torch.Tensor]) -> float:
         """||theta - reference|| over the trainable parameters, each difference taken in at least float32
         and summed in float64 (one device sync). `reference`: one tensor per parameter, same shapes."""
         total = None
-        for p, ref in zip(self.params, reference):
+        for p, ref in zip(self._local_params(), reference):
             work = _work_dtype(p.dtype)
             square = (p.detach().to(work) - ref.to(work)).pow(2).sum(dtype=torch.float64)
             total = square if total is None else total + square.to(total.device)
-        return float(total) ** 0.5
+        return float(total if self.reducer is None else self.reducer.sum_float(total, total.device)) ** 0.5
 
     def _new_info(self) -> StepInfo:
         self.num_steps += 1
@@ -187,31 +203,12 @@ class UpdateRule:
 
     # -- optimizer snapshots -----------------------------------------------------------------------
     def _snapshot_optimizer(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """A copy of the optimizer's per-parameter state (moments, step counters). The floating-point
-        tensors are copied in one batched call (x * 1.0 is x bit for bit, -0.0 and inf included)."""
-        state, floating = self.optimizer.state, lambda v: torch.is_tensor(v) and v.is_floating_point()
-        batched = [v for st in state.values() for v in st.values() if floating(v)]
-        copies = iter(torch._foreach_mul(batched, 1.0) if batched else [])
-        return {p: {k: next(copies) if floating(v) else (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
-                    for k, v in st.items()} for p, st in state.items()}
+        """A bit-exact copy of the optimizer's per-parameter state (`distributed.snapshot_optimizer`)."""
+        return snapshot_optimizer(self.optimizer)
 
     def _restore_optimizer(self, snapshot: dict[torch.Tensor, dict[str, Any]]) -> None:
         """Put the optimizer state back exactly as snapshotted (state created since is dropped)."""
-        for p in list(self.optimizer.state.keys()):
-            if p not in snapshot:
-                del self.optimizer.state[p]
-        live_tensors, saved_tensors = [], []
-        for p, st in snapshot.items():
-            live = self.optimizer.state[p]
-            for k, v in st.items():
-                if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape \
-                        and live[k].dtype == v.dtype and live[k].device == v.device:
-                    live_tensors.append(live[k])
-                    saved_tensors.append(v)
-                else:
-                    live[k] = v
-        if live_tensors:  # one batched copy instead of one per state tensor
-            torch._foreach_copy_(live_tensors, saved_tensors)
+        restore_optimizer(self.optimizer, snapshot)
 
     # -- checkpointing -----------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -272,29 +269,43 @@ class _GatedRule(UpdateRule):
 
     def _buffer(self, name: str, work: bool) -> list[torch.Tensor]:
         """The flat work buffer `name` (allocated on first use, rebuilt if the parameters were replaced)."""
-        if self._flat is None or self._flat.key != FlatLayout.key_of(self.params):
-            self._flat = FlatLayout(self.params)
+        params = self._local_params()
+        if self._flat is None or self._flat.key != FlatLayout.key_of(params):
+            self._flat = FlatLayout(params, numels=[p.numel() for p in self.params])
             for other in self._BUFFERS:
                 setattr(self, other, None)
             self._views = {}
         if getattr(self, name) is None:
             setattr(self, name, self._flat.allocate(work))
-            self._views[name] = self._flat.views(getattr(self, name), self.params)
+            self._views[name] = self._flat.views(getattr(self, name), params)
         return self._views[name]
 
     def _save_params(self, name: str) -> None:
         """Copy the live parameters into the flat buffer `name` (their own dtype)."""
-        torch._foreach_copy_(self._buffer(name, work=False), [p.detach() for p in self.params])
+        torch._foreach_copy_(self._buffer(name, work=False), [p.detach() for p in self._local_params()])
 
     def _load_params(self, name: str) -> None:
         with torch.no_grad():
-            torch._foreach_copy_(self.params, self._views[name])
+            torch._foreach_copy_(self._local_params(), self._views[name])
+
+    def _reduced_rows(self, rows: list[torch.Tensor], q_max: list[torch.Tensor] | None, width: int) -> list[float]:
+        """The chunk rows ([width] float64 each) summed over every chunk of every rank, then (unless q_max
+        is None) the max of q_max over them all: [width (+ 1)] floats."""
+        device = self._grads()[0].device
+        total = torch.stack(rows).sum(0).to(device) if rows else torch.zeros(width, dtype=torch.float64, device=device)
+        if q_max is None:
+            return self.reducer.sum(total).tolist()
+        peak = torch.stack(q_max).max().view(1).to(device) if q_max else torch.full((1,), -math.inf,
+                                                                                       dtype=torch.float64, device=device)
+        return self.reducer.sum(total).tolist() + self.reducer.max(peak).tolist()
 
     def _feed_gate(self, info: StepInfo, grad_norm_signal: float, gate_signal: float | None) -> None:
         """Give the gate this step's statistic (the caller's entropy when its signal is "entropy")."""
         if self.gate is None:
             return
         value = gate_signal if self.gate.signal == "entropy" else grad_norm_signal
+        if self.reducer is not None and self.gate.signal == "entropy":  # the caller's value may differ per rank
+            value = self.reducer.mean_float(value, self._grads()[0].device)
         info.gate_z = _none_if_nan(self.gate.observe(value, step=self.num_steps))
 
     def _check_signal(self, gate_signal: float | None) -> None:
@@ -485,7 +496,7 @@ class GXPO(_GatedRule):
         if not _finite(norm) or vanishing:
             raise _Fallback
         if slot is not None:
-            torch._foreach_copy_(self._buffer(slot, work=True), [p.grad.detach() for p in self.params])
+            torch._foreach_copy_(self._buffer(slot, work=True), [g.detach() for g in self._grads()])
         self._clip_and_step(norm)
         return loss, norm
 
@@ -496,7 +507,7 @@ class GXPO(_GatedRule):
         info.probe_step_norm = self.distance_from(self._views["_theta0"])  # one plain step from theta0
         steps = [self._step_constants()]
         if update:                                                     # keep theta1 in the g1 slot
-            torch._foreach_copy_(self._buffer("_g1", work=True), [p.detach() for p in self.params])
+            torch._foreach_copy_(self._buffer("_g1", work=True), [p.detach() for p in self._local_params()])
         _loss1, n1 = self._probe(closure, info, None if update else "_g1", first=False)   # theta1 -> theta2
         steps.append(self._step_constants())
         c0, c1 = self._clip_scale(n0), self._clip_scale(n1)
@@ -513,7 +524,7 @@ class GXPO(_GatedRule):
         if not _finite(n_s):
             raise _Fallback
         info.cos_g0_gslow = self._cos_g0_gslow(n_s)
-        torch._foreach_copy_(self._views["_g1"], [p.detach() for p in self.params])  # keep theta~ (g1 is free)
+        torch._foreach_copy_(self._views["_g1"], [p.detach() for p in self._local_params()])  # keep theta~ (g1 free)
         self._clip_and_step(n_s)
         info.corrective_norm = self.distance_from(self._views["_g1"])
         info.update_norm = self.distance_from(self._views["_theta0"])
@@ -532,8 +543,10 @@ class GXPO(_GatedRule):
 
     def _cos_g0_gslow(self, n_s: float) -> float | None:
         """cos(g0, g_slow): the corrective gradient is copied into the (now free) g1 slot, one dot per group."""
-        torch._foreach_copy_(self._buffer("_g1", work=True), [p.grad.detach() for p in self.params])
+        torch._foreach_copy_(self._buffer("_g1", work=True), [g.detach() for g in self._grads()])
         dot = sum(float(torch.dot(a, b)) for a, b in zip(self._g0, self._g1))
+        if self.reducer is not None:
+            dot = self.reducer.sum_float(dot, self._g0[0].device)
         denominator = self._g0_norm * n_s
         return dot / denominator if denominator > 0 else None
 
@@ -570,6 +583,9 @@ class GXPO(_GatedRule):
                 torch.dot(jump, jump) / alpha**2, torch.dot(t0, t0), torch.dot(g0, g0), torch.dot(g0, g1),
                 torch.dot(g1, g1))]))
             q_max.append(q.max().to(torch.float64))
+        if self.reducer is not None:  # sharded: sum the rows, max q_max over ranks (a rank may hold nothing)
+            self._fill(info, self._reduced_rows(rows, q_max, 12), update)
+            return
         self._fill(info, torch.cat([torch.stack(rows).sum(0), torch.stack(q_max).max().view(1)]).tolist(), update)
 
     def _retention_context(self, c0: float, c1: float, steps) -> dict[str, Any]:
@@ -598,6 +614,9 @@ class GXPO(_GatedRule):
             total.append(q.sum(dtype=torch.float64) if every else torch.where(active, q, 0.0).sum(dtype=torch.float64))
             count.append(torch.tensor(float(q.numel()), dtype=torch.float64, device=q.device) if every
                          else active.sum().to(torch.float64))
+        if self.reducer is not None:  # sharded: [sum q, count] over every rank (a rank may hold nothing)
+            total_q, n_active = self._reduced_rows([torch.stack([t, c]) for t, c in zip(total, count)], None, 2)
+            return total_q / n_active if n_active > 0 else 1.0
         total_q, n_active = (float(torch.stack([t.to(total[0].device) for t in ts]).sum()) for ts in (total, count))
         return total_q / n_active if n_active > 0 else 1.0
 
@@ -621,7 +640,7 @@ class GXPO(_GatedRule):
         update = self.retention == "update"
         return RELATIVE_ACTIVITY * self._flat.rms_per_param(
             lambda c, g, start, end: self._probe_values(c, g, start, end, steps)[0] if update
-            else self._g0[g][start:end])
+            else self._g0[g][start:end], reduce=None if self.reducer is None else self.reducer.sum)
 
     def _fill(self, info: StepInfo, totals: list[float], update: bool) -> None:
         """The step record's diagnostics from the summed chunk rows (`_jump`)."""

@@ -3,7 +3,8 @@
     rule = SFPO(torch.optim.AdamW(params, lr=1e-6), k=3, alpha=0.8)   # the official entropy gate
     info = rule.step(closure, gate_signal=entropy)
 
-It shares `rules._GatedRule`'s plumbing (flat work buffers, the gate, fallbacks, the update measurement).
+It shares `rules._GatedRule`'s plumbing (flat work buffers, the gate, fallbacks, the update measurement),
+FSDP2 shards included (`distributed`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ class SFPO(_GatedRule):
             disp = theta_k.to(work) - theta0.to(work)
             parts.append((disp * disp).sum(dtype=torch.float64))
             flat.scatter(c, reposition(theta0, theta_k, 1.0, self.alpha))
-        info.disp2_norm = info.dispK_norm = float(torch.stack(parts).sum()) ** 0.5
+        if self.reducer is None:
+            total = float(torch.stack(parts).sum())
+        else:  # sharded: the local sum (0 when this rank holds no coordinates) summed over the shards
+            total = self._reduced_rows([p.view(1) for p in parts], None, 1)[0]
+        info.disp2_norm = info.dispK_norm = total ** 0.5
         info.jump_norm = self.alpha * info.dispK_norm
         info.effective_multiplier = self.alpha

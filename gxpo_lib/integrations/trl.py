@@ -53,7 +53,8 @@ How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every priva
 
 Run headless with ``python -m gxpo_lib.integrations.trl --config run.json --workdir DIR`` (usually via
 ``gxpo_lib.integrations.launch_trl``). DeepSpeed and FSDP run only ``algorithm="grpo"`` (TRL's own step and
-accumulation; one metrics row per window); the native trainer's ``ppo_epochs`` and ``step_scale`` are refused;
+accumulation; one metrics row per window; the rules themselves run on FSDP2 shards outside TRL:
+``gxpo_lib.distributed``); the native trainer's ``ppo_epochs`` and ``step_scale`` are refused;
 fp16 is refused (the rule steps the optimizer outside accelerate's GradScaler), bf16 is fine. Tested with
 ``TESTED_TRL``; ``check_trl_hooks()`` reports any hook whose signature moved.
 """
@@ -315,12 +316,16 @@ class GXPOTrainer(GRPOTrainer):
         if not trl_version_is_tested():
             warnings.warn(f"trl {_installed_version('trl')} is outside the tested range {TESTED_TRL}; "
                           f"hook check: {check_trl_hooks() or 'ok'}", stacklevel=2)
-        # DeepSpeed / FSDP own the gradients and the optimizer step: only TRL's own GRPO step runs there.
+        # DeepSpeed and FSDP own the gradients and the optimizer step here: only TRL's own GRPO step runs there.
         self.native_update = bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
         if self.native_update and self.args.algorithm != "grpo":
-            raise ValueError(f"algorithm={self.args.algorithm!r} is invalid under DeepSpeed/FSDP: allowed 'grpo' "
-                             "(the rule needs full gradients in param.grad and its own optimizer steps; use "
-                             "DDP, e.g. accelerate_configs/multi_gpu.yaml, for gxpo and sfpo)")
+            fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False)
+            backend = "DeepSpeed" if self.is_deepspeed_enabled else ("FSDP2" if fsdp2 else "FSDP1")
+            raise ValueError(f"algorithm={self.args.algorithm!r} is invalid under {backend} through TRL: allowed "
+                             "'grpo'. For gxpo and sfpo use DDP (accelerate_configs/multi_gpu.yaml), or shard with "
+                             "FSDP2 yourself: gxpo_lib's rules run on torch.distributed.fsdp.fully_shard parameters "
+                             "(each rank's shard, global sums all-reduced; gxpo_lib.distributed, docs/gpu.md 'GXPO on "
+                             "FSDP2 shards'); GXPOTrainer does not wire accelerate's FSDP2 yet")
         if not self.native_update and self.args.fp16:
             raise ValueError("fp16=True is invalid: allowed bf16 or fp32 (the rule steps the optimizer itself, "
                              "outside accelerate's GradScaler)")
