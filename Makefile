@@ -35,6 +35,7 @@ test: venv
 	bash tests/browser/setup.sh || echo "tests/browser/setup.sh failed: the browser tests will be skipped"
 	$(BIN)/python -m pytest -q
 
+# The tests not marked slow (pyproject.toml's markers): no notebook executed in a kernel, no browser, no sweep.
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 

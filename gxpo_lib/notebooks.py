@@ -32,9 +32,12 @@ def execute_notebook(
 ) -> Path:
     """Execute one notebook with papermill into `out_dir` (its working directory too); returns the output.
 
-    The executed copy keeps the notebook's name; with `html` an HTML copy is written beside it. The kernel
-    starts with ``GXPO_HEADLESS=1`` (`check.headless`): exercises whose ``fill_solutions`` is None (auto)
-    are filled with their solutions, so the run goes top to bottom.
+    The executed copy keeps the notebook's name; with `html` an HTML copy that works offline is written
+    beside it (`export_html`). The kernel starts with ``GXPO_HEADLESS=1`` (`check.headless`): exercises
+    whose ``fill_solutions`` is None (auto) are filled with their solutions, so the run goes top to bottom.
+    Widget state is recorded while the notebook runs, turned into a static snapshot on each widget output
+    (`gxpo_lib.html_export.snapshot_widgets`: a FigureWidget's figure, a progress bar's final value) and
+    then dropped, so the executed notebook stays small.
     """
     import papermill
 
@@ -49,24 +52,45 @@ def execute_notebook(
         papermill.execute_notebook(
             str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
             cwd=str(out_dir), execution_timeout=timeout, progress_bar=False,
-            store_widget_state=False,  # the explorers' widget state is megabytes of plotly.js per figure
+            store_widget_state=True,  # read into static snapshots below, then dropped (MBs of plotly.js)
         )
     finally:
         if before is None:
             os.environ.pop(HEADLESS_ENV, None)
         else:
             os.environ[HEADLESS_ENV] = before
+    _snapshot_widgets(output)
     if html:
         export_html(output)
     return output
 
 
-def export_html(notebook: Path | str) -> Path:
-    """Write an HTML copy of an executed notebook beside it."""
+def _snapshot_widgets(notebook: Path) -> None:
+    """Replace the saved widget state of an executed notebook by static snapshots on its widget outputs."""
+    import nbformat
+
+    from .html_export import snapshot_widgets
+
+    nb = nbformat.read(notebook, as_version=4)
+    if snapshot_widgets(nb) or "widgets" in nb.metadata:
+        nbformat.write(nb, notebook)
+
+
+def export_html(notebook: Path | str, offline: bool = True) -> Path:
+    """Write an HTML copy of an executed notebook beside it.
+
+    With `offline` (the default) the page needs no network (`gxpo_lib.html_export`): plotly.js inlined
+    once per file, maths as MathML, widgets as static snapshots. ``offline=False`` is nbconvert's plain
+    export (small, but its figures, maths and widgets load from CDNs).
+    """
+    notebook = Path(notebook)
+    if offline:
+        from .html_export import export_offline_html
+
+        return export_offline_html(notebook)
     import nbconvert
     import nbformat
 
-    notebook = Path(notebook)
     body, _ = nbconvert.HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     target = notebook.with_suffix(".html")
     target.write_text(body, encoding="utf-8")

@@ -1,6 +1,8 @@
 """The regime study's figures for notebook 05: pass@1 against lr, the speed-up map (lr x K), the diagnostics
 against lr, and the toy race. Numbers come from ``gxpo_lib.regime`` (``cell_table``, ``speedup_map``,
-``toy_race``); every axis has a title, log axes write powers of ten.
+``toy_race``); every axis has a title, log axes write powers of ten. Colours are the suite's
+(`analysis.palette.method_color`: GRPO green, GXPO K=5 red, ... as in every notebook); a band is its mean
+line (no markers) with the interval shaded, clipped to what the quantity can be.
 """
 
 from __future__ import annotations
@@ -9,24 +11,24 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .analysis.palette import method_colors
+from .analysis.palette import rgba as _rgba
 from .regime import speedup_map
 from .validation import check_choice
 
-_COLORS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
 _LEGEND = {"orientation": "h", "y": -0.25, "yanchor": "top"}
 
 
-def _rgba(hex_color: str, opacity: float) -> str:
-    return f"rgba({int(hex_color[1:3], 16)}, {int(hex_color[3:5], 16)}, {int(hex_color[5:7], 16)}, {opacity})"
-
-
-def _band_traces(x: list[float], mean: list[float], lo: list[float], hi: list[float], name: str, color: str):
-    """A mean line with markers and its interval as a shaded polygon (points without bounds: line only)."""
+def _band_traces(x: list[float], mean: list[float], lo: list[float], hi: list[float], name: str, color: str,
+                 bounds: tuple[float, float] = (-math.inf, math.inf)):
+    """A mean line (no markers: it is a mean, not a measurement) and its interval as a shaded polygon,
+    clipped to `bounds` (points without bounds: line only)."""
     import plotly.graph_objects as go
 
-    traces = [go.Scatter(x=x, y=mean, mode="lines+markers", name=name, line={"color": color},
+    traces = [go.Scatter(x=x, y=mean, mode="lines", name=name, line={"color": color, "width": 2},
                          legendgroup=name)]
-    pairs = [(a, b, c) for a, b, c in zip(x, lo, hi) if b is not None and math.isfinite(b)]
+    pairs = [(a, max(b, bounds[0]), min(c, bounds[1])) for a, b, c in zip(x, lo, hi)
+             if b is not None and math.isfinite(b) and c is not None and math.isfinite(c)]
     if pairs:
         xs, los, his = zip(*pairs)
         traces.append(go.Scatter(x=list(xs) + list(xs)[::-1], y=list(his) + list(los)[::-1], fill="toself",
@@ -41,11 +43,11 @@ def plot_pass_vs_lr(table, metric: str = "final", methods: Sequence[str] | None 
 
     check_choice("metric", metric, ("final", "peak"))
     methods = list(methods or dict.fromkeys(table["method"]))
-    fig = go.Figure()
-    for i, method in enumerate(methods):
+    colors, fig = method_colors(methods), go.Figure()
+    for method in methods:
         part = table[table["method"] == method].sort_values("lr")
         for trace in _band_traces(part["lr"].tolist(), part[metric].tolist(), part[f"{metric}_lo"].tolist(),
-                                  part[f"{metric}_hi"].tolist(), method, _COLORS[i % len(_COLORS)]):
+                                  part[f"{metric}_hi"].tolist(), method, colors[method], bounds=(0.0, 1.0)):
             fig.add_trace(trace)
     fig.update_layout(title=f"{metric} pass@1 against the learning rate (mean over seeds, 95% t band)",
                       xaxis={"title": "learning rate", "type": "log", "exponentformat": "power"},
@@ -74,12 +76,13 @@ def plot_diagnostics_vs_lr(table):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("cos(g0, g1)", "alpha * q-bar"))
     methods = [m for m in dict.fromkeys(table["method"]) if not m.startswith("GRPO")]
-    for i, method in enumerate(methods):
+    colors = method_colors(methods)
+    for method in methods:
         part = table[table["method"] == method].sort_values("lr")
-        color = _COLORS[i % len(_COLORS)]
-        for col, (key, short) in enumerate((("cos_g0_g1", "cos"), ("alpha_q", "alpha_q")), 1):
+        for col, (key, short, bounds) in enumerate((("cos_g0_g1", "cos", (-1.0, 1.0)),
+                                                    ("alpha_q", "alpha_q", (0.0, math.inf))), 1):
             for trace in _band_traces(part["lr"].tolist(), part[key].tolist(), part[f"{short}_lo"].tolist(),
-                                      part[f"{short}_hi"].tolist(), method, color):
+                                      part[f"{short}_hi"].tolist(), method, colors[method], bounds):
                 trace.showlegend = trace.showlegend is not False and col == 1
                 fig.add_trace(trace, row=1, col=col)
     fig.add_hline(y=0.0, line_dash="dot", line_color="gray", row=1, col=1)
@@ -96,9 +99,9 @@ def plot_toy_race(race: dict[str, Any]):
     """Loss (log axis) against backward passes for the curves of `toy_race`."""
     import plotly.graph_objects as go
 
-    fig = go.Figure([go.Scatter(x=c["passes"], y=c["loss"], mode="lines", name=name,
-                                line={"color": _COLORS[i % len(_COLORS)]})
-                     for i, (name, c) in enumerate(race["curves"].items())])
+    colors = method_colors(race["curves"])
+    fig = go.Figure([go.Scatter(x=c["passes"], y=c["loss"], mode="lines", name=name, line={"color": colors[name]})
+                     for name, c in race["curves"].items()])
     fig.update_layout(title=f"ill-conditioned quadratic, lr {race['lr']:g}: loss against backward passes",
                       xaxis={"title": "backward passes"}, yaxis={"title": "loss", "type": "log", "exponentformat": "power"},
                       legend=_LEGEND, height=380)

@@ -520,7 +520,7 @@ def gate_figure(gate: dict[str, Any], widget: bool = False):
     (right axis). `gate`: from gate_snapshot. Returns a go.Figure or go.FigureWidget."""
     import plotly.graph_objects as go
 
-    data = _gate_data(gate)
+    data, passes = _gate_data(gate), sorted({0, *gate["passes"]})  # integers (1 or 3): ticks there only
     fig = (go.FigureWidget if widget else go.Figure)([
         go.Scatter(**data[0], mode="lines+markers", line={"color": "#1f77b4"}),
         go.Scatter(**data[1], mode="lines", line={"color": "#d62728", "dash": "dash"}),
@@ -528,10 +528,10 @@ def gate_figure(gate: dict[str, Any], widget: bool = False):
         go.Scatter(**data[3], mode="lines", line={"color": "gray", "dash": "dot"}),
         go.Bar(**data[4], yaxis="y2", opacity=0.25, marker={"color": "#ff7f0e"}),
     ])
-    fig.update_layout(title="ShutoffGate when the gradient noise surges", xaxis_title="update",
-                      yaxis_title="z", width=720, height=440, margin={"t": 50},
-                      yaxis2={"title": "backward passes", "overlaying": "y", "side": "right",
-                              "range": [0, 6], "showgrid": False},
+    fig.update_layout(title="ShutoffGate when the gradient noise surges", width=720, height=440, margin={"t": 50},
+                      xaxis={"title": "update", "tickformat": "d"}, yaxis_title="z",
+                      yaxis2={"title": "backward passes", "overlaying": "y", "side": "right", "showgrid": False,
+                              "range": [0, 2 * max(passes[-1], 3)], "tickmode": "array", "tickvals": passes},
                       legend={"font": {"size": 10}, "orientation": "h", "y": -0.2, "x": 0})
     return fig
 
@@ -559,16 +559,16 @@ def scale_figure(ks=(2, 3, 5, 10), r_clamp: tuple[float, float] = R_CLAMP, snaps
     """q(r) = S_K(r)/S_2(r) for each K: raw (dotted) and as the rule applies it (solid: r clamped to
     r_clamp, q clamped to [1, K/2 + 1]); with `snapshot` (lookahead_snapshot) this step's (r, q) per
     coordinate. Returns a go.Figure or go.FigureWidget."""
-    import plotly.colors
     import plotly.graph_objects as go
+
+    from .analysis.palette import method_colors
 
     ks = [check_int("k", k, minimum=2) for k in ks]
     r_clamp = check_interval("r_clamp", r_clamp)
     data = _scale_data(ks, r_clamp, snapshot)
-    palette = plotly.colors.qualitative.Plotly
-    traces = []
+    colors, traces = method_colors(f"GXPO K={k}" for k in ks), []  # the suite's colour of GXPO at each K
     for i, k in enumerate(ks):
-        color = palette[i % len(palette)]
+        color = colors[f"GXPO K={k}"]
         traces.append(go.Scatter(**data[2 * i], mode="lines", line={"color": color, "dash": "dot", "width": 1}))
         traces.append(go.Scatter(**data[2 * i + 1], mode="lines", line={"color": color, "width": 3}))
     traces.append(go.Scatter(**data[2 * len(ks)], mode="lines", line={"color": "black", "dash": "dash"}))

@@ -32,14 +32,15 @@ from gxpo_lib.evaluation import bootstrap_ci
 def write_run(folder, algorithm="grpo", seed=0, evals=(), train=(), final=None, summary=None, **config):
     """A run folder as gxpo_lib.trainer writes it.
 
-    evals: (step, pass@1, seconds, cumulative backward passes) tuples; train: dicts merged into train rows.
+    evals: (step, pass@1, seconds, cumulative backward passes) tuples (CPU seconds: half the seconds, as on
+    a machine shared with another job); train: dicts merged into train rows.
     """
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"algorithm": algorithm, "seed": seed, "k": 5, "alpha": 0.5, "tau": 0.5, "model": "tiny",
                 "steps": 30, "checkpoint_every": 5} | config
     (folder / "config.json").write_text(json.dumps(settings))
     rows = [{"kind": "eval", "step": s, "pass@1": p, "pass@1_ci": [p - 0.1, p + 0.1], "seconds": t,
-             "cumulative_backward_passes": bp} for s, p, t, bp in evals]
+             "cpu_seconds": t / 2, "cumulative_backward_passes": bp} for s, p, t, bp in evals]
     rows += [{"kind": "train", **row} for row in train]
     if final is not None:
         (folder / "final_eval.json").write_text(json.dumps(final))
@@ -177,7 +178,8 @@ def test_band_over_three_seeds_equals_the_hand_computed_t_interval(tmp_path):
         column = np.array([values[s][i] for s in values])
         half = 4.302652730 * column.std(ddof=1) / math.sqrt(3)
         assert row["mean"] == pytest.approx(column.mean())
-        assert (row["lo"], row["hi"]) == pytest.approx((column.mean() - half, column.mean() + half))
+        # the t interval, clipped to [0, 1] (pass@1 cannot be below 0: step 0's lower end would be -0.05)
+        assert (row["lo"], row["hi"]) == pytest.approx((max(0, column.mean() - half), min(1, column.mean() + half)))
     boot = band(runs, "pass@1", interval="bootstrap")
     assert (boot["lo"][1], boot["hi"][1]) == pytest.approx(bootstrap_ci([0.5, 0.4, 0.6], n_boot=2000, seed=0))
 
@@ -227,7 +229,7 @@ def test_speedup_table_on_hand_made_curves(tmp_path):
     # 300 s and 30 passes (one per step). The shared initial evaluation (0.6) is not a target.
     write_run(tmp_path / "grpo0", "grpo", 0, evals=curve_rows([0.6, 0.2, 0.4, 0.6, 0.4]))
     write_run(tmp_path / "grpo1", "grpo", 1, evals=curve_rows([0.6, 0.4, 0.4, 0.4, 0.5]))
-    # GXPO reaches 0.5 at step 10 (3 passes per step, 2x the seconds): 3x steps, 1x passes, 1.5x hours.
+    # GXPO reaches 0.5 at step 10 (3 passes per step, 2x the seconds): 3x steps, 1x passes, 1.5x CPU time.
     write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.6, 0.5, 0.7], 20.0, 3))
     # SFPO (with our gate, which reads tau) never reaches it.
     write_run(tmp_path / "sfpo0", "sfpo", 0, evals=curve_rows([0.6, 0.3, 0.49, 0.4], 10.0, 4), k=3, alpha=0.8,
@@ -236,17 +238,18 @@ def test_speedup_table_on_hand_made_curves(tmp_path):
     rows = {r["algorithm"]: r for r in df.to_dict("records")}
     assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(0.5)
     assert (rows["grpo"]["ref_step"], rows["grpo"]["ref_backward_passes"]) == (30, 30)
-    assert rows["grpo"]["ref_hours"] == pytest.approx(300 / 3600)
+    assert rows["grpo"]["ref_cpu_seconds"] == pytest.approx(150)        # CPU seconds, not the wall clock
     gx = rows["gxpo"]
     assert gx["status"] == "reached" and (gx["step"], gx["backward_passes"]) == (10, 30)
-    ratios = (gx["speedup_steps"], gx["speedup_backward_passes"], gx["speedup_hours"])
+    ratios = (gx["speedup_steps"], gx["speedup_backward_passes"], gx["speedup_cpu_seconds"])
     assert ratios == pytest.approx((3, 1, 1.5))
     sf = rows["sfpo"]
     assert sf["status"] == "not reached" and math.isnan(sf["speedup_steps"]) and math.isnan(sf["step"])
     assert df.attrs["reference_improved"] == {"grpo": False}       # 0.5 never beat the initial 0.6
     shown = format_speedups(df).set_index("group")
-    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "backward passes"] == "not reached"
-    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "3.00×"
+    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "speed-up in backward passes"] == "not reached"
+    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "speed-up in steps"] == "3.00×"
+    assert "hours" not in shown.columns and "speed-up in CPU time" in shown.columns   # ratios, named as such
     # Counting the initial evaluation, 0.6 at step 0 becomes the target and the ratios are undefined.
     initial = speedup_table(load_runs(str(tmp_path)), include_initial=True).set_index("algorithm")
     assert initial.loc["grpo", "ref_step"] == 0 and initial.loc["sfpo", "status"] == "reached"
@@ -284,14 +287,14 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     assert (gx["speedup_steps_lo"], gx["speedup_steps_hi"]) == (0.0, 3.0)
     assert sf["status"] == "reached" and sf["reached_share"] == 1.0
     assert (sf["speedup_steps_lo"], sf["speedup_steps_hi"]) == (3.0, 3.0)
-    assert sf["speedup_hours_lo"] == pytest.approx(1.5) and sf["speedup_backward_passes_hi"] == pytest.approx(0.75)
+    assert sf["speedup_cpu_seconds_lo"] == pytest.approx(1.5) and sf["speedup_backward_passes_hi"] == pytest.approx(0.75)
     assert math.isnan(df.loc["grpo", "speedup_steps_lo"])             # the reference has no interval
     shown = format_speedups(df.reset_index()).set_index("group")
-    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "steps"] == "not reached [not reached, 3.00×]"
+    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "speed-up in steps"] == "not reached [not reached, 3.00×]"
     write_run(tmp_path / "sfpo-official", "sfpo", 0, evals=curve_rows([0.1, 0.6]), k=3, alpha=0.8,
               gate=True, sfpo_official_gate=True)   # its gate ignores tau, so the label leaves it out
     assert "sfpo K=3 α=0.8" in {g.label for g in group_runs(load_runs(str(tmp_path)))}
-    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "hours"] == "1.50× [1.50×, 1.50×]"
+    assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "speed-up in CPU time"] == "1.50× [1.50×, 1.50×]"
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "reached in"] == "100% of resamples"
     same = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")
     assert same.loc["gxpo", "reached_share"] == gx["reached_share"]   # seeded
@@ -314,10 +317,16 @@ def test_activity_table_counts_extrapolating_steps_and_shutoffs_with_t_intervals
     df = activity_table(load_runs(str(tmp_path))).set_index("group")
     gx = df.loc["gxpo K=5 α=0.5 τ=0.5"]
     assert gx["seeds"] == 2 and gx["steps"] == 8 and gx["active_steps"] == 5
-    half = t_critical(1) * np.std([4, 6], ddof=1) / math.sqrt(2)      # Student-t over the two seeds
-    assert (gx["active_steps_lo"], gx["active_steps_hi"]) == pytest.approx((5 - half, 5 + half))
+    half = t_critical(1) * np.std([4, 6], ddof=1) / math.sqrt(2)      # Student-t over the two seeds: 12.7
+    # clipped to what a count of 8 steps can be (unclipped, 5 + 12.7 = 17.7 active steps out of 8)
+    assert (gx["active_steps_lo"], gx["active_steps_hi"]) == pytest.approx((max(0, 5 - half), min(8, 5 + half)))
+    assert (gx["active_steps_lo"], gx["active_steps_hi"]) == (0, 8)
     assert gx["shutoff_step"] == 6 and gx["never_shut"] == 0         # no extrapolation from steps 5 and 7
-    assert gx["backward_passes"] == 25 and gx["seconds"] == 200      # (30 + 20) / 2 and (100 + 300) / 2
+    assert gx["backward_passes"] == 25 and gx["cpu_seconds"] == 100  # (30 + 20) / 2 and (50 + 150) / 2
+    assert gx["cpu_seconds_lo"] == 0 and "seconds" not in df.columns   # time: CPU seconds, never below 0
+    shown = analysis.format_activity(df.reset_index()).set_index("group")
+    assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "active steps"] == "5.0 [0.0, 8.0]"
+    assert shown.loc["grpo", "active steps"] == "0" and shown.loc["grpo", "gate never shut"] == "0 of 1"
     never = df.loc["gxpo K=5 α=0.5 τ=2.0"]
     assert never["never_shut"] == 1 and math.isnan(never["shutoff_step"]) and never["active_steps"] == 8
     assert df.loc["grpo", "active_steps"] == 0 and df.loc["grpo", "never_shut"] == 0
@@ -335,7 +344,8 @@ def test_speedup_with_the_authors_pass_at_16(tmp_path):
     (tmp_path / "gxpo" / "run_manifest.json").write_text(json.dumps({"method": "gxpo"}))
     df = speedup_table(load_runs(str(tmp_path)), metric="pass@16").set_index("algorithm")
     assert df.loc["gxpo", "status"] == "reached" and df.loc["gxpo", "speedup_steps"] == 2.0
-    assert df.loc["gxpo", "speedup_hours"] == pytest.approx(2.0)
+    assert math.isnan(df.loc["gxpo", "speedup_cpu_seconds"])       # their logs carry no CPU seconds
+    assert df.loc["gxpo", "note"] == "no CPU seconds logged: time not compared"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,7 +367,7 @@ def test_final_table_per_run_and_per_group(tmp_path):
     [group] = final_table(runs, by=analysis.DEFAULT_BY).to_dict("records")
     half = 12.706204736 * np.std([0.4, 0.6], ddof=1) / math.sqrt(2)
     assert group["seeds"] == 2 and group["pass@1"] == pytest.approx(0.5)
-    assert (group["pass@1_lo"], group["pass@1_hi"]) == pytest.approx((0.5 - half, 0.5 + half))
+    assert (group["pass@1_lo"], group["pass@1_hi"]) == pytest.approx((max(0, 0.5 - half), min(1, 0.5 + half)))
     assert group["interval"] == "t over seeds"
 
 
@@ -398,11 +408,17 @@ def test_figures_have_a_band_per_group_and_mark_the_shutoff(tmp_path):
             for s in (0, 1)] + [load_run(write_run(tmp_path / "grpo", "grpo", evals=curve_rows([0.1, 0.3])))]
     fig = analysis.plot_curves(runs, xs=("step", "backward_passes"))
     fills = [t for t in fig.data if t.fill == "toself"]
-    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    lines = [t for t in fig.data if t.fill != "toself"]
     assert len(lines) == 4 and len(fills) == 2          # 2 groups x 2 panels; only GXPO has two seeds
+    assert all(t.mode == "lines" for t in fig.data)     # a mean is a line, not data points
+    assert {t.line.color for t in lines} == {analysis.method_color("GRPO"), analysis.method_color("GXPO K=5")}
+    assert fig.layout.xaxis.dtick == 1 and tuple(fig.layout.yaxis.range) == pytest.approx((-0.02, 1.02))
     diagnostics = analysis.plot_diagnostics(runs)
-    assert {t.name.split(": ")[1] for t in diagnostics.data} >= {"gate_z", "r_mean", "jump_over_param_norm"}
-    assert [s.x0 for s in diagnostics.layout.shapes if s.line.dash == "dash"] == [3, 3]   # shut off at step 3
+    assert {t.meta for t in diagnostics.data} >= {"gate_z", "r_mean", "jump_over_param_norm"}
+    # one band per group and key (the two seeds averaged), not one line per run
+    assert len([t for t in diagnostics.data if t.meta == "gate_z" and t.fill != "toself"]) == 1
+    assert all(t.mode == "lines" for t in diagnostics.data)
+    assert [s.x0 for s in diagnostics.layout.shapes if s.line.dash == "dash"] == [3]   # both shut off at step 3
     assert analysis.plot_diagnostics([runs[-1]]) is None                                  # GRPO only
 
 
@@ -485,3 +501,71 @@ def test_training_figure_marks_tau_and_the_shutoff_on_the_gate_panel(tmp_path):
     import plotly.io as pio
 
     assert pio.renderers.default == "plotly_mimetype+notebook_connected"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The suite's conventions: colours, clipped intervals, folded tables, integer ticks
+# ---------------------------------------------------------------------------------------------------
+STUDY_METHODS = ["GRPO", "GRPO matched step", "GRPO matched step K=10", "GRPO x3 epochs", "GXPO K=10 grad",
+                 "GXPO K=10 update", "GXPO K=3 grad", "GXPO K=3 update", "GXPO K=5 grad",
+                 "GXPO K=5 grad gate warmup", "GXPO K=5 update", "SFPO K=3", "GXPO K=5 scalar-q"]
+
+
+def test_each_method_has_one_colour_across_the_suite():
+    colors = [analysis.method_color(m) for m in STUDY_METHODS]
+    assert len(set(colors)) == len(STUDY_METHODS)                      # 13 methods, 13 colours (no cycle)
+    assert analysis.method_color("GRPO") != analysis.method_color("GXPO K=5 grad")
+    # the same method named by notebook 04's groups, the regime study, the verdict arms and the toy
+    assert analysis.method_color("gxpo K=5 α=0.5 τ=0.5") == analysis.method_color("GXPO K=5 grad") \
+        == analysis.method_color("GXPO K=5") == analysis.method_color("gxpo")
+    assert analysis.method_color("grpo") == analysis.method_color("GRPO") == analysis.method_color("gd")
+    assert analysis.method_color("sfpo K=3 α=0.8") == analysis.method_color("SFPO K=3")
+    assert analysis.method_color("GRPO x3.21") == analysis.method_color("GRPO matched step")
+    assert analysis.method_color("gxpo K=5 α=0.25 τ=0.5") != analysis.method_color("GXPO K=5")  # another setting
+    many = [f"GXPO K={k} lr={lr}" for k in (2, 3, 5, 10) for lr in (1, 2, 3, 4, 5)] + STUDY_METHODS
+    per_figure = analysis.method_colors(many)
+    assert len(set(per_figure.values())) == len(many)                   # distinct inside one figure
+    assert per_figure["GRPO"] == analysis.method_color("GRPO")
+
+
+def test_t_bands_over_three_seeds_are_clipped_to_the_metric_range(tmp_path):
+    values = {0: [0.0, 0.0], 1: [0.0, 0.5], 2: [0.05, 1.0]}     # near 0 at step 0, spread at step 10
+    runs = [load_run(write_run(tmp_path / f"s{s}", seed=s, evals=curve_rows(v))) for s, v in values.items()]
+    df = band(runs, "pass@1")
+    assert df["lo"].min() >= 0 and df["hi"].max() <= 1
+    raw = band(runs, "pass@1", bounds=None)                     # unclipped: below 0 and above 1
+    assert raw["lo"].min() < 0 and raw["hi"].max() > 1
+    assert analysis.metric_range("pass@16") == (0, 1) and analysis.metric_range("cos_g0_g1") == (-1, 1)
+    assert analysis.metric_range("cpu_seconds") == (0, math.inf)
+    finals = {"arith": {"pass@1": 0.02, "pass@1_ci": [0.0, 0.05]}}
+    for seed, p1 in enumerate((0.0, 0.0, 0.1)):
+        write_run(tmp_path / f"f{seed}", seed=seed, evals=curve_rows([0.1]),
+                  final={"arith": finals["arith"] | {"pass@1": p1}})
+    [row] = final_table(load_runs([str(tmp_path / f"f{s}") for s in range(3)]), by=analysis.DEFAULT_BY).to_dict("records")
+    assert row["pass@1_lo"] == 0 and row["pass@1_hi"] <= 1
+
+
+def test_long_tables_fold_behind_a_short_summary():
+    import pandas as pd
+
+    table = pd.DataFrame({"method": [f"m{i}" for i in range(48)], "final": np.linspace(0, 1, 48)})
+    folded = analysis.fold_table(table, ["48 cells", "best: m47"])
+    page = folded._repr_html_()
+    assert page.count("<details>") == 1 and "48 rows × 2 columns" in page and page.count("<td>m") == 48
+    assert repr(folded).splitlines()[:2] == ["48 cells", "best: m47"]
+    assert "<table" in analysis.fold_table(table)._repr_html_().split("<details>")[0]   # default: first rows
+    with pytest.raises(ValueError, match="at most 5"):
+        analysis.fold_table(table, [str(i) for i in range(6)])
+    lines = analysis.fold_lines([f"run {i}" for i in range(89)], "89 runs")
+    assert "all 89 lines" in lines._repr_html_() and repr(lines).startswith("89 runs")
+
+
+def test_integer_quantities_get_integer_ticks():
+    assert analysis.integer_ticks([1, 3]) == {"tick0": 0, "dtick": 1}
+    assert analysis.integer_ticks(range(0, 41, 5)) == {"tickformat": "d"}
+    from gxpo_lib import toy
+
+    gate = toy.gate_snapshot(toy.make_landscape("diagonal"), steps=20, surge_step=8)
+    fig = toy.gate_figure(gate)
+    assert list(fig.layout.yaxis2.tickvals) == sorted({0, *gate["passes"]})   # 0, 1, 3: never 1.75
+    assert fig.layout.xaxis.tickformat == "d"

@@ -6,13 +6,16 @@
     speedup_table(runs, reference="grpo")          # GRPO's peak, how much sooner each method reaches it
     speedup_table(runs, resamples=2000)            # ... with intervals over seeds (seed bootstrap)
     final_table(runs)                              # pass@1 and pass@k per benchmark, with intervals
-    activity_table(runs)                           # how long GXPO extrapolated, passes and seconds spent
+    activity_table(runs)                           # how long GXPO extrapolated, passes and CPU seconds spent
     mechanism_summary(runs[0])                     # what the jump did: mean r, cos(g0, g1), alpha*q
     plot_curves(runs); plot_diagnostics(runs); plot_mechanism(runs)   # plotly figures
+    method_color("GXPO K=5")                       # the suite's colour of a method, the same everywhere
+    fold_table(table, "a summary")                 # a long table behind a <= 5-line summary
 
 Modules: `runs` (folders into `Run` objects, discovery, groups of seeds), `authors` (the authors' verl
 ``metrics.jsonl``, and the table of how their keys map onto ours), `stats` (curves, intervals, the
-speed-up, activity, final and mechanism tables), `plots` (figures, `setup_plotly`).
+speed-up, activity, final and mechanism tables), `plots` (figures, `setup_plotly`), `palette` (one colour
+per method across the suite), `display` (long tables folded behind a short summary).
 
 **Run folders.** A folder written by `gxpo_lib.trainer.train` (or notebook 03, or the TRL backend) holds
 ``config.json``, ``metrics.jsonl`` (``"kind"`` = ``train`` / ``eval`` / ``final_eval`` rows),
@@ -29,9 +32,13 @@ setting a folder lacks takes today's default. `load_run` turns it into a `Run` w
 """
 
 from .authors import AUTHORS_TRAIN_KEYS
+from .display import fold_lines, fold_table
+from .palette import method_color, method_colors, method_key
 from .plots import (
+    band_traces,
     group_colors,
     has_diagnostics,
+    integer_ticks,
     plot_curves,
     plot_diagnostics,
     plot_mechanism,
@@ -59,10 +66,13 @@ from .stats import (
     X_CHOICES,
     activity_table,
     band,
+    clip_interval,
     curve,
     final_table,
+    format_activity,
     format_speedups,
     mechanism_summary,
+    metric_range,
     seed_mean_curve,
     speedup_table,
     t_critical,
@@ -70,9 +80,10 @@ from .stats import (
 
 __all__ = [
     "AUTHORS_TRAIN_KEYS", "BOOKKEEPING", "DEFAULT_BY", "FINAL_EVAL_SETTINGS", "MECHANISM_KEYS", "RULE_ONLY_SETTINGS",
-    "SPEEDUP_X", "X_CHOICES", "Group", "Run", "activity_table", "band", "curve", "final_table",
-    "find_run_folders", "format_speedups", "group_colors", "group_runs", "has_diagnostics", "load_run",
-    "load_runs", "mechanism_summary", "plot_curves", "plot_diagnostics", "plot_mechanism", "plot_training",
-    "resolve_run_dirs", "run_name", "seed_mean_curve", "setup_plotly", "short_label", "speedup_table",
-    "t_critical",
+    "SPEEDUP_X", "X_CHOICES", "Group", "Run", "activity_table", "band", "band_traces", "clip_interval", "curve",
+    "final_table", "find_run_folders", "fold_lines", "fold_table", "format_activity", "format_speedups",
+    "group_colors", "group_runs", "has_diagnostics", "integer_ticks", "load_run", "load_runs", "mechanism_summary",
+    "method_color", "method_colors", "method_key", "metric_range", "plot_curves", "plot_diagnostics",
+    "plot_mechanism", "plot_training", "resolve_run_dirs", "run_name", "seed_mean_curve", "setup_plotly",
+    "short_label", "speedup_table", "t_critical",
 ]

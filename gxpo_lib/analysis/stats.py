@@ -19,8 +19,8 @@ from ..evaluation import bootstrap_ci, speedup_to_peak
 from .records import Run, is_number, mean_or_none, nan_if_none
 from .runs import DEFAULT_BY, Group, group_runs
 
-X_CHOICES = ("step", "seconds", "cpu_seconds", "hours", "backward_passes")
-SPEEDUP_X = ("step", "seconds", "backward_passes")
+X_CHOICES = ("step", "seconds", "cpu_seconds", "hours", "cpu_hours", "backward_passes")
+SPEEDUP_X = ("step", "cpu_seconds", "backward_passes")   # time is the runs' own CPU seconds: load-robust
 _PASS_KEY = re.compile(r"^pass@(\d+)$")
 
 
@@ -33,7 +33,8 @@ def curve(run: Run, metric: str, x: str = "step", rows: str = "auto") -> tuple[n
     Args:
         metric: a row key, e.g. ``"pass@1"`` (eval rows) or ``"reward_mean"`` (train rows).
         x: ``"step"``, ``"seconds"`` (training wall-clock), ``"cpu_seconds"`` (the training process's CPU
-            time, where the trainer logs it), ``"hours"`` or ``"backward_passes"`` (always cumulative).
+            time, where the trainer logs it: what the method cost whatever else loaded the machine),
+            ``"hours"``, ``"cpu_hours"`` or ``"backward_passes"`` (always cumulative).
         rows: ``"eval"``, ``"train"`` or ``"auto"`` (eval rows if any holds `metric`, else train rows).
     """
     if x not in X_CHOICES:
@@ -53,12 +54,31 @@ def curve(run: Run, metric: str, x: str = "step", rows: str = "auto") -> tuple[n
 
 def x_value(row: dict, x: str, rows: str):
     """A row's position on the x axis; train rows count passes cumulatively, like eval rows."""
-    if x == "hours":
-        seconds = row.get("seconds")
+    if x in ("hours", "cpu_hours"):
+        seconds = row.get("seconds" if x == "hours" else "cpu_seconds")
         return seconds / 3600.0 if is_number(seconds) else None
     if x == "backward_passes" and rows == "train":
         return row.get("cumulative_backward_passes")
     return row.get(x)
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values `metric` can take, so intervals can be clipped to them: pass@k, accuracy and fractions
+    in [0, 1], cosines in [-1, 1], counts, norms and times at least 0; anything else unbounded."""
+    name = metric.lower()
+    if name.startswith("pass@") or name == "accuracy" or name.endswith(("_frac", "_share")):
+        return 0.0, 1.0
+    if name.startswith("cos"):
+        return -1.0, 1.0
+    if name.endswith(("seconds", "hours", "norm", "passes", "steps", "_step")) or name in ("step", "seeds"):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def clip_interval(lo: float, hi: float, low: float, high: float) -> tuple[float, float]:
+    """(lo, hi) intersected with [low, high]; NaN stays NaN (a t interval is symmetric, the quantity may
+    not be: three seeds of a pass@1 near 0 give a lower end below 0, which no run can have)."""
+    return (lo if math.isnan(lo) else min(max(lo, low), high), hi if math.isnan(hi) else max(min(hi, high), low))
 
 
 def t_critical(df: int, level: float = 0.95) -> float:
@@ -108,7 +128,7 @@ def _interval(values: np.ndarray, interval: str, level: float) -> tuple[float, f
 
 
 def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t", level: float = 0.95,
-         rows: str = "auto"):
+         rows: str = "auto", bounds: tuple[float, float] | None | str = "auto"):
     """Mean over seeds and a `level` interval for the mean, on a common x grid.
 
     The grid is the sorted union of every run's x values. Each run is linearly interpolated onto the grid
@@ -119,6 +139,8 @@ def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t",
         interval: ``"t"`` (Student-t over seeds: mean ± t_{n-1} · s / sqrt(n)) or ``"bootstrap"``
             (percentile bootstrap over seeds, `gxpo_lib.evaluation.bootstrap_ci`; coarse with few seeds).
             Fewer than two runs at a point give NaN bounds.
+        bounds: the interval is clipped to these (``"auto"``: `metric_range`, e.g. pass@1 in [0, 1];
+            None: not clipped).
 
     Returns:
         A DataFrame with columns ``x, mean, lo, hi, n`` (x named by `x`).
@@ -131,17 +153,19 @@ def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t",
     if not curves:
         return pd.DataFrame(columns=[x, "mean", "lo", "hi", "n"])
     grid = np.unique(np.concatenate([xs for xs, _ in curves]))
+    low, high = metric_range(metric) if bounds == "auto" else bounds or (-math.inf, math.inf)
     out = []
     for point in grid:
         values = np.asarray([np.interp(point, xs, ys) for xs, ys in curves if xs[0] <= point <= xs[-1]])
-        lo, hi = _interval(values, interval, level)
+        lo, hi = clip_interval(*_interval(values, interval, level), low, high)
         out.append({x: float(point), "mean": float(values.mean()), "lo": lo, "hi": hi, "n": int(values.size)})
     return pd.DataFrame(out)
 
 
 def seed_mean_curve(runs: Sequence[Run], metric: str = "pass@1", include_initial: bool = False) -> list[dict]:
-    """Evaluations averaged over seeds per step: metric, seconds and backward passes are each the mean
-    over the runs, at the steps every run evaluated (the step-0 evaluation only with `include_initial`)."""
+    """Evaluations averaged over seeds per step: metric, seconds, CPU seconds and backward passes are each
+    the mean over the runs, at the steps every run evaluated (the step-0 evaluation only with
+    `include_initial`); ``cpu_seconds`` is None where a run did not log it."""
     per_run = [{r["step"]: r for r in run.eval if is_number(r.get(metric))} for run in runs]
     if not per_run:
         return []
@@ -154,6 +178,7 @@ def seed_mean_curve(runs: Sequence[Run], metric: str = "pass@1", include_initial
         curve_rows.append({
             "step": step, metric: float(np.mean([r[metric] for r in rows])),
             "seconds": mean_or_none([r.get("seconds") for r in rows]),
+            "cpu_seconds": mean_or_none([r.get("cpu_seconds") for r in rows]),
             "backward_passes": mean_or_none([r.get("backward_passes") for r in rows]),
         })
     return [r for r in curve_rows if r["seconds"] is not None and r["backward_passes"] is not None]
@@ -167,11 +192,14 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
                   level: float = 0.95, seed: int = 0):
     """The paper's speed-up table: how much sooner each method reaches the reference's (GRPO's) peak.
 
-    Per group of seeds, evaluations are averaged over seeds at each step (`seed_mean_curve`; seconds and
-    backward passes are averaged too). The reference's best averaged ``metric`` is the target; for every
-    group, the first averaged evaluation at or above it gives its steps, hours and backward passes; a
-    ratio is the reference's value divided by the method's (`gxpo_lib.evaluation.speedup_to_peak`), so
-    above 1 means faster. The step-0 evaluation is left out (it is the shared starting model, not
+    Per group of seeds, evaluations are averaged over seeds at each step (`seed_mean_curve`; CPU seconds
+    and backward passes are averaged too). The reference's best averaged ``metric`` is the target; for
+    every group, the first averaged evaluation at or above it gives its steps, CPU seconds and backward
+    passes; a ratio is the reference's value divided by the method's
+    (`gxpo_lib.evaluation.speedup_to_peak`), so above 1 means faster. Time is the training process's CPU
+    seconds, never wall-clock: a run that shared its machine with others took longer on the clock without
+    costing more. Where a run did not log CPU seconds (older folders, the authors' logs) the time columns
+    are NaN and ``note`` says so. The step-0 evaluation is left out (it is the shared starting model, not
     something a method reached) unless `include_initial`. A group is compared with a reference group that
     has the same model, data and budget settings (`Group.context`).
 
@@ -185,8 +213,9 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
 
     Returns:
         A DataFrame, one row per group: ``group, algorithm, seeds, reference, target``, the reference's
-        ``ref_step, ref_hours, ref_backward_passes``, the method's ``step, hours, backward_passes`` (NaN if
-        not reached), ``speedup_steps, speedup_hours, speedup_backward_passes`` and ``status``:
+        ``ref_step, ref_cpu_seconds, ref_backward_passes``, the method's ``step, cpu_seconds,
+        backward_passes`` (NaN if not reached), ``speedup_steps, speedup_cpu_seconds,
+        speedup_backward_passes`` and ``status``:
         ``"reference"``, ``"reached"``, ``"not reached"``, ``"no evaluations"`` or ``"no reference"`` (no
         matching reference run; ``note`` then names the settings that differ from the first reference
         group). ``df.attrs["reference_improved"]`` maps each reference group to whether its peak beat its
@@ -220,11 +249,11 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
     return df
 
 
-_SPEEDUP_COLUMNS = ["group", "algorithm", "seeds", "reference", "target", "ref_step", "ref_hours",
-                    "ref_backward_passes", "step", "hours", "backward_passes", "speedup_steps",
-                    "speedup_hours", "speedup_backward_passes", "status", "note"]
+_SPEEDUP_COLUMNS = ["group", "algorithm", "seeds", "reference", "target", "ref_step", "ref_cpu_seconds",
+                    "ref_backward_passes", "step", "cpu_seconds", "backward_passes", "speedup_steps",
+                    "speedup_cpu_seconds", "speedup_backward_passes", "status", "note"]
 # speed-up column suffix -> the x key of `speedup_to_peak`
-_RATIO_X = {"steps": "step", "hours": "seconds", "backward_passes": "backward_passes"}
+_RATIO_X = {"steps": "step", "cpu_seconds": "cpu_seconds", "backward_passes": "backward_passes"}
 _INTERVAL_COLUMNS = [f"speedup_{name}_{end}" for name in _RATIO_X for end in ("lo", "hi")] + ["reached_share"]
 
 
@@ -241,11 +270,13 @@ def _speedup_intervals(group: Group, ref: Group, metric: str, include_initial: b
         method_curve = seed_mean_curve(method_runs, metric, include_initial)
         if not ref_curve or not method_curve:
             continue
-        result = speedup_to_peak(ref_curve, method_curve, metric=metric, x_keys=SPEEDUP_X)
+        x_keys = _x_keys(ref_curve, method_curve)
+        result = speedup_to_peak(ref_curve, method_curve, metric=metric, x_keys=x_keys)
         hit = result["step_method"] is not None
         reached += hit
         for name, x in _RATIO_X.items():
-            draws[name].append(nan_if_none(result[f"{x}_speedup"]) if hit else 0.0)
+            if x in x_keys:
+                draws[name].append(nan_if_none(result[f"{x}_speedup"]) if hit else 0.0)
     tails = (100 * (1 - level) / 2, 100 * (1 + level) / 2)
     out: dict[str, float] = {"reached_share": reached / resamples}
     for name, values in draws.items():
@@ -254,6 +285,12 @@ def _speedup_intervals(group: Group, ref: Group, metric: str, include_initial: b
         lo, hi = np.percentile(finite, tails) if finite.size else (math.nan, math.nan)
         out[f"speedup_{name}_lo"], out[f"speedup_{name}_hi"] = float(lo), float(hi)
     return out
+
+
+def _x_keys(*curves: list[dict]) -> tuple[str, ...]:
+    """`SPEEDUP_X`, less CPU seconds where a curve lacks them (runs that did not log them)."""
+    has_cpu = all(r.get("cpu_seconds") is not None for c in curves for r in c)
+    return SPEEDUP_X if has_cpu else tuple(x for x in SPEEDUP_X if x != "cpu_seconds")
 
 
 def _matching_reference(group: Group, references: list[Group]) -> Group | None:
@@ -285,15 +322,19 @@ def _speedup_row(group: Group, ref: Group | None, metric: str, include_initial: 
     if ref is None or not ref_curve or not method_curve:
         row["status"] = "no reference" if ref is None or not ref_curve else "no evaluations"
         return row
-    result = speedup_to_peak(ref_curve, method_curve, metric=metric, x_keys=SPEEDUP_X)
+    x_keys = _x_keys(ref_curve, method_curve)
+    if "cpu_seconds" not in x_keys:
+        row["note"] = "no CPU seconds logged: time not compared"
+    result = speedup_to_peak(ref_curve, method_curve, metric=metric, x_keys=x_keys)
     reached = result["step_method"] is not None
     row.update(target=result["target"], ref_step=result["step_reference"],
-               ref_hours=result["seconds_reference"] / 3600.0,
+               ref_cpu_seconds=nan_if_none(result.get("cpu_seconds_reference")),
                ref_backward_passes=result["backward_passes_reference"])
     if reached:
-        row.update(step=result["step_method"], hours=result["seconds_method"] / 3600.0,
+        row.update(step=result["step_method"], cpu_seconds=nan_if_none(result.get("cpu_seconds_method")),
                    backward_passes=result["backward_passes_method"],
-                   speedup_steps=nan_if_none(result["step_speedup"]), speedup_hours=nan_if_none(result["seconds_speedup"]),
+                   speedup_steps=nan_if_none(result["step_speedup"]),
+                   speedup_cpu_seconds=nan_if_none(result.get("cpu_seconds_speedup")),
                    speedup_backward_passes=nan_if_none(result["backward_passes_speedup"]))
     row["status"] = "reference" if is_ref else "reached" if reached else "not reached"
     return row
@@ -308,14 +349,16 @@ def _improved(group: Group, metric: str) -> bool:
 
 
 def format_speedups(df):
-    """The speed-up table as the paper prints it: ``1.50×`` or ``not reached`` in the ratio columns.
+    """The speed-up table as the paper prints it: ``1.50×`` or ``not reached`` in the ratio columns, which
+    are named for what they hold (``speed-up in steps``, ``speed-up in CPU time``, ``speed-up in backward
+    passes``: ratios, not amounts).
 
     With intervals (``speedup_table(..., resamples=N)``) each ratio is followed by its interval,
     ``1.50× [0.90×, 2.10×]``, where a lower end of 0 reads ``not reached``; a ``reached in`` column gives
     the share of resamples that reached the target.
     """
     with_intervals = "reached_share" in df.columns
-    shown = df[["group", "seeds", "target", "speedup_steps", "speedup_hours", "speedup_backward_passes",
+    shown = df[["group", "seeds", "target", "speedup_steps", "speedup_cpu_seconds", "speedup_backward_passes",
                 "status"]].copy()
     for name in _RATIO_X:
         col = f"speedup_{name}"
@@ -331,8 +374,11 @@ def format_speedups(df):
     shown["target"] = [f"{v:.3f}" if is_number(v) else "" for v in df["target"]]
     if with_intervals:
         shown["reached in"] = [f"{v:.0%} of resamples" if is_number(v) else "" for v in df["reached_share"]]
-    return shown.rename(columns={"speedup_steps": "steps", "speedup_hours": "hours",
-                                 "speedup_backward_passes": "backward passes"})
+    return shown.rename(columns=SPEEDUP_HEADINGS)
+
+
+SPEEDUP_HEADINGS = {"speedup_steps": "speed-up in steps", "speedup_cpu_seconds": "speed-up in CPU time",
+                    "speedup_backward_passes": "speed-up in backward passes"}
 
 
 def _ratio_text(value: float) -> str:
@@ -345,27 +391,36 @@ def activity_table(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, level: f
     Per group: ``steps`` (train rows per run, mean), ``active_steps`` (steps whose update extrapolated:
     train rows with ``active``), ``shutoff_step`` (the first step without extrapolation, over the runs whose
     gate shut), ``never_shut`` (runs whose gate stayed open to the end), and the cost to the last
-    evaluation: ``backward_passes`` (cumulative) and ``seconds`` (training seconds: sampling, scoring and
-    update). Each numeric column has ``_lo`` / ``_hi`` bounds (NaN with one seed). GRPO groups appear too
-    (0 active steps, 1 pass per step): they are the baseline the costs compare with.
+    evaluation: ``backward_passes`` (cumulative) and ``cpu_seconds`` (the training process's CPU seconds:
+    sampling, scoring and update, whatever else loaded the machine; NaN where a run did not log them).
+    Each numeric column has ``_lo`` / ``_hi`` bounds (NaN with one seed), clipped to what the quantity can
+    be: a t interval is symmetric, but no run extrapolates more steps than it has (0 <= active_steps <=
+    steps), passes lie between steps x the cheapest and steps x the dearest step a run took, and times
+    are positive. GRPO groups appear too (0 active steps, 1 pass per step): they are the baseline.
     """
     import pandas as pd
 
     rows = []
     for group in group_runs(runs, by):
-        per_run = {
-            "steps": [len(r.train) for r in group.runs],
-            "active_steps": [sum(bool(t.get("active")) for t in r.train) for r in group.runs],
-            "shutoff_step": [r.shutoff_step for r in group.runs if r.shutoff_step is not None],
-            "backward_passes": [r.eval[-1].get("backward_passes") for r in group.runs if r.eval],
-            "seconds": [r.eval[-1].get("seconds") for r in group.runs if r.eval],
+        steps = [len(r.train) for r in group.runs]
+        per_step = [r.get("backward_passes") for run in group.runs for r in run.train
+                    if is_number(r.get("backward_passes"))]
+        most = max(steps) if steps else 0
+        per_run = {  # name -> (values, the range they can take)
+            "steps": (steps, (0.0, math.inf)),
+            "active_steps": ([sum(bool(t.get("active")) for t in r.train) for r in group.runs], (0.0, most)),
+            "shutoff_step": ([r.shutoff_step for r in group.runs if r.shutoff_step is not None],
+                             (1.0, float(most))),
+            "backward_passes": ([r.eval[-1].get("backward_passes") for r in group.runs if r.eval],
+                                (min(steps, default=0) * min(per_step), most * max(per_step)) if per_step
+                                else (0.0, math.inf)),
+            "cpu_seconds": ([r.eval[-1].get("cpu_seconds") for r in group.runs if r.eval], (0.0, math.inf)),
         }
         row: dict[str, Any] = {"group": group.label, "algorithm": group.algorithm, "seeds": len(group.runs)}
-        for name, values in per_run.items():
+        for name, (values, (low, high)) in per_run.items():
             values = np.asarray([v for v in values if is_number(v)], dtype=float)
-            lo, hi = _interval(values, "t", level)
             row[name] = float(values.mean()) if values.size else math.nan
-            row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
+            row[f"{name}_lo"], row[f"{name}_hi"] = clip_interval(*_interval(values, "t", level), low, high)
         row["never_shut"] = 0 if group.algorithm == "grpo" else \
             sum(r.shutoff_step is None for r in group.runs)
         rows.append(row)
@@ -416,12 +471,11 @@ def _final_cells(results: list[dict], level: float) -> dict[str, Any]:
         if values.size == 1:
             lo, hi = (results[0].get(f"{key}_ci") or [math.nan, math.nan])[:2]
         else:
-            lo, hi = _interval(values, "t", level)
+            lo, hi = clip_interval(*_interval(values, "t", level), 0.0, 1.0)   # pass@k lies in [0, 1]
         cells.update({name: float(values.mean()), f"{name}_lo": float(lo), f"{name}_hi": float(hi)})
     cells["k"] = k
     cells["interval"] = "bootstrap over problems" if len(results) == 1 else "t over seeds"
     return cells
-
 
 
 
@@ -471,3 +525,23 @@ def _mechanism_verdict(summary: dict[str, Any]) -> str:
     if summary["cos_g0_g1"] is not None:
         parts.append(f"cos(g0, g1) = {summary['cos_g0_g1']:.2f}")
     return "; ".join(parts) + "."
+
+
+def format_activity(df):
+    """The activity table for reading: one cell per quantity, ``39.7 [38.2, 40.0]`` (mean over seeds and
+    its clipped 95% interval), CPU time in seconds, and plain integers where every run agrees."""
+    shown = df[["group", "seeds"]].copy()
+    for name, heading, digits in (("steps", "steps", 1), ("active_steps", "active steps", 1),
+                                  ("shutoff_step", "gate shut at step", 1),
+                                  ("backward_passes", "backward passes", 1), ("cpu_seconds", "CPU seconds", 0)):
+        cells = []
+        for mean, lo, hi in zip(df[name], df[f"{name}_lo"], df[f"{name}_hi"]):
+            if not is_number(mean):
+                cells.append("-")
+            elif not is_number(lo) or lo == hi:
+                cells.append(f"{mean:.{digits}f}" if mean != round(mean) else f"{mean:.0f}")
+            else:
+                cells.append(f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        shown[heading] = cells
+    shown["gate never shut"] = [f"{n} of {s}" for n, s in zip(df["never_shut"], df["seeds"])]
+    return shown

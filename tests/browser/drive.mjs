@@ -3,6 +3,8 @@
 //
 //   node drive.mjs '{"scenario": "explorer"|"dashboard"|"exercise", "url": "http://127.0.0.1:PORT", "token": "...",
 //                    "root": "/folder/the/server/serves", "notebook": "name.ipynb", "out": "/screenshot/dir"}'
+//   node drive.mjs '{"scenario": "offline", "html": "/path/to/export.html", "out": "/screenshot/dir"}'
+//     (no server: an HTML export opened from disk with the network off, see scenario 4)
 //
 // tests/browser/test_browser.py starts the server (conftest.py) and calls this script. Progress goes to
 // stderr, one line per state; the last stdout line is `RESULT {json}`; exit code 1 on any failed check.
@@ -253,8 +255,10 @@ async function dashboard(page) {
   const finished = await openAndRunAll(page, options.notebook, 'dashboard', 120_000);
   const start = page.locator('.widget-button', { hasText: 'Start' });
   const stop = page.locator('.widget-button', { hasText: 'Stop' });
-  await finished(start);
-  log('dashboard shown');
+  // the last cell (test_browser.py's) lengthens the run to options.steps; Start only once it has run
+  await finished(page.locator('.jp-OutputArea-output', { hasText: `${options.steps_line} ${options.steps}` }));
+  await start.waitFor({ timeout: 10_000 });
+  log(`dashboard shown; the live run has ${options.steps} steps`);
   const area = page.locator('.jp-OutputArea', { has: start });
   const box = area.locator('.widget-vbox').first();
   const status = area.locator('.widget-html').last();
@@ -328,7 +332,7 @@ async function dashboard(page) {
   // metrics.jsonl: the old tau up to the step the change was queued at, the new one from the step after
   const taus = rows.map((r) => r.tau);
   check(rows.every((r, i) => r.step === i + 1), `train rows are steps 1..${rows.length}`);
-  check(rows.length < 200, `Stop ended the 200-step run early (${rows.length} steps)`);
+  check(rows.length < options.steps, `Stop ended the ${options.steps}-step run early (${rows.length} steps)`);
   const first = taus.findIndex((t) => close(t, NEW_TAU, 1e-9));
   const tauBefore = taus[0];
   check(Math.abs(tauBefore - 0.5) < 0.01, `the run starts with tau near 0.5: ${JSON.stringify(taus)}`);
@@ -384,7 +388,64 @@ async function exercise(page) {
   return { feedback, source: await cell.locator('.cm-content').innerText() };
 }
 
-const scenarios = { explorer, dashboard, exercise };
+// -- scenario 4: an offline HTML export (gxpo_lib.html_export) opened from disk with the network off ------
+// The context is offline and every request that is not a file:// URL is aborted and recorded, so a page
+// that needs a CDN shows it both ways: its figures stay blank and `blocked` names what it asked for.
+async function offline(page) {
+  const blocked = [];
+  const errors = [];
+  await page.context().setOffline(true);
+  await page.route('**/*', (route) => {
+    const url = route.request().url();
+    if (url.startsWith('file:') || url.startsWith('data:')) return route.continue();
+    blocked.push(url);
+    return route.abort('internetdisconnected');
+  });
+  page.on('pageerror', (error) => errors.push(error.message));
+  await page.goto(`file://${options.html}`, { waitUntil: 'load', timeout: 120_000 });
+  log('page loaded; waiting for the figures to draw');
+  // every plotly graph div must have drawn its SVG (a figure that never drew has no .main-svg)
+  await page.waitForFunction(() => {
+    const divs = [...document.querySelectorAll('.plotly-graph-div')];
+    return divs.length > 0 && divs.every((gd) => gd.querySelector('svg.main-svg'));
+  }, null, { timeout: 60_000 }).catch(() => log('not every figure drew an SVG'));
+  const facts = await page.evaluate(() => {
+    const divs = [...document.querySelectorAll('.plotly-graph-div')];
+    const points = (t) => ['x', 'y', 'z', 'values'].reduce((n, k) => n + ((t[k] && t[k].length) || 0), 0);
+    const drawn = divs.filter((gd) => gd.querySelector('svg.main-svg') && (gd.data || []).some((t) => points(t) > 0)
+                                     && gd.querySelectorAll('.trace, .heatmaplayer image, .contourlayer path').length > 0);
+    const maths = [...document.querySelectorAll('math')];
+    const typeset = maths.filter((m) => typeof MathMLElement !== 'undefined' && m instanceof MathMLElement
+                                        && m.getBoundingClientRect().width > 0);
+    // raw TeX left for a script that never came: $...$ or $$...$$ in rendered markdown
+    const prose = [...document.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown, .jp-RenderedMarkdown')]
+      .map((e) => e.innerText).join('\n');
+    const text = document.body.innerText;
+    return {
+      figures: divs.length,
+      drawn: drawn.length,
+      maths: maths.length,
+      typeset: typeset.length,
+      raw_tex: (prose.match(/\$[^$\n]{1,200}\$/g) || []).slice(0, 5),
+      widget_repr: text.includes('VBox(children=') || text.includes('HBox(children='),
+      frozen_bars: (text.match(/(^|\s)0%\|/gm) || []).length,
+      widget_snapshots: document.querySelectorAll('.gxpo-widget').length,
+      progress: [...document.querySelectorAll('.gxpo-widget progress')].map((p) => [p.value, p.max]),
+    };
+  });
+  log('facts', JSON.stringify(facts), 'blocked', blocked.length, 'errors', errors.length);
+  await page.screenshot({ path: path.join(options.out, 'offline-page.png') });
+  shots.push(path.join(options.out, 'offline-page.png'));
+  const first = page.locator('.plotly-graph-div').first();
+  if (await first.count()) await shoot(first, 'offline-figure.png');
+  const widget = page.locator('.gxpo-widget').first();
+  if (await widget.count()) await shoot(widget, 'offline-widget.png');
+  const formula = page.locator('math[display="block"]').first();
+  if (await formula.count()) await shoot(formula, 'offline-math.png');
+  return { ...facts, blocked, errors };
+}
+
+const scenarios = { explorer, dashboard, exercise, offline };
 const browser = await chromium.launch({
   executablePath: process.env.GXPO_CHROMIUM || '/usr/bin/chromium', headless: true, args: ['--no-sandbox'],
 });
