@@ -652,3 +652,11 @@ CHECKS: dict[str, Callable[..., CheckResult]] = {
     "cap_lr": cap_lr, "effective_multiplier": effective_multiplier, "prediction": prediction,
 }
 """Every check by name (12)."""
+
+
+def __getattr__(name: str) -> Any:
+    """``check.implementation`` and ``check.bug``: the implement-it and find-the-bug checks (gxpo_lib.exercises)."""
+    if name in ("implementation", "bug"):
+        from . import exercises
+        return getattr(exercises, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
