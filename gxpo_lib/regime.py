@@ -512,13 +512,17 @@ def coordinate_q(h: Sequence[float], lr: float, k: int = 5, alpha: float = 0.5) 
 
 def toy_race(lr: float, steps: int = 40, k: int = 5, alpha: float = 0.5, noise: float = 0.02,
              h: Sequence[float] = (1.0, 0.02), seed: int = 0) -> dict[str, Any]:
-    """GD, GD with the matched step, GXPO and GXPO with gradient noise on L = 1/2 sum h_i theta_i^2.
+    """GD, GD with a displacement-matched step, GXPO, GXPO with gradient noise and scalar-q GXPO on
+    L = 1/2 sum h_i theta_i^2.
 
     Every method gets the same budget of backward passes, 3 * `steps` (GXPO: `steps` updates of 3 passes;
-    GD: 3 * `steps` updates). The matched step is GD at lr * (GXPO's mean alpha*q over its updates): one
-    scalar for every coordinate, where GXPO's q is per coordinate. The rules are gxpo_lib's own (toy.run_rule,
-    no gate). Returns ``{"lr", "multiplier", "curves": {name: {"passes": [...], "loss": [...]}}}`` with
-    losses at every pass count an update ends on (non-finite losses, from a diverging run, as None).
+    GD: 3 * `steps` updates). The displacement-matched GD is GD at lr * s, where s is GXPO's measured update
+    size per update in plain steps: the mean over its extrapolating updates of ||theta_{t+1} - theta_t|| over
+    ||theta_1 - theta_0|| (its first probe: one plain GD step from the same point), about 1 + 2 alpha q-bar
+    where the probes agree. One scalar for every coordinate, where GXPO's q is per coordinate. The rules are
+    gxpo_lib's own (toy.run_rule, no gate). Returns ``{"lr", "multiplier", "curves": {name: {"passes": [...],
+    "loss": [...]}}}`` with losses at every pass count an update ends on (non-finite losses, from a diverging
+    run, as None).
     """
     from . import toy
 
@@ -526,14 +530,16 @@ def toy_race(lr: float, steps: int = 40, k: int = 5, alpha: float = 0.5, noise: 
     check_int("steps", steps, minimum=1)
     land = toy.DiagonalQuadratic(h=tuple(h))
     gxpo = toy.run_rule("gxpo", land, lr=lr, steps=steps, k=k, alpha=alpha)
-    multiplier = float(np.mean([i["effective_multiplier"] for i in gxpo.infos if i["active"]]))
+    multiplier = float(np.mean([i["update_norm"] / i["probe_step_norm"] for i in gxpo.infos
+                                if i["active"] and i["probe_step_norm"]]))
     runs = {
         "GD": toy.run_rule("grpo", land, lr=lr, steps=3 * steps),
-        f"GD, matched step (x{multiplier:.2f})": toy.run_rule("grpo", land, lr=lr * multiplier,
-                                                              steps=3 * steps),
+        f"GD, displacement-matched (x{multiplier:.2f})": toy.run_rule("grpo", land, lr=lr * multiplier,
+                                                                      steps=3 * steps),
         "GXPO": gxpo,
         f"GXPO, noise {noise:g}": toy.run_rule("gxpo", land, lr=lr, steps=steps, k=k, alpha=alpha,
                                                noise=noise, seed=seed),
+        "GXPO, scalar q": toy.run_rule("gxpo", land, lr=lr, steps=steps, k=k, alpha=alpha, q_mode="scalar"),
     }
     curves = {}
     for name, run in runs.items():
