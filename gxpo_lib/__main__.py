@@ -1,6 +1,8 @@
 """Command line: `python -m gxpo_lib <command>`.
 
     run --preset P [-s NAME=VALUE ...] --out DIR   one training run (validated; run_summary.json, figures)
+    preflight --preset P [-s NAME=VALUE ...] [--gpu h100|h200|a100-80|a100-40|l4|GiB] [--fit]   the run's
+                                     estimated peak GPU memory, line by line (gxpo_lib.preflight)
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)
     strip-notebooks [folder]         remove outputs from the stored notebooks
     sweep GRID.yaml [--parallel N] [--gpus 0,1] [--dry-run]   run a grid of notebook-03 runs, skipping
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="one training run (python -m gxpo_lib run --help)", add_help=False)
+    commands.add_parser("preflight", help="estimated peak GPU memory (python -m gxpo_lib preflight --help)",
+                        add_help=False)
     run = commands.add_parser("run-notebooks", help="execute every notebook headless into a folder")
     run.add_argument("--out", default="runs")
     run.add_argument("--notebooks", default=str(notebooks.NOTEBOOK_DIR))
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .experiment import main as run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["preflight"]:  # the memory preflight: its own parser (gxpo_lib.preflight)
+        from .preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "doctor":

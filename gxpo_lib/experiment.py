@@ -41,6 +41,10 @@ def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: st
                                "accelerate_config": accelerate_config, "trl_overrides": trl_overrides,
                                "resume": resume})
     config = resolve_config(preset, overrides)
+    if backend == "gxpo":   # the memory preflight: on CUDA, or for a GPU preset; a CPU run only logs it
+        from .preflight import check_before_run
+
+        check_before_run(config, preset)
     run_dir = Path(workdir)
     if backend == "trl":
         from .integrations import accelerate_config_path, accelerate_launch_args
