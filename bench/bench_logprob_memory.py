@@ -1,6 +1,6 @@
-"""Saved activations of the policy's log-probs and entropies: the unchunked path against the chunked one (issue 22).
+"""Saved activations of the policy's log-probs and entropies: the unchunked path against the chunked one.
 
-Unchunked (before issue 22, `sampling.completion_logprobs`): the full model forward computes logits for every
+Unchunked (the earlier `sampling.completion_logprobs`): the full model forward computes logits for every
 position, prompt included, ``[rows, P + T, V]``, then a float32 log-softmax and entropy over ``[rows, T, V]``;
 autograd keeps these for backward. Chunked (`losses.policy_token_logprobs`, what `PolicyObjective` uses): the
 decoder's hidden states at the completion tokens go through the LM head ``chunk_tokens`` at a time and the

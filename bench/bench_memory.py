@@ -1,4 +1,4 @@
-"""Peak extra memory of an active GXPO step over a plain GRPO step (issue 6, benchmark 2).
+"""Peak extra memory of an active GXPO step over a plain GRPO step.
 
 GXPO keeps three trainable-parameter-sized buffers alive through its step (theta0, g0, g1; gradients are
 kept in fp32 at least) and, with optimizer_state="transactional", a copy of the optimizer state (AdamW:

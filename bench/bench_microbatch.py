@@ -1,4 +1,4 @@
-"""Peak memory of one GXPO step by micro-batch size (issue 12): bounded by the micro-batch, not the batch.
+"""Peak memory of one GXPO step by micro-batch size: bounded by the micro-batch, not the batch.
 
 The paper preset (``paper-gxpo``: 128 prompts x 5 = 640 rollouts, one mini-batch, gradient checkpointing,
 LoRA r=128 on q/k/v/o, KL and entropy terms on) with the tiny Llama substituted for Llama-3.2-1B, HF

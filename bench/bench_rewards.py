@@ -1,4 +1,4 @@
-"""Per-answer cost of the math reward: the old path (plain math-verify) against the grader (issue 15).
+"""Per-answer cost of the math reward: the old path (plain math-verify) against the grader.
 
 The old path is what ``score_pair`` did before the grading layer: the gold wrapped in a box and parsed,
 the last box of the completion (else the whole completion) parsed, ``verify(gold, pred)``; here it is
@@ -79,7 +79,7 @@ def tiny_task_set(n: int = 300, seed: int = 0) -> list[tuple[str, str, str | Non
 
 
 def hostile_set(n: int = 100) -> list[tuple[str, str, str | None, object]]:
-    """The hostile completions of the issue-7 test (gold "1"; not labelled)."""
+    """The hostile completions of the hostile-input test (gold "1"; not labelled)."""
     spec = importlib.util.spec_from_file_location("hostile", REPO / "tests" / "test_hostile_rewards.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

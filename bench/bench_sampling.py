@@ -1,4 +1,4 @@
-"""Rollout throughput: HFSampler against LeanSampler, side by side in one run (issue 6 benchmark 4, issue 13).
+"""Rollout throughput: HFSampler against LeanSampler, side by side in one run.
 
 For the tiny model (full fine-tuning, i.e. the bare model, and with LoRA adapters) and SmolLM2-135M (LoRA), at
 batch sizes 8 to 64 rows (prompts x 8 completions each, as a GRPO step samples them), times ``sample`` of each
@@ -16,7 +16,7 @@ backend and reports
 Both backends sample with the same seed (the same law, not the same tokens), so their token counts differ
 a little; tok/s accounts for that. Batch sizes are interleaved, medians reported. SmolLM2 is slow on this
 2-core CPU, so its batch sizes run until a time budget is spent (skipped sizes are listed). Target of
-issue 13: lean >= 5x hf on the tiny model at batch 64, and no slower on SmolLM2.
+The target: lean >= 5x hf on the tiny model at batch 64, and no slower on SmolLM2.
 
     python bench/bench_sampling.py             # tiny, tiny-lora 8-64 (5 reps) + SmolLM2 (budgeted)
     python bench/bench_sampling.py --quick     # tiny only, 1 rep (< 1 min)

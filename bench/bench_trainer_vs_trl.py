@@ -1,4 +1,4 @@
-"""Our trainer's GRPO step vs TRL's GRPOTrainer on the same model and batch (issue 6, benchmark 3).
+"""Our trainer's GRPO step vs TRL's GRPOTrainer on the same model and batch.
 
 Contenders, each a real training run of a few steps on the shipped tiny model (LoRA by default; --full for
 full fine-tuning), same batch (prompts x group size), same completion cap, HF ``generate`` in both, same

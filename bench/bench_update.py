@@ -1,4 +1,4 @@
-"""What does an update rule cost on top of its backward passes? (issue 6, benchmark 1)
+"""What does an update rule cost on top of its backward passes?
 
 Measures, on one fixed mini-batch of real rollouts (sampled once with HFSampler), the wall time of one
 rule step against plain GRPO steps (PlainStep) on the same batch:
@@ -7,7 +7,7 @@ rule step against plain GRPO steps (PlainStep) on the same batch:
   * active GXPO, optimizer_state=transactional vs 3 x PlainStep    (informational, 1.10 bound)
   * active SFPO (K=3, alpha=0.8, no gate)      vs (K+1) x PlainStep target SFPO / (4 x plain)     <= 1.10
   * GXPO after shutoff (gate forced closed)    vs 1 x PlainStep    target  closed / plain          <= 1.02
-  * GXPO's own work (issue 13): its time outside the closure minus three plain steps' time outside the
+  * GXPO's own work: its time outside the closure minus three plain steps' time outside the
     closure, in units of one bare ``optimizer.step()`` (AdamW)                          target  <= 3
 
 With ``--reference DIR/PACKAGE`` (a copy of an older gxpo_lib, imported under its own package name) the

@@ -19,7 +19,7 @@ The estimate is arithmetic, printed line by line (`format_estimate`) so a reader
   context, cuBLAS workspaces, not in ``max_memory_allocated``); a run fits when the peak is at most 90% of
   that (the caching allocator's fragmentation and this estimate's error).
 
-**The activation constant was measured on a CPU** (issue 22): the bytes autograd saves
+**The activation constant was measured on a CPU**: the bytes autograd saves
 (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded; `measure_saved_bytes`)
 for one row of `losses.policy_token_logprobs` with the entropy, random-init Llama models of 1 and 2 layers
 (the difference is one layer) at hidden/intermediate/heads/kv-heads 128/352/4/2 (the tiny model),

@@ -1,4 +1,4 @@
-"""The regime study (issue 14): when does GXPO's extrapolation pay? Compact results, cell tables, maps.
+"""The first regime study: when does GXPO's extrapolation pay? Compact results, cell tables, maps.
 
 A study is a set of sweep runs (``sweeps/regime-*.yaml``) over learning rates and methods. This module
 
@@ -485,7 +485,7 @@ def write_matched_sweep(records: Sequence[dict[str, Any]], lr: float, path: Path
     check_positive("lr", lr)
     scale = round(matched_step_multiplier(records, lr, k, retention), 3)
     template = yaml.safe_load(Path(base_from).read_text(encoding="utf-8"))
-    header = (f"# Issue 14 regime study: the matched-step control at lr {lr:g}. GRPO with step_scale = "
+    header = (f"# The first regime study: the matched-step control at lr {lr:g}. GRPO with step_scale = "
               f"{scale}, the mean alpha*q of\n# GXPO K={k} {retention} at this lr (measured from its runs, "
               "python -m gxpo_lib.regime matched).\n")
     body = {"preset": template["preset"], "out": template["out"], "base": template["base"],

@@ -1,4 +1,4 @@
-"""A 15-minute proof on one lent GPU, no network (issue 22): six legs, one table, non-zero exit on any failure.
+"""A 15-minute proof on one lent GPU, no network: six legs, one table, non-zero exit on any failure.
 
     python scripts/gpu_check.py                 # CUDA; torch, transformers, peft, accelerate (+ trl for leg d)
     python scripts/gpu_check.py --cpu-dry-run   # every leg at reduced shapes on the CPU (a few minutes)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A 15-minute proof on one lent GPU with no network (issue 22): see scripts/gpu_check.py and docs/gpu.md.
+# A 15-minute proof on one lent GPU with no network: see scripts/gpu_check.py and docs/gpu.md.
 #   bash scripts/gpu_check.sh                 # CUDA: a stock PyTorch image (torch, transformers, peft, accelerate)
 #   bash scripts/gpu_check.sh --cpu-dry-run   # every leg at reduced shapes on the CPU (.venv), a few minutes
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). Exits non-zero on any failure.

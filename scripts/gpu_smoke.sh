@@ -24,7 +24,7 @@
 #   BUDGET_S=1200         the whole run's wall-clock budget; a leg that would overrun it is skipped
 #   HF_LEG_S=75  VLLM_LEG_S=600   per-leg timeouts. A vLLM leg starts and compiles an engine: torch.compile
 #                         and CUDA-graph capture on a cold cache took longer than the old 165 s (a leg timed out
-#                         there, issue 22); 600 s covers a cold first compile, later legs reuse the cache
+#                         there); 600 s covers a cold first compile, later legs reuse the cache
 #   HF_TOL, VLLM_TOL      largest mean |log-prob gap| that counts as agreement (defaults: bf16 0.02 and
 #                         0.05, fp32 1e-4 and 2e-3); the max gap is printed too
 #   REQUIRE_VLLM=1        a missing vLLM is a failure instead of a skip

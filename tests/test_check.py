@@ -236,7 +236,7 @@ def test_every_notebook_exercise_is_followed_by_its_folded_solution(path):
         assert following.source.startswith("<details><summary>Show the solution</summary>")
 
 
-# ---------------------------------------------------------------- what a careful person types (issue 23)
+# ---------------------------------------------------------------- what a careful person types
 
 
 def _S(r: float, n: int) -> float:
@@ -335,7 +335,7 @@ def test_word_checks_take_the_printed_word_and_refuse_the_other(name, settings, 
 
 
 def test_the_instructors_answers_are_right():
-    # issue 23: each of these got "not yet" and a hint that the method was wrong
+    # each of these once got "not yet" and a hint that the method was wrong
     assert check.q_value(2.155, r=0.9, k=5).ok                                       # 01 ex. 1 "= 2.155"
     for z in (2.195, 2.19):                                                           # 01 ex. 5
         assert check.gate_z(z, history=[1.0, 1.2], value=3.0, omega=0.1).ok

@@ -104,7 +104,7 @@ def test_version_presets_and_their_entropy_gates_agree_with_the_rules():
 
 def test_entropy_gate_is_decided_in_one_place():
     assert uses_entropy_gate(TrainConfig(algorithm="sfpo"))                 # the official gate reads entropy
-    assert not uses_entropy_gate(TrainConfig(algorithm="sfpo", gate="none"))  # the drift of issue 11
+    assert not uses_entropy_gate(TrainConfig(algorithm="sfpo", gate="none"))  # the drift once seen
     TrainConfig(algorithm="sfpo", gate="none", old_logprobs="first_pass").validate()
     assert uses_entropy_gate(TrainConfig(gate_signal="entropy"))
     assert not uses_entropy_gate(TrainConfig(algorithm="grpo", gate_signal="entropy"))

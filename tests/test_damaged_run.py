@@ -1,4 +1,4 @@
-"""A damaged run folder never ends a resume with a raw library error (issue 20 section 8): whatever a crash,
+"""A damaged run folder never ends a resume with a raw library error: whatever a crash,
 a full disk or a kill leaves (an empty, truncated or garbage file in any part of the folder, a leftover
 .tmp), a resume either goes on from the last intact state with a warning naming the file, or stops with a
 ValueError naming the file and what to do. Each test damages a copy of one real finished run (the tiny

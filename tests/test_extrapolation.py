@@ -82,7 +82,7 @@ def test_reposition_formula_and_dtype():
     assert math.isclose(reposition(torch.tensor(4.0), torch.tensor(1.0), 1.0, 0.5).item(), 2.5)
 
 
-# -- the one retention function (issue 11) ----------------------------------------------------------------
+# -- the one retention function -------------------------------------------------------------------------
 def test_retention_returns_r_raw_and_the_clamped_mask_and_sends_inf_to_the_bounds():
     # The authors clamp first and then map NaN to 1, so +-inf land on the clamp bounds (notes' errata).
     g0 = torch.tensor([2.0, 1.0, 1.0, 0.0, 1.0, 1e-7, -1e-7], dtype=torch.float64)

@@ -131,7 +131,7 @@ def test_update_settings_validates_before_changing():
     assert gate.tau == 2.0
 
 
-# -- the cold start, made visible and optional (issue 14) ----------------------------------------------------
+# -- the cold start, made visible and optional ----------------------------------------------------
 def test_unit_init_is_disarmed_for_a_small_signal_and_warmup_init_is_not():
     """A clipped run's corrective norm sits near 0.05: from mu = sigma = 1 every z is negative until mu
     has decayed towards it, so a doubling of the signal goes unnoticed for many observations."""

@@ -1,4 +1,4 @@
-"""The memory preflight (issue 22): its arithmetic, its refusal, --fit, every shipped preset and sweep, and the
+"""The memory preflight: its arithmetic, its refusal, --fit, every shipped preset and sweep, and the
 CPU-measured activation constant against the tiny model's saved bytes."""
 
 from pathlib import Path

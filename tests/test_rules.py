@@ -382,7 +382,7 @@ def test_rules_work_in_float32_and_bfloat16_parameters():
 
 # -- the batched (flat, chunked) jump equals the old per-tensor loop bit for bit ---------------------------------
 def frozen_per_tensor_jump(rule, c0, c1):
-    """A frozen copy of the per-tensor loop GXPO used before issue 13 (rules.py at ac218b8): per parameter
+    """A frozen copy of the per-tensor loop GXPO used before the flat buffers (rules.py at ac218b8): per parameter
     tensor r, q and theta~ = theta0 + alpha q (theta2 - theta0). Returns the parameters it would write."""
     views = rule._views
     ratio_scale = (c1 / c0) if rule.retention == "clip_corrected" else 1.0
@@ -478,7 +478,7 @@ def test_diagnostics_agree_with_per_tensor_sums():
     assert info.inactive_frac == pytest.approx(1 - float(active.double().mean()), rel=1e-12)
 
 
-# -- retention="update": the optimizer's own directions (issue 14) ------------------------------------------------
+# -- retention="update": the optimizer's own directions ---------------------------------------------------------
 def test_update_retention_with_sgd_is_grad_retention_and_clip_corrected_when_clipping_binds():
     hessian, target, x0 = diag_problem()
     x_grad, info_grad = one_gxpo_step(hessian, target, x0, 5)
@@ -544,7 +544,7 @@ def test_update_retention_respects_per_group_lr_and_decay_and_a_zero_lr():
     assert info.inactive_frac == pytest.approx(1 / 3)
 
 
-# -- the vanishing second probe (issue 15 part 2) ------------------------------------------------------------------
+# -- the vanishing second probe --------------------------------------------------------------------------------
 @pytest.mark.parametrize("vanishing_probe", ["continue", "fallback"])
 def test_vanishing_second_probe_continues_like_the_authors_or_falls_back(vanishing_probe):
     """L = 1/2 |x - c|^2 with SGD lr 1: theta1 = c, so g1 = 0. The authors go on with r = 0, q = 1:
@@ -568,7 +568,7 @@ def test_vanishing_second_probe_continues_like_the_authors_or_falls_back(vanishi
     assert torch.equal(x.detach(), c)  # both land on c: theta~'s gradient (1, -1), or theta0's full step
 
 
-# -- SFPO over several mini-batches (issue 15 part 2) ----------------------------------------------------------------
+# -- SFPO over several mini-batches ------------------------------------------------------------------------------
 def test_sfpo_step_sweeps_is_the_official_structure_and_step_is_per_mini_batch():
     targets = [torch.tensor([1.0, -2.0]), torch.tensor([-3.0, 0.5])]
     lr, k, alpha = 0.3, 3, 0.8
