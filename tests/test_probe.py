@@ -112,3 +112,20 @@ def test_ratio_stats_and_recorder_by_hand():
 def test_plot_probe(identical):
     fig = plot_probe(identical)
     assert len(fig.data) == 4 * 2 * 3   # four panels, r and noise, two bands and a median each
+
+
+def test_the_docs_quote_the_shipped_probe_table():
+    """docs/regime.md's probe table is the one the shipped JSON gives (no typed numbers)."""
+    import json
+    from pathlib import Path
+
+    from gxpo_lib.analysis.probe import markdown_table
+
+    root = Path(__file__).resolve().parents[1]
+    records = json.loads((root / "data/results/probe/smollm2_probe.json").read_text())["records"]
+    doc = (root / "docs/regime.md").read_text()
+    quoted = doc.split("<!-- probe-table:")[1].split("-->", 1)[1].split("<!-- /probe-table -->")[0].strip()
+    assert quoted == markdown_table(records)
+    full_bf16 = [r for r in records if r["mode"] == "full" and r["dtype"] == "bfloat16" and r["lr"] == 1e-7][0]
+    assert full_bf16["probe_changed_frac"] < 0.01                       # "a quarter of a percent"
+    assert all(3.3 < r["update_ratio"] < 3.7 for r in records if r["lr"] == 1e-7)   # "3.4-3.6 plain steps"

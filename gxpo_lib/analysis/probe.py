@@ -233,6 +233,18 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """The probe's table as markdown (docs/regime.md quotes it; a test checks the two agree)."""
+    lines = ["| mode, dtype | lr | r q25 / q50 / q75 | noise floor q25 / q50 / q75 | cos(g0, g1) | α·q̄ | "
+             "update / plain step | weights the probe moved |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary_rows(records):
+        lines.append(f"| {row['mode']}, {row['dtype']} | {row['lr']:g} | {row['r_q25']:.3f} / {row['r_q50']:.3f} / "
+                     f"{row['r_q75']:.3f} | {row['noise_q25']:.3f} / {row['noise_q50']:.3f} / {row['noise_q75']:.3f} | "
+                     f"{row['cos_g0_g1']:.3f} | {row['alpha_q_mean']:.2f} | {row['update_ratio']:.2f} | "
+                     f"{row['probe_changed_frac']:.2%} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The figure
 # ---------------------------------------------------------------------------------------------------
