@@ -126,6 +126,6 @@ def test_the_docs_quote_the_shipped_probe_table():
     doc = (root / "docs/regime.md").read_text()
     quoted = doc.split("<!-- probe-table:")[1].split("-->", 1)[1].split("<!-- /probe-table -->")[0].strip()
     assert quoted == markdown_table(records)
-    full_bf16 = [r for r in records if r["mode"] == "full" and r["dtype"] == "bfloat16" and r["lr"] == 1e-7][0]
+    full_bf16 = next(r for r in records if r["mode"] == "full" and r["dtype"] == "bfloat16" and r["lr"] == 1e-7)
     assert full_bf16["probe_changed_frac"] < 0.01                       # "a quarter of a percent"
     assert all(3.3 < r["update_ratio"] < 3.7 for r in records if r["lr"] == 1e-7)   # "3.4-3.6 plain steps"

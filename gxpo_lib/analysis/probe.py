@@ -235,8 +235,9 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     """The probe's table as markdown (docs/regime.md quotes it; a test checks the two agree)."""
-    lines = ["| mode, dtype | lr | r q25 / q50 / q75 | noise floor q25 / q50 / q75 | cos(g0, g1) | α·q̄ | "
-             "update / plain step | weights the probe moved |", "|---|---|---|---|---|---|---|---|"]
+    header = ("| mode, dtype | lr | r q25 / q50 / q75 | noise floor q25 / q50 / q75 | cos(g0, g1) | α·q̄ | "
+              "update / plain step | weights the probe moved |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in summary_rows(records):
         lines.append(f"| {row['mode']}, {row['dtype']} | {row['lr']:g} | {row['r_q25']:.3f} / {row['r_q50']:.3f} / "
                      f"{row['r_q75']:.3f} | {row['noise_q25']:.3f} / {row['noise_q50']:.3f} / {row['noise_q75']:.3f} | "
