@@ -34,13 +34,20 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     kills = 0
     # Several kills at random moments, tied to the run's progress rather than to the clock (a fast machine
     # would otherwise finish before a timed kill): once the log holds `target` train rows, wait a random
-    # fraction of a step (sampling, the update or the checkpoint write is in flight) and SIGKILL.
+    # fraction of a step (sampling, the update or the checkpoint write is in flight) and SIGKILL. A step's
+    # length is this machine's: the reference run's training seconds per step (a step's wall time, with its
+    # checkpoint write, is longer), so the kill lands within the next step on a fast or a slow machine.
+    last = [r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl") if r["kind"] == "train"][-1]
+    step_seconds = last["seconds"] / CONFIG["steps"]  # cumulative sampling + scoring + update seconds
     for target in sorted(rng.sample(range(1, CONFIG["steps"] - 1), 3)):
         proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env)
         deadline = time.monotonic() + 300
-        while proc.poll() is None and _train_rows(killed_dir) < target and time.monotonic() < deadline:
+        while proc.poll() is None and _train_rows(killed_dir) < target:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the run logged {_train_rows(killed_dir)} < {target} train rows within 300 s")
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.0, 1.0) * step_seconds)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

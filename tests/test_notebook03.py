@@ -48,6 +48,7 @@ def test_every_gxpo_config_extra_field_is_a_parameter():
 @pytest.mark.parametrize("parameters, name", [({"backend": "deepspeed"}, "backend="),
                                               ({"backend": "trl", "num_processes": 0}, "num_processes="),
                                               ({"lora_rank": 0}, "lora_rank=")])
+@pytest.mark.slow  # each case executes the notebook in a kernel (up to its validation cell)
 def test_bad_parameters_fail_before_any_model_is_loaded(tmp_path, parameters, name):
     with pytest.raises(PapermillExecutionError, match=name) as failure:
         execute_notebook(NOTEBOOK, tmp_path, parameters={"output_dir": "run", **parameters}, html=False)

@@ -109,6 +109,7 @@ def test_parallel_cpu_runs_share_the_cores_out_unless_told():
     assert on_gpu["CUDA_VISIBLE_DEVICES"] == "1" and "OMP_NUM_THREADS" not in on_gpu
 
 
+@pytest.mark.slow  # executes a probe notebook 4 times under papermill (a kernel each): not in make test-fast
 def test_parallel_runs_get_their_own_folder_cwd_and_gpu(tmp_path, monkeypatch):
     # A probe notebook records where it ran and which GPUs it saw; four runs, two at a time, two GPUs.
     import nbformat

@@ -1,5 +1,8 @@
 """report_to: TensorBoard and trackio get every metrics row beside metrics.jsonl; a missing package warns."""
 
+import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -27,20 +30,30 @@ def test_tensorboard_gets_every_numeric_value(tmp_path):
     assert events.Scalars("train/reward_mean")[0].value == 0.5 and events.Scalars("train/reward_mean")[0].step == 1
 
 
+TRACKIO_RUN = """
+import json, sys
+from gxpo_lib.tracking import Trackers
+trackers = Trackers(["trackio"], sys.argv[1], {"lr": 0.002})
+assert "trackio" in trackers.active, trackers.active
+for row in json.loads(sys.argv[2]):
+    trackers.log(row)
+trackers.close()
+"""
+
+
 def test_trackio_logs_locally(tmp_path):
     pytest.importorskip("trackio")
-    import time
-
-    from trackio.utils import TRACKIO_DIR  # local-first: a database under the HF cache, no network
-
-    start = time.time()
-    trackers = Trackers(["trackio"], tmp_path / "run-a", {"lr": 0.002})
-    assert "trackio" in trackers.active
-    for row in ROWS:
-        trackers.log(row)
-    trackers.close()
-    written = [p for p in TRACKIO_DIR.rglob("gxpo*") if p.stat().st_mtime >= start - 1]
-    assert written, f"trackio wrote nothing under {TRACKIO_DIR}"
+    # trackio is local-first (a database, no network) under $TRACKIO_DIR, else the user's HF cache; it reads
+    # the variable once, at import. So the run goes to a child process whose TRACKIO_DIR (and HF_HOME) lie in
+    # this test's temp dir: nothing is written to the global cache, and the folder starts empty.
+    store = tmp_path / "trackio"
+    env = {**os.environ, "TRACKIO_DIR": str(store), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(tmp_path / "run-a"), json.dumps(ROWS)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    written = list(store.rglob("gxpo*"))
+    assert written, f"trackio wrote nothing under {store}: {sorted(store.rglob('*'))}"
+    assert not (tmp_path / "hf" / "trackio").exists()  # TRACKIO_DIR, not the HF cache, took the run
 
 
 def test_a_missing_tracker_package_warns_and_nothing_breaks(tmp_path, monkeypatch):

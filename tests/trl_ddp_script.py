@@ -120,10 +120,70 @@ def text_length_reward(completions, **kwargs):
     return [float(len(t) % 7) for t in texts]
 
 
+# The scaleout layouts must do the same arithmetic up to float64 rounding, but two steps of the forward pass
+# run in float32 whatever the model's dtype, and in both the float32 rounding depends on the layout:
+# - HF's Llama computes RoPE's cos / sin in float32. The layouts pad their micro-batches differently (prompts
+#   are left-padded to the longest prompt of the batch), so a token sits at another absolute position in each
+#   layout; RoPE is relative only in exact arithmetic, and with float32 cos / sin the logits of the same token
+#   differ by ~2e-7 relative between two paddings (float32's eps is 1.2e-7).
+# - TRL 1.16 scores tokens with its fused LM head (trl.kernels.ChunkedLogProbFunction), whose online
+#   log-sum-exp and gradient GEMMs accumulate in float32, over however many tokens the micro-batch holds.
+# GXPO's per-coordinate retention ratio r = g1 / g0 (active where |g0| > delta, a step function, then
+# clamped) turns such 1e-7 gradient differences into parameter differences no eps-based bound covers (2e-6
+# was seen on one CPU, under 1e-6 on another). Both are replaced here by the same math in float64, so every
+# layout computes in float64 and the tests compare at float64 rounding.
+def float64_rotary_embedding(model) -> None:
+    """Make the model's rotary embedding compute cos / sin in float64 (HF's Llama forces float32 there)."""
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.to(torch.float64)  # the same constants (float32 values, exact in float64)
+
+    def forward(x, position_ids):
+        freqs = position_ids[:, :, None].to(torch.float64) * inv_freq.to(x.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return ((angles.cos() * rotary.attention_scaling).to(x.dtype),
+                (angles.sin() * rotary.attention_scaling).to(x.dtype))
+
+    rotary.forward = forward
+
+
+class Float64LogProb:
+    """Stands in for TRL's ``ChunkedLogProbFunction`` (same ``apply`` arguments and outputs): the LM head's
+    log-softmax, entropy and the rest in the hidden states' dtype, with plain autograd, instead of TRL's
+    float32 accumulators."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy",)):
+        z = hidden @ weight.to(hidden.dtype).t()
+        if bias is not None:
+            z = z + bias.to(hidden.dtype)
+        z = z * logit_scale
+        if final_logit_softcapping is not None:
+            z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+        z = z / temperature
+        log_p = torch.log_softmax(z, dim=-1)
+        logprobs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1) if "entropy" in outputs else None
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * log_p, dim=-1) if "log_sum_sq_probs" in outputs else None
+            mean_logits = z.mean(-1) if "mean_logits" in outputs else None
+            is_top1 = z.argmax(-1) == targets if "is_top1" in outputs else None  # first maximum, as TRL's
+        return logprobs, entropy, log_sum_sq, mean_logits, is_top1
+
+
+def float64_lm_head() -> None:
+    """Route TRL's fused LM head (``model(..., fused_lm_head=True)``) through Float64LogProb."""
+    import trl.trainer.utils as trl_utils
+
+    assert hasattr(trl_utils, "_ChunkedLogProbFunction"), "TRL moved its fused LM head: update Float64LogProb"
+    trl_utils._ChunkedLogProbFunction = Float64LogProb
+
+
 def scaleout_run(options, accumulation: int) -> GXPOTrainer:
     """2 GXPO steps of COMPLETIONS_PER_STEP scripted completions, float64 + SGD; rank 0 saves the parameters."""
     model, tokenizer = load_model(options.model, device="cpu")
     model = model.to(torch.float64)
+    float64_rotary_embedding(model)  # all of the forward pass in float64, whatever the padding
     dataset = build_dataset(TrainConfig(), tokenizer).select(range(32))
     processes = PartialState().num_processes
     args = GXPOConfig(output_dir=options.out, algorithm="gxpo", optim="sgd", learning_rate=0.02, max_grad_norm=1.0,
@@ -199,6 +259,7 @@ def main() -> None:
         decisions(options)
         return
     PartialState(cpu=True)  # first of the process: a gloo process group on CPU ranks
+    float64_lm_head()  # with float64_rotary_embedding in scaleout_run: all of the arithmetic in float64
     scaleout_run(options, accumulation=1)
     trainer = scaleout_run(options, accumulation=2)
     evaluation_check(options, trainer)

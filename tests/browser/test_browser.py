@@ -11,10 +11,13 @@ pytest's temp dir and are copied to runs/browser/<scenario>/ (paths printed; see
 2. Notebook 02's live dashboard. Running notebook 02 whole takes ~6 min on CPU, so the test runs a notebook
    built from notebook 02's own cells: its parameters cell, then batch_prompts = 2 and group_size = 4
    (papermill-style overrides), its setup cell (imports, loads the tiny model) and its dashboard cell, all
-   verbatim; the walkthrough and the three-run comparison in between are left out. In the browser: Start,
-   wait for the first step, type tau = 1 into the tau slider's readout while it trains, wait for 2 more
-   steps, Stop. metrics.jsonl must log the starting tau and then 1 from the next step on, and the figure
-   must grow with one point per logged step (and show the same steps, rewards and tau as the file).
+   verbatim; the walkthrough and the three-run comparison in between are left out. One cell more, after
+   the dashboard cell, lengthens the run to RUN_STEPS (on a quiet 2-core Xeon the notebook's 200 steps all
+   ran before the driver got to Stop); the driver waits for that cell's line before Start. In the browser: Start, wait for the first step, type tau = 1 into the tau slider's readout
+   while it trains, wait for 2 more steps, Stop: every step of that is driven by the steps logged (file and
+   figure), never by time, and every wait has a deadline. metrics.jsonl must log the starting tau and then 1
+   from the next step on, and the figure must grow with one point per logged step (and show the same steps,
+   rewards and tau as the file).
 
 3. An exercise of notebook 01 (a notebook of its parameters cell with fill_solutions = False, its setup cell
    and its first exercise cell, verbatim): type a wrong answer over the blank and run the cell, then the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +46,10 @@ NB02 = REPO / "notebooks" / "02_grpo_vs_gxpo_small_llama.ipynb"
 DASHBOARD_NOTEBOOK = "02_dashboard_browser_test.ipynb"
 EXERCISE_NOTEBOOK = "01_exercise_browser_test.ipynb"
 NB02_OVERRIDES = {"batch_prompts": 2, "group_size": 4}  # the rest as stored (tau = 0.5, k = 5, ...)
+# The live run's length: no machine trains this many steps within the driver's deadlines (300 s in all), so
+# the run is still going when the driver presses Stop, however fast or slow the machine is.
+RUN_STEPS = 1_000_000
+RUN_STEPS_LINE = "test override: the live run has steps ="  # what the extra cell prints; the driver waits for it
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +74,17 @@ def build_dashboard_notebook(path) -> None:
     overrides = "\n".join(f"{name} = {value!r}" for name, value in NB02_OVERRIDES.items())
     note = (f"Built by tests/browser/test_browser.py from `{NB02.relative_to(REPO)}`: its parameters cell, "
             "small overrides, its setup cell and its live-dashboard cell, verbatim.")
+    lengthen = ("# test override: a run that cannot end before the driver presses Stop\n"
+                "import dataclasses\n"
+                f"board.config = dataclasses.replace(board.config, steps={RUN_STEPS})\n"
+                f"print('{RUN_STEPS_LINE}', board.config.steps)")
     out = nbformat.v4.new_notebook(metadata=nb.metadata)
     out.cells = [nbformat.v4.new_markdown_cell(note),
                  nbformat.v4.new_code_cell(parameters[0].source),
                  nbformat.v4.new_code_cell("# overrides (as papermill -p would inject them)\n" + overrides),
                  nbformat.v4.new_code_cell(setup[0].source),
-                 nbformat.v4.new_code_cell(board[0].source)]
+                 nbformat.v4.new_code_cell(board[0].source),
+                 nbformat.v4.new_code_cell(lengthen)]
     nbformat.write(out, path)
 
 
@@ -80,7 +93,7 @@ def dashboard_run(lab, drive, tmp_path_factory):
     build_dashboard_notebook(lab.root / DASHBOARD_NOTEBOOK)
     try:
         return drive(lab, "dashboard", DASHBOARD_NOTEBOOK, tmp_path_factory.mktemp("dashboard"),
-                          timeout=300)
+                     timeout=300, steps=RUN_STEPS, steps_line=RUN_STEPS_LINE)
     finally:
         lab.shutdown_kernels()
 
@@ -134,7 +147,7 @@ def test_dashboard_tau_slider_reaches_the_next_steps_and_the_figure_grows(dashbo
     assert first_new <= logged + 1                         # the new tau from the next step that started
     assert taus[first_new:] == pytest.approx([NEW_TAU] * (len(taus) - first_new), rel=1e-9)
     assert len(taus) - first_new >= 2
-    assert len(rows) < 200                                 # Stop ended the 200-step run
+    assert len(rows) < RUN_STEPS                           # Stop ended the run (it could not have finished)
     points = dashboard_run["figure_points"]                # reward points in the figure, state by state
     assert points[0] == seen and points[-1] == len(rows) and points == sorted(set(points))
     assert dashboard_run["status"].startswith("finished")
@@ -156,11 +169,13 @@ def build_exercise_notebook(path) -> str:
     parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     setup = next(c for c in code if "exercises = {}" in c.source)
     first = next(c for c in code if "exercise" in c.metadata.get("tags", []))
-    assert "fill_solutions = True" in parameters.source and first.source.splitlines()[1] == "answer = ..."
+    # whatever the stored default (True, or None = auto), the blank must stay blank here: False
+    blank, found = re.subn(r"^fill_solutions = \S+", "fill_solutions = False", parameters.source,
+                           flags=re.MULTILINE)
+    assert found == 1 and first.source.splitlines()[1] == "answer = ..."
     out = nbformat.v4.new_notebook(metadata=nb.metadata)
     out.cells = [nbformat.v4.new_markdown_cell(f"Built by tests/browser/test_browser.py from `{NB01.name}`."),
-                 nbformat.v4.new_code_cell(parameters.source.replace("fill_solutions = True",
-                                                                     "fill_solutions = False")),
+                 nbformat.v4.new_code_cell(blank),
                  nbformat.v4.new_code_cell(setup.source), nbformat.v4.new_code_cell(first.source)]
     nbformat.write(out, path)
     return first.source.split("exercises['")[1].split("'")[0]
