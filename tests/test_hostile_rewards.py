@@ -74,4 +74,5 @@ def test_hostile_final_lines_and_problem_texts_through_the_grader():
         for problem in problems:
             reward, status = score_pair("work\n" + line, "1", problem=problem, timeout_s=2)
             assert status in STATUSES and reward in (0.0, 1.0)
-    assert time.monotonic() - start < 60.0
+    # a hang guard, not a speed test: 32 calls, each stopped by its own 2 s limit at worst
+    assert time.monotonic() - start < 32 * 2.0 + 120.0

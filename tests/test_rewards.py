@@ -14,6 +14,9 @@ import pytest
 
 from gxpo_lib.rewards import RewardScorer, format_reward, last_boxed, math_reward, score_pair
 
+# Hang guards: far above the seconds these take on any machine, far below an unbounded hang.
+HANG_GUARD_S = 120.0
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 # GXPO_DATA_DIR=<folder of the full benchmark files> checks every gold; the fixtures hold the first 50 rows.
 DATA = Path(os.environ.get("GXPO_DATA_DIR") or FIXTURES)
@@ -107,7 +110,8 @@ def test_hostile_text_is_handled_quickly_in_process():
     assert last_boxed("\\boxed{" * 20_000) is None  # linear, not quadratic, in unclosed boxes
     assert math_reward("\\boxed{" * 20_000, "1") == 0.0
     assert math_reward("{" * 100_000 + " so \\boxed{1}", "1") == 1.0
-    assert time.monotonic() - start < 10.0
+    # a hang guard, not a speed test: linear work here takes milliseconds, the quadratic one took minutes
+    assert time.monotonic() - start < HANG_GUARD_S
 
 
 def test_math_reward_works_off_the_main_thread():
@@ -154,7 +158,7 @@ def test_inner_timeout_and_junk_score_zero_with_their_counters(scorer):
     assert batch.rewards == [0.0, 0.0, 1.0]
     assert batch.statuses == ["timeout", "no_answer", "correct"]
     assert (batch.counts.n_timeout, batch.counts.n_parse_fail, batch.counts.n_correct) == (1, 1, 1)
-    assert elapsed < 10.0
+    assert elapsed < HANG_GUARD_S  # the inner timeout stopped the huge power (a hang guard, not a speed test)
     assert scorer.totals.n_timeout >= 1
 
 
@@ -167,7 +171,7 @@ def test_outer_timeout_kills_the_stuck_worker_and_reruns_the_others():
         elapsed = time.monotonic() - start
         assert batch.statuses == ["timeout", "correct", "wrong", "correct"]
         assert batch.counts.n_timeout == 1 and s.n_restarts == 1
-        assert elapsed < 1.5 + 30.0  # the limit plus starting fresh workers
+        assert elapsed < 1.5 + HANG_GUARD_S  # the limit plus starting fresh workers (a hang guard)
         assert s.score(["\\boxed{3}"], ["3"]).rewards == [1.0]
 
 

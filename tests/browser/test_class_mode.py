@@ -57,7 +57,8 @@ def class_run(lab, drive, tmp_path_factory):
     if os.environ.get(HEADLESS_ENV):
         pytest.fail(f"{HEADLESS_ENV} is set in this environment: JupyterLab's kernels would count as headless")
     names = build_class_notebook(lab.root / CLASS_NOTEBOOK)
-    assert names == ["q_value", "geometric_sum", "reposition", "jump_direction", "gate_z"]
+    numeric = ["q_value", "geometric_sum", "reposition", "jump_direction", "gate_z"]
+    assert [n for n in names if n in numeric] == numeric      # in order; other exercise kinds may sit between
     try:  # exercise 3: theta~ = 4 + 0.5 * 1.25 * (1 - 4) = 2.125; the slip leaves out q: 4 - 1.5 = 2.5
         result = drive(lab, "exercise", CLASS_NOTEBOOK, tmp_path_factory.mktemp("class-mode"), timeout=240,
                        exercise="reposition", wrong="2.5", right="2.13")
@@ -70,7 +71,7 @@ def class_run(lab, drive, tmp_path_factory):
 
 def test_run_all_in_class_mode_leaves_every_blank_blank(class_run):
     saved = class_run["saved"]
-    assert list(saved) == ["q_value", "geometric_sum", "reposition", "jump_direction", "gate_z"]
+    assert set(saved) >= {"q_value", "geometric_sum", "reposition", "jump_direction", "gate_z"}
     for name, message in saved.items():
         assert message.startswith("not yet: fill in the blank"), (name, message)   # blanks, both of gate_z's
         assert "filled with the solution" not in message and "right" not in message

@@ -96,6 +96,7 @@ def tiny_export(tmp_path_factory):
     return output, output.with_suffix(".html")
 
 
+@pytest.mark.slow  # its fixture executes a notebook in a kernel
 def test_the_executed_notebook_keeps_widget_snapshots_not_megabytes_of_state(tiny_export):
     notebook, _ = tiny_export
     nb = nbformat.read(notebook, as_version=4)
@@ -107,6 +108,7 @@ def test_the_executed_notebook_keeps_widget_snapshots_not_megabytes_of_state(tin
     assert notebook.stat().st_size < 1_000_000
 
 
+@pytest.mark.slow  # its fixture executes a notebook in a kernel
 def test_tiny_export_draws_figures_maths_and_widgets_with_the_network_off(tiny_export):
     _, html = tiny_export
     page = html.read_text(encoding="utf-8")
