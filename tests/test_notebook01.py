@@ -89,15 +89,13 @@ def test_executed_notebook_has_no_errors_and_shows_the_figures(executed):
 
 
 @pytest.mark.slow
-def test_notebook_shows_the_cold_start_and_the_versions(executed):
+def test_notebook_shows_the_cold_start(executed):
     results = executed[0]
     # a small signal that doubles at observation 11: the unit cold start never notices, the warm-up start at once
     assert results["gate_init"]["small_signal_trip"] == {"unit": None, "warmup": 11}
     assert results["gate_init"]["toy_shutoff"]["warmup"] is not None
-    versions = results["versions"]
-    k = results["K"]
-    assert versions["v3"]["scale_max"] == k / 2 + 1 < versions["v2"]["scale_max"]   # V2 does not clamp q
-    assert versions["v1"]["theta"] == pytest.approx(versions["v3"]["theta"])              # r away from 1: same q
+    # section 5c is one sentence and a link: the versions' table and their first updates live in docs/versions.md
+    assert "versions" not in results
 
 
 # -- exercises ------------------------------------------------------------------------------------------------

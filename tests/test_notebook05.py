@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import nbformat
@@ -16,7 +15,8 @@ from gxpo_lib.notebooks import execute_notebook
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_when_does_extrapolation_pay.ipynb"
 SHIPPED = ROOT / "data" / "results" / "regime"
-PARAMETERS = ("replay", "study_dir", "live_algorithm", "live_k", "live_retention", "live_lr", "live_seed",
+PARAMETERS = ("live_rerun", "study_dir", "live_algorithm", "live_k", "live_retention", "live_gate_init",
+              "live_step_scale", "live_ppo_epochs", "live_lr", "live_seed",
               "live_steps", "live_dir", "fill_solutions", "toy_lr_small",
               "toy_lr_mid", "toy_lr_large", "toy_h_stiff", "toy_h_flat", "toy_steps", "toy_noise", "K",
               "alpha", "resamples", "results_path")
@@ -34,22 +34,66 @@ def test_stored_notebook_has_no_outputs_and_one_parameters_cell():
     first = nb.cells[0]
     assert first.cell_type == "markdown"
     assert "What this notebook teaches" in first.source and "Runtime" in first.source
-    assert "replay = False" in tagged[0].source  # the default reruns one grid point live (it fits the budget)
+    assert "live_rerun = True" in tagged[0].source  # the default reruns one grid point live (it fits the budget)
+    # `replay` means "read the shipped runs instead of your own" in 02 and 04; 05's live switch is not called so
+    assert "replay" not in {p.name for p in PythonTranslator.inspect(tagged[0])}
+
+
+def _live_point_cell(**parameters):
+    """The notebook's live-point cell, run on the shipped study with its default parameters (and `parameters`)."""
+    from papermill.translators import PythonTranslator
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    namespace = {p.name: eval(p.default) for p in PythonTranslator.inspect(
+        next(c for c in code if "parameters" in c.metadata.get("tags", [])))}
+    namespace |= parameters | {"regime": regime, "records": regime.load_study(SHIPPED)}
+    exec(next(c for c in code if "def is_live_point" in c.source).source, namespace)  # noqa: S102
+    return namespace["shipped_record"]
+
+
+@pytest.mark.parametrize("parameters, gate_init", [({}, "unit"), ({"live_gate_init": "warmup"}, "warmup")])
+def test_live_rerun_picks_exactly_the_variant_it_names(parameters, gate_init):
+    # The study holds, at GXPO K=5 grad lr 2e-3 seed 0, a default-gate run and a warm-up-gate run (whose gate
+    # shuts at step 6): the live rerun must train the one its settings name, not the first it meets.
+    record = _live_point_cell(**parameters)
+    c = record["config"]
+    assert (c["algorithm"], c["k"], c["retention"], c["lr"], c["seed"]) == ("gxpo", 5, "grad", 0.002, 0)
+    assert c["gate_init"] == gate_init and c["step_scale"] == 1.0 and c["ppo_epochs"] == 1
+    assert regime.method_label(c) == ("GXPO K=5 grad" if gate_init == "unit" else "GXPO K=5 grad gate warmup")
+
+
+def test_live_rerun_of_grpo_tells_the_controls_apart():
+    plain = _live_point_cell(live_algorithm="grpo")["config"]
+    epochs = _live_point_cell(live_algorithm="grpo", live_ppo_epochs=3)["config"]
+    assert (plain["step_scale"], plain["ppo_epochs"]) == (1.0, 1) and (epochs["step_scale"], epochs["ppo_epochs"]) == (1.0, 3)
+    assert _live_point_cell(live_algorithm="gxpo", live_k=7) is None     # no such run: the training cell says so
+
+
+def test_long_outputs_are_folded_and_no_machine_provenance_is_printed():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'study.get("note"' not in code and "UTC" not in code
+    for printed in ("v[\"text\"]", "diagnostic_lines", "control_lines", "gate_replay]"):
+        assert printed in code
+    assert code.count("fold_table(") == 1 and code.count("fold_lines(") == 4
 
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """The notebook with its defaults (the live rerun included), blanks filled with the solutions."""
+    """The notebook with its defaults (the live rerun included), blanks filled with the solutions.
+
+    Executed in a kernel: every test that uses it is marked slow. Its run time is the machine's, not
+    asserted (the notebook records it as runtime_s; bench/ and `make doctor` measure speed)."""
     out = tmp_path_factory.mktemp("nb05")
-    start = time.perf_counter()
     execute_notebook(NOTEBOOK, out, parameters={"fill_solutions": True}, html=False)
-    seconds = time.perf_counter() - start
-    return json.loads((out / "05_results.json").read_text()), out / NOTEBOOK.name, seconds
+    return json.loads((out / "05_results.json").read_text()), out / NOTEBOOK.name
 
 
-def test_headless_run_is_fast_and_error_free(executed):
-    results, path, seconds = executed
-    assert seconds < 180 and results["runtime_s"] < 180
+@pytest.mark.slow
+def test_headless_run_is_error_free(executed):
+    results, path = executed
+    assert results["runtime_s"] > 0           # recorded (its size is the machine's)
     assert path.stat().st_size < 5_000_000    # an executed copy stays small to share
     nb = nbformat.read(path, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
@@ -61,6 +105,7 @@ def test_headless_run_is_fast_and_error_free(executed):
         assert exercise in text  # filled solutions pass their own checks
 
 
+@pytest.mark.slow
 def test_toy_part_matches_the_library(executed):
     results = executed[0]
     q01 = results["nb01_q"]
@@ -71,6 +116,7 @@ def test_toy_part_matches_the_library(executed):
     assert stored["gxpo"] == pytest.approx(race["curves"]["GXPO"]["loss"][-1])
 
 
+@pytest.mark.slow
 def test_rl_numbers_and_verdicts_are_the_studys(executed):
     results = executed[0]
     records = regime.load_study(SHIPPED)
@@ -93,18 +139,20 @@ def test_rl_numbers_and_verdicts_are_the_studys(executed):
     assert len(results["gate_replay"]) == sum(r["config"]["algorithm"] == "gxpo" for r in records)
 
 
+@pytest.mark.slow
 def test_live_rerun_reproduces_the_shipped_step0_evaluation(executed):
     live = executed[0]["live"]
     assert live["steps"] == 10 and len(live["reward_live"]) == 10 and live["eval_live"] is not None
+    assert live["run"] == "algorithm=gxpo_k=5_retention=grad_lr=0.002_seed=0"      # the default gate, as named
     # The shipped model, the same seed and sampler: the step-0 evaluation is the same draw.
     assert live["eval0_live"] == pytest.approx(live["eval0_shipped"], abs=1e-4)
     # The first step samples from the same model with the same seed: the same rewards.
     assert live["reward_live"][0] == pytest.approx(live["reward_shipped"][0], abs=1e-4)
 
 
-def test_replay_only_trains_nothing(tmp_path):
-    execute_notebook(NOTEBOOK, tmp_path, parameters={"replay": True, "resamples": 50, "toy_steps": 10},
+@pytest.mark.slow
+def test_without_the_live_rerun_nothing_trains(tmp_path):
+    execute_notebook(NOTEBOOK, tmp_path, parameters={"live_rerun": False, "resamples": 50, "toy_steps": 10},
                      html=False)
     results = json.loads((tmp_path / "05_results.json").read_text())
     assert results["live"] is None and not (tmp_path / "nb05-live").exists()
-    assert results["runtime_s"] < 60

@@ -388,6 +388,34 @@ async function exercise(page) {
   return { feedback, source: await cell.locator('.cm-content').innerText() };
 }
 
+// -- scenario 5: an implement-it exercise, its function written over the blank -----------------------------
+// The notebook holds notebook 01's parameters and setup cells and one implement-it cell (its function's body
+// is `...`). After Run All the check says "fill in the blank"; the driver then replaces the whole cell with
+// `options.wrong_code`, runs it, and with `options.right_code`, reading the check's line each time.
+async function implement(page) {
+  const cell = page.locator('.jp-CodeCell', { hasText: `exercises['${options.exercise}']` }).first();
+  const output = cell.locator('.jp-OutputArea-output');
+  const finished = await openAndRunAll(page, options.notebook, 'implement', 170_000);
+  await finished(output.filter({ hasText: 'not yet' }));
+  await cell.scrollIntoViewIfNeeded();
+  const feedback = { blank: (await output.innerText()).trim() };
+  log(`all cells ran; the blank gives: ${feedback.blank}`);
+  await shoot(cell, '01-implement-blank.png');
+  const expected = { wrong: /^not yet:/, right: /^right:/ };
+  for (const [i, name] of ['wrong', 'right'].entries()) {
+    await cell.locator('.cm-content').click();
+    await page.keyboard.press('Control+a');
+    await page.keyboard.insertText(options[`${name}_code`]);   // inserted whole: no auto-indent on the way
+    await page.keyboard.press('Control+Enter');
+    await page.waitForFunction(([el, pattern]) => new RegExp(pattern).test(el.innerText.trim()),
+                               [await output.elementHandle(), expected[name].source], { timeout: 60_000 });
+    feedback[name] = (await output.innerText()).trim();
+    log(`wrote the ${name} implementation: ${feedback[name]}`);
+    await shoot(cell, `0${i + 2}-implement-${name}.png`);
+  }
+  return { feedback, source: await cell.locator('.cm-content').innerText() };
+}
+
 // -- scenario 4: an offline HTML export (gxpo_lib.html_export) opened from disk with the network off ------
 // The context is offline and every request that is not a file:// URL is aborted and recorded, so a page
 // that needs a CDN shows it both ways: its figures stay blank and `blocked` names what it asked for.
@@ -445,7 +473,7 @@ async function offline(page) {
   return { ...facts, blocked, errors };
 }
 
-const scenarios = { explorer, dashboard, exercise, offline };
+const scenarios = { explorer, dashboard, exercise, offline, implement };
 const browser = await chromium.launch({
   executablePath: process.env.GXPO_CHROMIUM || '/usr/bin/chromium', headless: true, args: ['--no-sandbox'],
 });

@@ -84,3 +84,44 @@ def test_a_blank_then_a_slip_then_a_3_figure_answer(class_run):
     assert feedback["right"] == "right: theta~ = 2.125"
     assert "answer = 2.13" in class_run["source"]                            # typed over the blank
     assert "Traceback" not in " ".join(feedback.values()) and len(class_run["screenshots"]) == 3
+
+
+IMPLEMENT_NOTEBOOK = "01_implement_browser_test.ipynb"
+WRONG_RETENTION = '''def my_retention(g0, g1, r_clamp=(-2.0, 3.0), delta=1e-8):
+    return g1 / g0
+
+
+exercises['implement_retention'] = check.implementation(my_retention, "retention", fill=fill_solutions)'''
+RIGHT_RETENTION = '''import torch
+
+
+def my_retention(g0, g1, r_clamp=(-2.0, 3.0), delta=1e-8):
+    active = g0.abs() > delta
+    r = torch.where(active, g1 / torch.where(active, g0, torch.ones_like(g0)), torch.ones_like(g1))
+    return r.clamp(*r_clamp)
+
+
+exercises['implement_retention'] = check.implementation(my_retention, "retention", fill=fill_solutions)'''
+
+
+def test_an_implement_it_exercise_blank_then_wrong_then_right(lab, drive, tmp_path_factory):
+    """Notebook 01's retention implement-it cell in class mode: the blank, a naive g1 / g0 (no activity mask,
+    no clamp) and a right implementation, each written over the cell and run as a learner would."""
+    nb = nbformat.read(NB01, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
+    setup = next(c for c in code if "exercises = {}" in c.source)
+    cell = next(c for c in code if "exercises['implement_retention']" in c.source)
+    out = nbformat.v4.new_notebook(metadata=nb.metadata)
+    out.cells = [nbformat.v4.new_code_cell(s) for s in (parameters.source, setup.source, cell.source)]
+    nbformat.write(out, lab.root / IMPLEMENT_NOTEBOOK)
+    try:
+        result = drive(lab, "implement", IMPLEMENT_NOTEBOOK, tmp_path_factory.mktemp("implement"), timeout=240,
+                       exercise="implement_retention", wrong_code=WRONG_RETENTION, right_code=RIGHT_RETENTION)
+    finally:
+        lab.shutdown_kernels()
+    feedback = result["feedback"]
+    assert feedback["blank"].startswith("not yet: fill in the blank")
+    assert feedback["wrong"].startswith("not yet:") and "inactive coordinates" in feedback["wrong"]   # g0 = 0
+    assert feedback["right"].startswith("right:")
+    assert "torch.where(active" in result["source"]
