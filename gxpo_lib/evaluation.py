@@ -209,10 +209,41 @@ def summarize_counts(counts: Sequence[int], samples: int, lengths: Sequence[floa
     return result
 
 
-def evaluate(sampler, scorer, problems: Sequence[dict], samples: int, seed: int) -> dict:
+def evaluate(sampler, scorer, problems: Sequence[dict], samples: int, seed: int, *, shares: int = 1,
+             world=None) -> dict:
     """Sampled pass@1 (mean over `samples` per problem) and unbiased pass@k with bootstrap intervals.
 
     `sampler` follows the `Sampler` protocol, `scorer` is a `RewardScorer`; see `summarize_counts`.
+    `shares` > 1 or a torchrun `world` (`gxpo_lib.distributed.World`): `sharded_counts`; every rank
+    returns the same result.
     """
-    counts, lengths = correct_counts(sampler, scorer, problems, samples, seed)
+    if shares == 1 and world is None:
+        counts, lengths = correct_counts(sampler, scorer, problems, samples, seed)
+    else:
+        shares = max(shares, world.size if world is not None else 1)
+        counts, lengths = sharded_counts(sampler, scorer, problems, samples, seed, shares, world)
     return summarize_counts(counts, samples, lengths, seed)
+
+
+def sharded_counts(sampler, scorer, problems: Sequence[dict], samples: int, seed: int, shares: int,
+                   world=None) -> tuple[list[int], list[float]]:
+    """`correct_counts` of `problems` cut into `shares` consecutive shares of ceil(P / shares) problems, each
+    sampled with its own seed (`distributed.share_seed`) by the rank it falls to (shares / world size each;
+    all of them in one process), then gathered in problem order on every rank. A short last share is padded
+    with problem 0, whose results are dropped: every rank then runs as many forwards as the others, which
+    FSDP2's all-gathers need."""
+    from .distributed import gather, share_seed
+
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    per = -(-len(problems) // shares)
+    counts: list[int] = []
+    lengths: list[float] = []
+    for share in range(rank * shares // size, (rank + 1) * shares // size):
+        part = list(problems[share * per:(share + 1) * per])
+        real = len(part)
+        got, got_lengths = correct_counts(sampler, scorer, part + [problems[0]] * (per - real), samples,
+                                          share_seed(seed, share, shares))
+        counts += got[:real]
+        lengths += got_lengths[:real * samples]
+    gathered = gather((counts, lengths), world)
+    return [c for part, _ in gathered for c in part], [x for _, part in gathered for x in part]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,10 @@ def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: st
 
         train(config, run_dir)
     summary = runlog.build_summary(run_dir, preset=preset, backend=backend)
-    runlog.write_summary(run_dir, summary)
-    if figures:
-        write_figures(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun only rank 0 writes the folder's files
+        runlog.write_summary(run_dir, summary)
+        if figures:
+            write_figures(run_dir)
     return summary
 
 
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                       figures=not args.no_figures)
     except ValueError as error:  # a bad setting, named, before anything loaded
         parser.error(str(error))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"[gxpo] {summary['algorithm']} seed {summary['seed']}: {summary['steps']} steps, "
           f"{summary['backward_passes']} backward passes, final pass@1 {summary['final_pass@1']}; "
           f"wrote {Path(args.out) / runlog.SUMMARY_FILE}", flush=True)

@@ -24,6 +24,12 @@ rollouts' order, since its result depends on which rows share a micro-batch.
 Devices: the rollouts, advantages, old and reference log-probs may live anywhere (the trainer builds the
 advantages on the CPU); each is moved once to the device of the model's input embeddings.
 
+Across ranks (FSDP2 under torchrun): FSDP2 averages the ranks' gradients, so each rank's loss is scaled by
+``global_normalizer = (T / W, B / W)`` -- the whole mini-batch's active tokens T and rows B over all W ranks,
+divided by W -- in place of its own counts: token sums over T / W (``token_mean``, ``dapo``, the entropy
+bonus) and per-row terms over B / W (``grpo``, ``dr_grpo``), so the averaged gradient is the whole
+mini-batch's. None (one process) keeps the local counts, bit for bit.
+
 The objective keeps its own statistics (`stats`, the last pass's) and, with ``old_logprobs="first_pass"``,
 its own fixed old log-probs taken from its first call: nothing is written into the rollouts.
 """
@@ -69,13 +75,15 @@ class PolicyObjective:
         loss settings: loss_type, clip_eps, clip_eps_high, kl_beta, entropy_coef, temperature,
             max_completion_length; micro_batch_size (None: all B rows at once); aggregation "exact" | "verl".
         logit_chunk_tokens: tokens per LM-head chunk (None: `losses.LOGIT_CHUNK_ELEMENTS` // vocabulary).
+        global_normalizer: ``(tokens, rows)`` of the mini-batch over every rank, each divided by the world
+            size (FSDP2; see the module docstring), or None in a single process.
     """
 
     def __init__(self, model, batch: Rollouts, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None,
                  old_logprobs: torch.Tensor | None, *, loss_type: str, clip_eps: float,
                  clip_eps_high: float | None, kl_beta: float, entropy_coef: float, temperature: float,
                  max_completion_length: int, micro_batch_size: int | None = None, aggregation: str = "exact",
-                 logit_chunk_tokens: int | None = None):
+                 logit_chunk_tokens: int | None = None, global_normalizer: tuple[float, float] | None = None):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is invalid: allowed one of {AGGREGATIONS}")
         rows = len(batch.completions)
@@ -90,6 +98,9 @@ class PolicyObjective:
         self.mask = batch.completion_mask
         self.parts = self._plan(micro_batch_size)
         self.tokens = max(1, sum(part.tokens for part in self.parts))   # the mini-batch's (= optimizer step's)
+        # What token sums and per-row terms are divided by: this mini-batch's counts, or across ranks the
+        # global ones over the world size (FSDP2 then averages the ranks' gradients into the whole batch's).
+        self.norm_tokens, self.norm_rows = (self.tokens, rows) if global_normalizer is None else global_normalizer
         self.stats: dict[str, float] = {}
         self.passes = 0
 
@@ -117,8 +128,8 @@ class PolicyObjective:
         if self.aggregation == "verl":
             return 1.0 / len(self.parts), {}
         if self.loss_settings["loss_type"] in ("token_mean", "dapo"):   # token sums over the mini-batch's tokens
-            return 1.0, {"loss_type": "dapo", "num_items_in_batch": self.tokens}
-        return len(part.rows) / len(self.batch.completions), {}   # grpo, dr_grpo: per-row terms over all rows
+            return 1.0, {"loss_type": "dapo", "num_items_in_batch": self.norm_tokens}
+        return len(part.rows) / self.norm_rows, {}   # grpo, dr_grpo: per-row terms over all rows
 
     def _inputs(self, part: MicroBatch, device: torch.device, first_pass: bool) -> dict[str, torch.Tensor]:
         """The micro-batch's trimmed tensors on `device`: ids [b, P' + width], masks, advantages [b], the fixed
@@ -167,8 +178,9 @@ class PolicyObjective:
             weight, agg = self._weights(part)
             settings = self.loss_settings | agg
             share = part.tokens / self.tokens
-            if self.aggregation == "exact" and settings["entropy_coef"] > 0:
-                settings["entropy_coef"] *= share / weight   # the bonus is a token mean over the mini-batch
+            if self.aggregation == "exact" and settings["entropy_coef"] > 0:   # a token mean over the mini-batch
+                settings["entropy_coef"] *= (share if self.norm_tokens is self.tokens
+                                             else part.tokens / self.norm_tokens) / weight
             loss, stats = grpo_objective(
                 logprobs, old, inputs["advantages"], mask, ref_logprobs=inputs.get("ref"),
                 entropy=entropy if settings["entropy_coef"] > 0 else None, stats_as_tensors=True, **settings)
