@@ -228,7 +228,7 @@ def test_the_trainers_update_with_cpu_advantages_on_the_device(meta_lora_model, 
                          entropy_coef=0.01, max_new_tokens=MAX_NEW, gate=False).validate()
     model = copy.deepcopy(meta_lora_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    state = SimpleNamespace(config=config, model=model, rule=build_rule(config, optimizer))
+    state = SimpleNamespace(config=config, model=model, rule=build_rule(config, optimizer), world=None)
     rollouts = cpu_rollouts(model.config.vocab_size)
     advantages = group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]), 3)
     with MetaReadout():

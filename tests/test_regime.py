@@ -195,14 +195,16 @@ def test_bad_folders_raise_clear_errors(tmp_path):
 
 def test_toy_race_gives_every_method_the_same_passes():
     race = regime.toy_race(1.0, steps=10, k=5, alpha=0.5, noise=0.02)
-    assert len(race["curves"]) == 4
+    assert len(race["curves"]) == 5 and "GXPO, scalar q" in race["curves"]
     assert {c["passes"][-1] for c in race["curves"].values()} == {30}
     land = toy.DiagonalQuadratic(h=(1.0, 0.02))
     gd = land(toy.gd_path(land, lr=1.0, steps=30)).tolist()
     assert race["curves"]["GD"]["loss"] == pytest.approx(gd)
     gxpo = toy.run_rule("gxpo", land, lr=1.0, steps=10, k=5, alpha=0.5)
-    measured = [i["effective_multiplier"] for i in gxpo.infos if i["active"]]
+    # the displacement-matched multiplier: GXPO's update in plain steps (its first probe is one plain step)
+    measured = [i["update_norm"] / i["probe_step_norm"] for i in gxpo.infos if i["active"]]
     assert race["multiplier"] == pytest.approx(np.mean(measured))
+    assert race["multiplier"] > 2.0   # about 1 + 2 alpha q-bar: far above the old alpha q-bar control
 
 
 def test_coordinate_q_flat_direction_extrapolates_further():
