@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 TINY_NAME = "tiny"
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-GPU_DEFAULT_MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The tiny model's special tokens (its tokenizer is built by gxpo_lib.tiny_model); format_prompt falls back
@@ -52,11 +51,6 @@ def tiny_model_dir() -> Path:
 def cache_dir() -> Path:
     """Cache for converted models: ``$GXPO_CACHE`` or ``~/.cache/gxpo``."""
     return Path(os.environ.get("GXPO_CACHE", Path.home() / ".cache" / "gxpo")).expanduser()
-
-
-def default_model_name() -> str:
-    """``GPU_DEFAULT_MODEL`` when CUDA is available, else the tiny model."""
-    return GPU_DEFAULT_MODEL if torch.cuda.is_available() else TINY_NAME
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def _resolve_source(name_or_path: str | Path) -> str | Path:
                          f"'{SMOLLM2_NAME}' or a hub id")
     if isinstance(name_or_path, Path) or not _looks_like_hub_id(name):
         raise ValueError(f"name_or_path={name!r}: no such folder, and it is not a hub id like "
-                         f"'{GPU_DEFAULT_MODEL}'")
+                         "'meta-llama/Llama-3.2-1B-Instruct'")
     return name
 
 
