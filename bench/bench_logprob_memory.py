@@ -114,7 +114,8 @@ def main(argv=None) -> None:
             elements = rows * width * vocab
             print(f"LM head, V={vocab:>6}: unchunked {old / 2**20:8.2f} MiB ({old / elements:5.2f} B per token x vocab "
                   f"element, {old / rows / 2**20:7.2f} MiB/row) | chunked {new / 2**20:6.3f} MiB "
-                  f"({new / rows / width:6.1f} B per token, {new / rows / 2**10:6.1f} KiB/row) | ratio {old / new:7.1f}")
+                  f"({new / rows / width:6.1f} B per token, {new / rows / 2**10:6.1f} KiB/row) "
+                  f"| ratio {old / new:7.1f}")
         (v1, (o1, _)), (v2, (o2, n2)) = fits.items()
         per_element = (o2 - o1) / (rows * width * (v2 - v1))   # the slope in V: bytes per token x vocab element
         per_token_chunked = n2 / (rows * width)                   # flat in V: hidden x size + ids and [N] vectors

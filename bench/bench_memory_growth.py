@@ -58,11 +58,10 @@ def main() -> None:
                 print(f"step {row['step']:4d}  rss {curve[-1][1]:8.1f} MiB", flush=True)
 
     config = TrainConfig(algorithm=args.algorithm, steps=args.steps, batch_prompts=4, group_size=8,
-                         eval_every=50, eval_problems=32, eval_samples=2, checkpoint_every=25, seed=args.seed,
-                         progress=False)
+                         eval_every=50, eval_problems=32, eval_samples=2, checkpoint_every=25, seed=args.seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        train(config, workdir, callbacks=[on_row])
+        train(config, workdir, callbacks=[on_row], progress=False)
     seconds = time.perf_counter() - start
 
     steps = np.array([s for s, _ in curve], dtype=float)

@@ -60,15 +60,14 @@ CPU_OVERRIDES = {
     "dtype": "float32",           # bf16 matmuls are slow on most CPUs
     "train_set": "arith",         # the shipped synthetic task instead of MATH from the hub
     "eval_set": "arith", "eval_problems": 8, "final_eval_sets": [],  # no evaluation runs in this bench
-    "reward_workers": 0,          # score in process (a worker pool's memory is not the trainer's)
-    "progress": False,
+    # (rollout_backend hf: rewards are scored in process, so a worker pool's memory is not counted)
 }
 CASES = {  # name: (overrides of the paper preset, micro-batch sizes; None = the whole mini-batch)
     "tiny": ({"model": "tiny", "max_new_tokens": 32}, (8, 32, None)),
-    "tiny-quick": ({"model": "tiny", "max_new_tokens": 32, "batch_prompts": 16, "generation_batch_size": 80},
+    "tiny-quick": ({"model": "tiny", "max_new_tokens": 32, "batch_prompts": 16},
                    (8, 32, None)),
-    "smollm2": ({"model": "smollm2-135m", "max_new_tokens": 16, "batch_prompts": 2, "group_size": 8,
-                 "generation_batch_size": 16}, (1, 4, None)),
+    "smollm2": ({"model": "smollm2-135m", "max_new_tokens": 16, "batch_prompts": 2, "group_size": 8},
+                (1, 4, None)),
 }
 
 

@@ -218,7 +218,8 @@ def main() -> None:
                          "sample_s": b["sample_s"]["median"], "tps": b["tok_per_s"]["median"],
                          "tps_iqr": b["tok_per_s"]["iqr"],
                          "gtps": b["gen_tok_per_s"]["median"] if "gen_tok_per_s" in b else None,
-                         "outside": b["outside_generate_frac"]["median"] * 100 if "outside_generate_frac" in b else None,
+                         "outside": (b["outside_generate_frac"]["median"] * 100
+                                     if "outside_generate_frac" in b else None),
                          "speedup": speedup["median"] if speedup else None,
                          "ci": "[{:.2f}, {:.2f}]".format(*speedup["ci95"]) if speedup else None})
     print_table(rows, [("model", "model", ""), ("backend", "backend", ""), ("batch", "rows", "d"),

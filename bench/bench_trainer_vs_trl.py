@@ -113,7 +113,7 @@ def train_config(args, seed: int, old_logprobs: str = "sampler"):
     return TrainConfig(algorithm="grpo", model="tiny", lora=not args.full, lr=args.lr, old_logprobs=old_logprobs,
                        batch_prompts=args.prompts, group_size=args.group, max_new_tokens=args.new_tokens,
                        steps=args.steps, eval_every=10**6, eval_problems=1, eval_samples=1,
-                       checkpoint_every=10**6, keep_checkpoints=1, progress=False, seed=seed)
+                       checkpoint_every=10**6, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def run_ours(args, seed: int, workdir: Path, old_logprobs: str = "sampler") -> l
     def callback(row):
         marks.append((time.perf_counter(), dict(row, threads=torch.get_num_threads()), GEN.snapshot()))
 
-    train(train_config(args, seed, old_logprobs), workdir, callbacks=[callback],
+    train(train_config(args, seed, old_logprobs), workdir, callbacks=[callback], progress=False,
           model_and_tokenizer=load_model("tiny", device="cpu"))
     steps = []
     for (t_prev, prev, g_prev), (t, row, g) in itertools.pairwise(marks):
@@ -171,7 +171,8 @@ def run_trl(args, seed: int, workdir: Path, gxpo_trainer: bool) -> list[dict]:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer, build_dataset, math_reward_func
+    from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
+    from gxpo_lib.integrations.trl_run import build_dataset, math_reward_func
     from gxpo_lib.models import load_model
 
     base = GXPOTrainer if gxpo_trainer else GRPOTrainer
@@ -211,7 +212,7 @@ def run_trl(args, seed: int, workdir: Path, gxpo_trainer: bool) -> list[dict]:
     else:
         targs = GRPOConfig(**values)
     peft_config = None if args.full else LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(config.lora_targets),
+        r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=list(config.lora_targets),
         task_type="CAUSAL_LM")
     trainer = Timed(model=model, reward_funcs=math_reward_func, args=targs,
                     train_dataset=build_dataset(config, tokenizer), processing_class=tokenizer, peft_config=peft_config)
@@ -343,7 +344,8 @@ def main() -> None:
     print_table(rows, [("who", "contender", ""), ("n", "steps", "d"), ("wall", "wall s", ".3f"),
                        ("iqr", "wall IQR", ".3f"), ("rollout", "rollout s", ".3f"), ("generate", "generate s", ".3f"),
                        ("rewards", "rewards s", ".4f"),
-                       ("rollout_rest", "rollout rest s", ".3f"), ("update", "update s", ".3f"), ("other", "loop other s", ".3f"),
+                       ("rollout_rest", "rollout rest s", ".3f"), ("update", "update s", ".3f"),
+                       ("other", "loop other s", ".3f"),
                        ("decode", "decode steps", ".0f"), ("length", "mean completion", ".1f")],
                 title=f"Per-step medians: tiny model ({'full' if args.full else 'LoRA'}), {args.prompts} prompts x "
                       f"{args.group}, max {args.new_tokens} new tokens, {args.threads} thread(s)")

@@ -385,7 +385,8 @@ def report(record: dict) -> None:
     for case in record["cases"]:
         for unit, r in case["ratios"].items():
             rows.append({"case": case["case"], "rule": unit, "baseline": r["baseline"], "reps": case["reps"],
-                         "median": r["per_rep"]["median"], "iqr": f"{r['per_rep']['q25']:.3f}-{r['per_rep']['q75']:.3f}",
+                         "median": r["per_rep"]["median"],
+                         "iqr": f"{r['per_rep']['q25']:.3f}-{r['per_rep']['q75']:.3f}",
                          "ci": f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}", "rom": r["ratio_of_medians"],
                          "proj": r["projected"], "target": f"<= {r['target']:.2f}", "verdict": r["verdict"],
                          "pverdict": r["projected_verdict"]})
@@ -395,7 +396,8 @@ def report(record: dict) -> None:
                        ("verdict", "verdict (measured)", ""), ("pverdict", "verdict (projected)", "")],
                 title="Update cost: rule step / floor of plain steps, per repetition (interleaved)")
     rows = [{"case": case["case"], "rule": unit, "reps": case["reps"], "median": r["per_rep"]["median"],
-             "iqr": f"{r['per_rep']['q25']:.2f}-{r['per_rep']['q75']:.2f}", "ci": f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}",
+             "iqr": f"{r['per_rep']['q25']:.2f}-{r['per_rep']['q75']:.2f}",
+             "ci": f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}",
              "opt_ms": case["optimizer_step_s"] * 1e3, "target": f"<= {r['target']:.0f}", "verdict": r["verdict"]}
             for case in record["cases"] for unit, r in case.get("own_work", {}).items()]
     print_table(rows, [("case", "case", ""), ("rule", "rule", ""), ("reps", "reps", "d"),

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import extrapolation, losses
+from .choices import ALGORITHMS
 from .evaluation import pass_at_k as _pass_at_k
 from .gate import ShutoffGate
 from .notebooks import HEADLESS_ENV
@@ -65,7 +66,6 @@ DIGITS = 3
 """A number is right when it rounds like the right value at this many significant figures."""
 _YES = ("yes", "y", "true")
 _NO = ("no", "n", "false")
-ALGORITHMS = ("grpo", "gxpo", "sfpo")
 _SHORT = ("short", "back", "backward", "backwards", "behind", "before", "between")
 _BEYOND = ("beyond", "past", "forward", "forwards", "further", "ahead", "overshoot")
 _AT = ("at", "on", "exactly")
@@ -369,7 +369,8 @@ def jump_direction(answer: Any, r: float, k: int, alpha: float) -> CheckResult:
         return _report(False, f"you gave {answer!r}, which is not one of the answers: 'short', 'beyond' or 'at'")
     if given == expected:
         where = {"short": "short of", "beyond": "beyond", "at": "exactly at"}[expected]
-        return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2" + (_FILLED if filled else ""))
+        return _report(True, f"alpha * q = {multiplier:.4g}, so theta~ lands {where} theta2"
+                       + (_FILLED if filled else ""))
     return _report(False, f"you gave {answer!r}; theta~ - theta0 = alpha * q * (theta2 - theta0): compare alpha * q "
                           "with 1")
 

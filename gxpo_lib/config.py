@@ -11,56 +11,74 @@ keys (`RULE_SETTINGS`). Presets are YAML files of settings shipped in ``gxpo_lib
 from __future__ import annotations
 
 import dataclasses
-import functools
-import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from . import validation as checks
+from .choices import (
+    ALGORITHMS,
+    GATE_KINDS,
+    GATES,
+    LORA_TARGETS,
+    LOSS_AGGREGATIONS,
+    LOSS_TYPES,
+    OLD_LOGPROB_SOURCES,
+    OPTIMIZERS,
+    Q_MODES,
+    REPORT_TO,
+    ROLLOUT_BACKENDS,
+    VERSIONS,
+    VERSIONS_WITH_ENTROPY_GATE,
+)
+from .validation import choice, integer, names, optional
 
-ALGORITHMS = ("grpo", "gxpo", "sfpo")
-GATES = ("auto", "default", "official", "none")
-GATE_MODES = ("ema", "window")
-GATE_SIGNALS = ("grad_norm", "entropy")
-GATE_INITS = ("unit", "warmup")
-OPTIMIZER_STATE_MODES = ("carry", "transactional")
-RETENTION_MODES = ("grad", "clip_corrected", "update")
-VANISHING_PROBE = ("continue", "fallback")
-ACTIVE_SETS = ("absolute", "relative", "all")
-SCALE_FORMS = ("horner", "closed")
-GATE_STATISTICS = ("pre_clip", "post_clip")
-Q_MODES = ("per_coordinate", "scalar")
-OPTIMIZERS = ("adamw", "sgd")
-VERSIONS = ("v1", "v2", "v3", "v5")
-VERSIONS_WITH_ENTROPY_GATE = ("v5",)  # rules.VERSIONS holds each version's gate (a test keeps the two in step)
-SFPO_SWEEPS = ("official", "per_minibatch")
-LOSS_TYPES = ("token_mean", "grpo", "dr_grpo", "dapo")
-LOSS_AGGREGATIONS = ("exact", "verl")
-ADV_SCALES = ("group", "batch", "none")
-ROLLOUT_BACKENDS = ("auto", "lean", "hf", "vllm")
-OLD_LOGPROB_SOURCES = ("sampler", "first_pass")
-REPORT_TO = ("none", "tensorboard", "trackio")
-R_CLAMP = (-2.0, 3.0)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+KEEP_CHECKPOINTS = 2          # checkpoints kept per run
+GENERATION_BATCH = 256        # sequences the HF and lean samplers generate at once (vLLM batches itself)
+REWARD_TIMEOUT = 5.0          # seconds per answer in the reward pool
+VLLM_REWARD_WORKERS = 4       # a vLLM (GPU) run scores in a guarded pool of this many processes; others in process
 
-# Old names still accepted for one release (with a FutureWarning): old -> new.
-ALIASES = {"tau": "gate_tau", "omega": "gate_omega"}
+# Settings that once existed: name -> where the thing lives now (an old name is refused with this hint).
+_VERSION_HINT = "an option of the authors' code versions: set version= (v1, v2, v3, v5), or pass it to GXPO(...)"
+_GATE_HINT = "a ShutoffGate option: set version= (v1, v2, v3, v5), gate= (grad_norm, entropy), or pass it to GXPO(...)"
+REMOVED = {
+    **dict.fromkeys(("r_clamp", "optimizer_state", "retention", "skip_corrective", "vanishing_probe", "active_set",
+                     "scale_form", "q_clamp", "gate_statistic"), _VERSION_HINT),
+    **dict.fromkeys(("gate_omega", "omega", "gate_patience", "gate_mode", "gate_window", "gate_window_includes_current",
+                     "gate_signal", "gate_two_sided", "gate_freeze_baseline", "gate_permanent", "gate_reopen_after",
+                     "sfpo_official_gate"), _GATE_HINT),
+    "gate_tau": "now tau", "gate_warmup": "now warmup",
+    "train_path": "use data_dir (a folder of benchmark JSONL files)",
+    "eval_path": "use data_dir (a folder of benchmark JSONL files)",
+    "lora_alpha": "LoRA alpha is 2 x lora_rank", "keep_checkpoints": f"{KEEP_CHECKPOINTS} checkpoints are kept",
+    "reward_timeout": f"{REWARD_TIMEOUT:g} s per answer", "adv_scale": "advantages are scaled per group",
+    "reward_workers": f"vLLM runs score in a pool of {VLLM_REWARD_WORKERS}, others in process",
+    "generation_batch_size": "the samplers generate 256 sequences at once (vLLM batches itself)",
+    "top_p": "sampling uses the whole distribution (top_p 1)",
+    "clip_eps_high": "the upper clip is clip_eps (losses.policy_loss takes clip_eps_high)",
+    "gate_init": "a ShutoffGate option (init=): runs start the gate's statistics at 1 (V2); "
+                 "pass gate=ShutoffGate(init='warmup') to GXPO(...)",
+    "sfpo_sweeps": "SFPO runs use the authors' official sweeps (K sweeps over all mini-batches); one mini-batch at "
+                   "a time is SFPO.step per mini-batch (the rule's Python API)",
+    "progress": "a run option, not a setting: gxpo_lib.run(..., progress=False), train(..., progress=False), "
+                "`python -m gxpo_lib run --no-progress`, or notebook 03's `progress` parameter",
+}
 # Settings that may change when a run resumes (they change no result).
-RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "checkpoint_every", "keep_checkpoints", "progress",
-                               "reward_workers", "reward_timeout", "report_to", "generation_batch_size",
-                               "micro_batch_size", "final_eval_sets", "final_eval_samples",
-                               "final_eval_problems"})
+RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "checkpoint_every", "report_to",
+                               "micro_batch_size", "final_eval_sets", "final_eval_samples", "final_eval_problems"})
 
 
-def _s(default: Any, help: str, check: tuple = (), group: str = "run") -> Any:
-    """A TrainConfig field: its default, one line of help, a check spec and the group it belongs to."""
+def _s(default: Any, help: str, check, group: str = "run") -> Any:
+    """A TrainConfig field: its default, one line of help, its check (a callable (name, value)) and group."""
     meta = {"help": help, "check": check, "group": group}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+_LISTS = ("lora_targets", "train_levels", "final_eval_sets", "report_to")  # lists become tuples
 
 
 @dataclass
@@ -68,125 +86,84 @@ class TrainConfig:
     """Everything one run needs; plain values only, so it round-trips through JSON and papermill."""
 
     # -- the update rule (k and alpha: GXPO's K, alpha or SFPO's K, alpha) --
-    algorithm: str = _s("gxpo", "update rule: grpo, gxpo or sfpo", ("choice", ALGORITHMS), "rule")
-    k: int = _s(5, "GXPO's lookahead K / SFPO's fast steps (2 or more)", ("int", 2), "rule")
-    alpha: float = _s(0.5, "reposition factor alpha (> 0)", ("positive",), "rule")
-    r_clamp: tuple[float, float] = _s(R_CLAMP, "stability clamp (r_min, r_max) on the retention ratio",
-                                      ("interval",), "rule")
-    optimizer_state: str = _s("carry", "carry or transactional (optimizer state across the probe)",
-                              ("choice", OPTIMIZER_STATE_MODES), "rule")
-    retention: str = _s("grad", "r from raw grads, clip_corrected grads, or the optimizer's update (V5)",
-                        ("choice", RETENTION_MODES), "rule")
-    skip_corrective: bool = _s(False, "ablation: stop at the extrapolated point (2 passes)", ("bool",), "rule")
-    vanishing_probe: str = _s("continue", "second probe gradient ~0: continue with r 0 (authors) or fall back",
-                              ("choice", VANISHING_PROBE), "rule")
-    active_set: str = _s("absolute", "coordinates extrapolated: |g0|>delta, |g0|>1e-3*RMS (V5) or all",
-                         ("choice", ACTIVE_SETS), "rule")
-    scale_form: str = _s("horner", "q by Horner's rule or the closed form (1-r^K)/(1-r)", ("choice", SCALE_FORMS),
-                         "rule")
-    q_clamp: bool = _s(True, "clamp q to [1, K/2+1] (V3 and later; V2 does not)", ("bool",), "rule")
-    gate_statistic: str = _s("pre_clip", "the corrective norm the gate reads: pre_clip (V2+) or post_clip (V1)",
-                             ("choice", GATE_STATISTICS), "rule")
+    algorithm: str = _s("gxpo", "update rule: grpo, gxpo or sfpo", choice(ALGORITHMS), "rule")
+    k: int = _s(5, "GXPO's lookahead K / SFPO's fast steps (2 or more)", integer(2), "rule")
+    alpha: float = _s(0.5, "reposition factor alpha (> 0)", checks.check_positive, "rule")
     version: str | None = _s(None, "the authors' code version (v1, v2, v3, v5) setting every other rule and gate "
-                             "option; k, alpha, max_grad_norm still apply", ("optional_choice", VERSIONS), "rule")
+                             "option; k, alpha, max_grad_norm still apply", optional(choice(tuple(VERSIONS))), "rule")
     q_mode: str = _s("per_coordinate", "GXPO's jump: per-coordinate q (authors) or one scalar q-bar (our control)",
-                     ("choice", Q_MODES), "rule")
+                     choice(Q_MODES), "rule")
     ppo_epochs: int = _s(1, "GRPO only: passes over each batch (3: the matched-compute control of GXPO)",
-                         ("int", 1), "rule")
+                         integer(1), "rule")
     step_scale: float = _s(1.0, "GRPO only: lr multiplier (displacement-matched control: a GXPO run's update-norm "
-                           "ratio)",
-                           ("positive",), "rule")
-    sfpo_sweeps: str = _s("official", "SFPO with mini-batches: K full sweeps (official) or per mini-batch",
-                          ("choice", SFPO_SWEEPS), "rule")
+                           "ratio)", checks.check_positive, "rule")
     # -- the shut-off gate --
-    gate: str = _s("auto", "auto (GXPO: default, SFPO: official), default, official (SFPO) or none",
-                   ("choice", GATES), "gate")
-    gate_tau: float = _s(0.5, "threshold tau on the z-score", ("positive",), "gate")
-    gate_omega: float = _s(0.1, "EMA rate omega", ("open_unit",), "gate")
-    gate_warmup: int = _s(2, "observations before the gate may trip", ("int", 0), "gate")
-    gate_patience: int = _s(1, "consecutive steps with z at or above tau needed to trip", ("int", 1), "gate")
-    gate_mode: str = _s("ema", "ema or window statistics", ("choice", GATE_MODES), "gate")
-    gate_window: int = _s(30, "window length (gate_mode: window)", ("int", 2), "gate")
-    gate_window_includes_current: bool = _s(False, "score the value inside its own window", ("bool",), "gate")
-    gate_signal: str = _s("grad_norm", "grad_norm (corrective pre-clip norm) or entropy",
-                          ("choice", GATE_SIGNALS), "gate")
-    gate_init: str = _s("unit", "cold start: unit (mu and sigma start at 1, V2) or warmup (from the warm-up observations)",
-                        ("choice", GATE_INITS), "gate")
-    gate_two_sided: bool = _s(False, "trip on |z| at or above tau in both directions (V1)", ("bool",), "gate")
-    gate_freeze_baseline: bool = _s(False, "window mode: keep the warm-up baseline fixed (V5)", ("bool",), "gate")
-    gate_permanent: bool = _s(True, "once closed, stay closed", ("bool",), "gate")
-    gate_reopen_after: int = _s(10, "closed steps before re-opening (gate_permanent: false)", ("int", 1), "gate")
+    gate: str = _s("auto", "grad_norm (an EMA z-score of the corrective gradient norm), entropy (SFPO's entropy "
+                   "window), none, or auto (GXPO: grad_norm; SFPO: its official entropy gate, tau 1.0)",
+                   choice(GATES), "gate")
+    tau: float = _s(0.5, "the gate's threshold on the z-score", checks.check_positive, "gate")
+    warmup: int = _s(2, "the gate's observations before it may trip (grad_norm)", integer(0), "gate")
     # -- the model --
-    model: str = _s("tiny", "tiny, smollm2-135m, a hub id or a local folder", ("str",), "model")
-    dtype: str | None = _s(None, "float32, bfloat16, float16 or None (the model's own)", ("optional_str",),
+    model: str = _s("tiny", "tiny, smollm2-135m, a hub id or a local folder", checks.check_text, "model")
+    dtype: str | None = _s(None, "float32, bfloat16, float16 or None (the model's own)", optional(checks.check_text),
                            "model")
-    lora: bool = _s(True, "LoRA adapters (False: full fine-tuning)", ("bool",), "model")
-    lora_rank: int = _s(8, "LoRA rank", ("int", 1), "model")
-    lora_alpha: float = _s(16.0, "LoRA alpha", ("positive",), "model")
-    lora_targets: tuple[str, ...] = _s(LORA_TARGETS, "module names that get adapters", ("names",), "model")
-    gradient_checkpointing: bool = _s(False, "recompute activations in backward (saves memory)", ("bool",),
+    lora: bool = _s(True, "LoRA adapters, alpha 2 x rank (False: full fine-tuning)", checks.check_bool, "model")
+    lora_rank: int = _s(8, "LoRA rank", integer(1), "model")
+    lora_targets: tuple[str, ...] = _s(LORA_TARGETS, "module names that get adapters", names(), "model")
+    gradient_checkpointing: bool = _s(False, "recompute activations in backward (saves memory)", checks.check_bool,
                                       "model")
     # -- data --
-    train_set: str = _s("arith", "arith, gsm8k, math_train, math500, ...", ("str",), "data")
-    train_path: str | None = _s(None, "a local JSONL instead of the hub", ("optional_str",), "data")
-    train_levels: tuple[int, ...] | None = _s(None, "keep only these difficulty levels", ("levels",), "data")
-    eval_set: str = _s("arith", "held-out set evaluated during training", ("str",), "data")
-    eval_path: str | None = _s(None, "a local JSONL for eval_set", ("optional_str",), "data")
-    eval_problems: int = _s(64, "problems per evaluation", ("int", 1), "data")
-    eval_samples: int = _s(4, "samples per problem per evaluation", ("int", 1), "data")
-    final_eval_sets: tuple[str, ...] = _s((), "benchmarks evaluated after training", ("names",), "data")
-    final_eval_samples: int = _s(4, "samples per problem in the final evaluation", ("int", 1), "data")
-    final_eval_problems: int | None = _s(None, "problems per final benchmark (None: all)", ("optional_int", 1),
+    train_set: str = _s("arith", "arith, gsm8k, math_train, math500, ...", checks.check_text, "data")
+    train_levels: tuple[int, ...] | None = _s(None, "keep only these difficulty levels",
+                                              optional(checks.check_levels), "data")
+    eval_set: str = _s("arith", "held-out set evaluated during training", checks.check_text, "data")
+    eval_problems: int = _s(64, "problems per evaluation", integer(1), "data")
+    eval_samples: int = _s(4, "samples per problem per evaluation", integer(1), "data")
+    final_eval_sets: tuple[str, ...] = _s((), "benchmarks evaluated after training", names(), "data")
+    final_eval_samples: int = _s(4, "samples per problem in the final evaluation", integer(1), "data")
+    final_eval_problems: int | None = _s(None, "problems per final benchmark (None: all)", optional(integer(1)),
                                          "data")
-    data_dir: str | None = _s(None, "a folder of local benchmark JSONL files", ("optional_str",), "data")
+    data_dir: str | None = _s(None, "a folder of local benchmark JSONL files", optional(checks.check_text), "data")
     instruction: str | None = _s(None, "appended to each problem (None: none for arith, the math one else)",
-                                 ("optional_str",), "data")
+                                 optional(checks.check_text), "data")
     # -- optimisation --
-    optimizer: str = _s("adamw", "adamw (default) or sgd (plain gradient descent: r is 1 - lr*h exactly on a quadratic)",
-                        ("choice", OPTIMIZERS), "optim")
-    momentum: float = _s(0.0, "SGD momentum in [0, 1) (optimizer: sgd)", ("nonneg",), "optim")
-    lr: float = _s(2e-3, "learning rate", ("positive",), "optim")
-    weight_decay: float = _s(0.01, "weight decay (AdamW: decoupled; SGD: L2 in the gradient)", ("nonneg",), "optim")
-    max_grad_norm: float | None = _s(1.0, "global-norm clip (None: none)", ("optional_positive",), "optim")
-    batch_prompts: int = _s(8, "prompts per step", ("int", 1), "optim")
-    group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", ("int", 2), "optim")
-    mini_batches: int = _s(1, "optimizer steps per batch (one rule step each)", ("int", 1), "optim")
+    optimizer: str = _s("adamw", "adamw (default) or sgd (plain gradient descent: r is 1 - lr*h exactly on a "
+                        "quadratic)", choice(OPTIMIZERS), "optim")
+    momentum: float = _s(0.0, "SGD momentum in [0, 1) (optimizer: sgd)", checks.check_nonnegative, "optim")
+    lr: float = _s(2e-3, "learning rate", checks.check_positive, "optim")
+    weight_decay: float = _s(0.01, "weight decay (AdamW: decoupled; SGD: L2 in the gradient)",
+                             checks.check_nonnegative, "optim")
+    max_grad_norm: float | None = _s(1.0, "global-norm clip (None: none)", checks.check_optional_positive, "optim")
+    batch_prompts: int = _s(8, "prompts per step", integer(1), "optim")
+    group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", integer(2),
+                         "optim")
+    mini_batches: int = _s(1, "optimizer steps per batch (one rule step each)", integer(1), "optim")
     micro_batch_size: int | None = _s(None, "sequences per forward/backward (None: the whole mini-batch)",
-                                      ("optional_int", 1), "optim")
+                                      optional(integer(1)), "optim")
     loss_aggregation: str = _s("exact", "micro-batch sums: exact (size-invariant) or verl (mean of means)",
-                               ("choice", LOSS_AGGREGATIONS), "optim")
-    max_new_tokens: int = _s(24, "completion length cap", ("int", 1), "optim")
-    temperature: float = _s(1.0, "sampling temperature", ("positive",), "optim")
-    top_p: float = _s(1.0, "nucleus sampling mass in (0, 1]", ("unit_right",), "optim")
-    loss_type: str = _s("token_mean", "token_mean, grpo, dr_grpo or dapo", ("choice", LOSS_TYPES), "optim")
-    clip_eps: float = _s(0.2, "PPO clip epsilon", ("positive",), "optim")
-    clip_eps_high: float | None = _s(None, "upper clip epsilon (None: clip_eps)", ("optional_positive",), "optim")
-    adv_scale: str = _s("group", "advantage scaling: group, batch or none", ("choice", ADV_SCALES), "optim")
-    kl_beta: float = _s(0.0, "k3 KL coefficient", ("nonneg",), "optim")
-    entropy_coef: float = _s(0.0, "entropy bonus coefficient", ("nonneg",), "optim")
+                               choice(LOSS_AGGREGATIONS), "optim")
+    max_new_tokens: int = _s(24, "completion length cap", integer(1), "optim")
+    temperature: float = _s(1.0, "sampling temperature", checks.check_positive, "optim")
+    loss_type: str = _s("token_mean", "token_mean, grpo, dr_grpo or dapo", choice(LOSS_TYPES), "optim")
+    clip_eps: float = _s(0.2, "PPO clip epsilon", checks.check_positive, "optim")
+    kl_beta: float = _s(0.0, "k3 KL coefficient", checks.check_nonnegative, "optim")
+    entropy_coef: float = _s(0.0, "entropy bonus coefficient", checks.check_nonnegative, "optim")
     # -- schedule --
-    steps: int = _s(30, "training steps", ("int", 1), "schedule")
-    eval_every: int = _s(10, "steps between evaluations", ("int", 1), "schedule")
-    checkpoint_every: int = _s(5, "steps between checkpoints", ("int", 1), "schedule")
-    keep_checkpoints: int = _s(2, "checkpoints kept", ("int", 1), "schedule")
-    seed: int = _s(0, "run seed", ("int", 0), "schedule")
-    reward_workers: int = _s(0, "0: score in process; >0: a guarded process pool", ("int", 0), "schedule")
-    reward_timeout: float = _s(5.0, "seconds per answer in the pool", ("positive",), "schedule")
+    steps: int = _s(30, "training steps", integer(1), "schedule")
+    eval_every: int = _s(10, "steps between evaluations", integer(1), "schedule")
+    checkpoint_every: int = _s(5, "steps between checkpoints", integer(1), "schedule")
+    seed: int = _s(0, "run seed", integer(0), "schedule")
     # -- engines --
     old_logprobs: str = _s("sampler", "sampler (a forward after sampling, verl) or first_pass (TRL)",
-                           ("choice", OLD_LOGPROB_SOURCES), "engine")
+                           choice(OLD_LOGPROB_SOURCES), "engine")
     rollout_backend: str = _s("auto", "auto (lean for small Llama models on CPU, else hf), lean, hf or vllm",
-                              ("choice", ROLLOUT_BACKENDS), "engine")
-    generation_batch_size: int | None = _s(None, "prompts x samples generated at once (None: all)",
-                                           ("optional_int", 1), "engine")
-    vllm_gpu_memory: float = _s(0.3, "vLLM's share of GPU memory", ("unit_right",), "engine")
-    report_to: tuple[str, ...] = _s(("none",), "trackers: none, tensorboard, trackio", ("report_to",), "engine")
-    progress: bool = _s(True, "show a progress bar", ("bool",), "engine")
+                              choice(ROLLOUT_BACKENDS), "engine")
+    vllm_gpu_memory: float = _s(0.3, "vLLM's share of GPU memory", checks.check_unit_right, "engine")
+    report_to: tuple[str, ...] = _s(("none",), "trackers: none, tensorboard, trackio", names(REPORT_TO), "engine")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):  # lists become tuples; one string is a list of one
-            if f.metadata["check"][:1] in (("names",), ("levels",), ("interval",), ("report_to",)):
-                setattr(self, f.name, _as_tuple(getattr(self, f.name)))
+        for name in _LISTS:  # lists become tuples; one string is a list of one
+            setattr(self, name, _as_tuple(getattr(self, name)))
 
     def validate(self) -> TrainConfig:
         """Check every value's type and range, then the settings that depend on each other.
@@ -194,7 +171,7 @@ class TrainConfig:
         Raises ValueError naming the setting before anything is loaded; returns self.
         """
         for f in dataclasses.fields(self):
-            _check(f.name, getattr(self, f.name), f.metadata["check"])
+            f.metadata["check"](f.name, getattr(self, f.name))
         if (self.batch_prompts * self.group_size) % self.mini_batches:
             raise ValueError(f"mini_batches={self.mini_batches} is invalid: allowed a divisor of "
                              f"batch_prompts * group_size = {self.batch_prompts * self.group_size}")
@@ -219,9 +196,6 @@ class TrainConfig:
         if self.version is not None and self.algorithm != "gxpo":
             raise ValueError(f"version={self.version!r} is invalid with algorithm={self.algorithm!r}: the "
                              "version presets are GXPO's (allowed None)")
-        if self.gate == "official" and self.algorithm != "sfpo":
-            raise ValueError(f"gate='official' is invalid with algorithm={self.algorithm!r}: the official "
-                             "entropy-window gate is SFPO's; allowed 'auto', 'default' or 'none'")
         self._check_old_logprobs()
         return self
 
@@ -233,87 +207,46 @@ class TrainConfig:
             raise ValueError(f"old_logprobs='first_pass' is invalid with mini_batches={self.mini_batches}: only a "
                              "single mini-batch sees every rollout at the sampling weights; use 'sampler'")
         if uses_entropy_gate(self):
-            raise ValueError("old_logprobs='first_pass' is invalid with an entropy-signal gate (SFPO's official "
-                             "gate, or gate_signal='entropy'): the gate needs the sampling policy's entropy "
-                             "before the update; use 'sampler' (or gate='default')")
+            raise ValueError("old_logprobs='first_pass' is invalid with an entropy-signal gate (gate='entropy', SFPO's "
+                             "official gate, or version='v5'): the gate needs the sampling policy's entropy "
+                             "before the update; use 'sampler' (or gate='grad_norm')")
 
     @property
     def resolved_gate(self) -> str:
-        """The gate the rule gets: "default", "official" or "none" ("auto" resolved per algorithm)."""
+        """The gate the rule gets: "grad_norm", "entropy" or "none" ("auto" resolved per algorithm)."""
         if self.gate != "auto":
             return self.gate
-        return "official" if self.algorithm == "sfpo" else "default"
+        return "entropy" if self.algorithm == "sfpo" else "grad_norm"
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], warn: bool = True) -> TrainConfig:
-        """Build from a dict: old names normalised, unknown names refused (a typo is never silently ignored)."""
-        values = normalise_names(values, warn=warn)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}={values[unknown[0]]!r} is invalid: not a TrainConfig setting "
-                             f"(allowed: {', '.join(sorted(known))})")
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; an unknown or removed name is refused (a typo is never silently ignored)."""
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def accept_old_names(cls: type) -> type:
-    """Let a dataclass's constructor take the old setting names too (normalised, with a FutureWarning)."""
-    dataclass_init = cls.__init__
-
-    @functools.wraps(dataclass_init)
-    def __init__(self, *args, **kwargs):
-        dataclass_init(self, *args, **normalise_names(kwargs))
-
-    cls.__init__ = __init__
-    return cls
+def refuse_unknown(values: dict[str, Any]) -> None:
+    """Raise ValueError naming the first setting in `values` that TrainConfig does not have (and, for one
+    that once existed, where that option lives now)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in sorted(set(values) - known):
+        hint = REMOVED.get(name)
+        where = f"removed: {hint}" if hint else f"not a TrainConfig setting (allowed: {', '.join(sorted(known))})"
+        raise ValueError(f"{name}={values[name]!r} is invalid: {where}")
 
 
-accept_old_names(TrainConfig)
+def _refusing_init(dataclass_init):
+    def __init__(self, **values):
+        refuse_unknown(values)
+        dataclass_init(self, **values)
+
+    __init__.__doc__ = dataclass_init.__doc__
+    return __init__
 
 
-def _old_name_reader(new: str) -> property:
-    def read(self):
-        _deprecated(True, f"{new!r} was read by its old name")
-        return getattr(self, new)
-
-    return property(read)
-
-
-for _old, _new in ALIASES.items():  # config.tau still reads config.gate_tau, for one release
-    setattr(TrainConfig, _old, _old_name_reader(_new))
-
-
-def normalise_names(values: dict[str, Any], warn: bool = True) -> dict[str, Any]:
-    """Old setting names -> current ones (`ALIASES`, and the old boolean `gate` / `sfpo_official_gate`).
-
-    A name given twice (old and new) must agree. `warn=False` reads old run folders quietly.
-    """
-    values = dict(values)
-    for old, new in ALIASES.items():
-        if old in values:
-            value = values.pop(old)
-            if new in values and values[new] != value:
-                raise ValueError(f"{old}={value!r} conflicts with {new}={values[new]!r}: give only {new}")
-            values[new] = value
-            _deprecated(warn, f"setting {old!r} is now {new!r}")
-    official = values.pop("sfpo_official_gate", None)
-    gate = values.get("gate")
-    if isinstance(gate, bool):
-        values["gate"] = "auto" if gate else "none"
-        _deprecated(warn, "gate=True/False is now gate='auto'/'none'")
-    if official is not None:
-        _deprecated(warn, "sfpo_official_gate is now gate='official' (or 'default' for our gate)")
-        if official is False and values.get("gate", "auto") == "auto" and values.get("algorithm") == "sfpo":
-            values["gate"] = "default"
-    return values
-
-
-def _deprecated(warn: bool, message: str) -> None:
-    if warn:
-        warnings.warn(message + " (the old name works for one release)", FutureWarning, stacklevel=4)
+TrainConfig.__init__ = _refusing_init(TrainConfig.__init__)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -325,55 +258,6 @@ def _as_tuple(value: Any) -> Any:
     return value
 
 
-def _check(name: str, value: Any, spec: tuple) -> None:
-    """Type and range of one setting by its check spec; raises ValueError naming it."""
-    kind, *args = spec
-    if kind == "choice":
-        checks.check_choice(name, value, args[0])
-    elif kind == "optional_choice":
-        if value is not None:
-            checks.check_choice(name, value, args[0])
-    elif kind == "int":
-        checks.check_int(name, value, minimum=args[0])
-    elif kind == "optional_int":
-        if value is not None:
-            checks.check_int(name, value, minimum=args[0])
-    elif kind == "positive":
-        checks.check_positive(name, value)
-    elif kind == "optional_positive":
-        checks.check_optional_positive(name, value)
-    elif kind == "open_unit":
-        checks.check_open_unit(name, value)
-    elif kind in ("nonneg", "unit_right"):
-        upper = 1.0 if kind == "unit_right" else float("inf")
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            0 < value <= upper if kind == "unit_right" else 0 <= value < upper)
-        if not ok:
-            allowed = "a number in (0, 1]" if kind == "unit_right" else "a finite number >= 0"
-            raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
-    elif kind == "interval":
-        checks.check_interval(name, value)
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} is invalid: allowed true or false")
-    elif kind in ("str", "optional_str"):
-        if not (isinstance(value, str) and value) and not (value is None and kind == "optional_str"):
-            raise ValueError(f"{name}={value!r} is invalid: allowed a non-empty string"
-                             + (" or None" if kind == "optional_str" else ""))
-    elif kind in ("names", "report_to"):
-        if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"{name}={value!r} is invalid: allowed a list of names")
-        if kind == "report_to":
-            for v in value:
-                checks.check_choice(name, v, REPORT_TO)
-    elif kind == "levels":
-        if value is not None and not (isinstance(value, tuple) and value and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-            raise ValueError(f"{name}={value!r} is invalid: allowed None or a list of integers >= 1")
-    else:  # pragma: no cover - a field without a known check is a bug here
-        raise AssertionError(f"{name}: unknown check {kind!r}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Derived views: the rule's keywords, groups of settings, notebook 03's parameters
 # ---------------------------------------------------------------------------------------------------
@@ -383,10 +267,6 @@ def settings_in(group: str) -> tuple[str, ...]:
 
 
 RULE_SETTINGS = settings_in("rule") + settings_in("gate")   # what tells one rule's runs from another's
-GATE_KEYWORDS = {name: name.removeprefix("gate_") for name in settings_in("gate") if name != "gate"}
-# GXPO's own keywords beyond k, alpha, max_grad_norm and the gate (SFPO takes none of them).
-GXPO_KEYWORDS = ("r_clamp", "optimizer_state", "retention", "skip_corrective", "vanishing_probe", "active_set",
-                 "scale_form", "q_clamp", "gate_statistic", "q_mode")
 
 
 def uses_entropy_gate(config: TrainConfig) -> bool:
@@ -395,8 +275,17 @@ def uses_entropy_gate(config: TrainConfig) -> bool:
         return False
     if config.version is not None:
         return config.version in VERSIONS_WITH_ENTROPY_GATE
+    return config.resolved_gate == "entropy"
+
+
+def gate_settings(config: TrainConfig) -> dict[str, Any] | None:
+    """The ShutoffGate keywords of the run's gate (None: no gate); `version` runs get their version's gate."""
     gate = config.resolved_gate
-    return gate == "official" or (gate == "default" and config.gate_signal == "entropy")
+    if gate == "none":
+        return None
+    if gate == "entropy":  # SFPO's official gate under "auto" keeps its own tau
+        return GATE_KINDS["entropy"] | ({} if config.gate == "auto" else {"tau": config.tau})
+    return GATE_KINDS["grad_norm"] | {"tau": config.tau, "warmup": config.warmup}
 
 
 def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -405,20 +294,12 @@ def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
     if config.algorithm == "grpo":
         return kwargs
     kwargs |= {"k": config.k, "alpha": config.alpha}
+    if config.algorithm == "gxpo" and config.q_mode != "per_coordinate":
+        kwargs["q_mode"] = config.q_mode
     if config.version is not None:  # GXPO.from_version sets every other option as that version did
-        return kwargs | {"version": config.version} | ({"gate": None} if config.gate == "none" else {}) | (
-            {"q_mode": config.q_mode} if config.q_mode != "per_coordinate" else {})
-    gate = config.resolved_gate
-    if gate == "none":
-        kwargs["gate"] = None
-    elif gate == "official":
-        kwargs["gate"] = "official"
-    else:
-        kwargs["gate"] = "default"
-        kwargs |= {keyword: getattr(config, name) for name, keyword in GATE_KEYWORDS.items()}
-    if config.algorithm == "gxpo":
-        kwargs |= {name: getattr(config, name) for name in GXPO_KEYWORDS}
-    return kwargs
+        return kwargs | {"version": config.version} | ({"gate": None} if config.gate == "none" else {})
+    settings = gate_settings(config)
+    return kwargs | ({"gate": None} if settings is None else {"gate": "default", **settings})
 
 
 def field_types() -> dict[str, str]:
@@ -440,11 +321,13 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
 
 
-# The run notebook's own parameters (not TrainConfig settings): name -> (type, default, help).
+# The run's own options (not TrainConfig settings: they change no result): notebook 03's parameters,
+# keywords of `gxpo_lib.run`: name -> (type, default, help).
 NOTEBOOK_PARAMETERS: dict[str, tuple[str, Any, str]] = {
     "preset": ("str", "smoke", "a preset name (gxpo_lib/presets/*.yaml) filling the defaults"),
     "output_dir": ("str", "run-smoke", "the run folder (relative to the working directory)"),
     "resume": ("bool", True, "False: refuse to reuse a folder that already holds a run"),
+    "progress": ("bool", True, "show a progress bar (gxpo backend)"),
     "backend": ("str", "gxpo", "gxpo: gxpo_lib's trainer in this kernel; trl: TRL's GRPOTrainer via accelerate"),
     "num_processes": ("int", 1, "trl backend: processes (GPUs; gloo CPU processes without a GPU)"),
     "accelerate_config": ("Optional[str]", None, "trl backend: single_gpu, multi_gpu, zero2 or a YAML path"),
@@ -511,8 +394,11 @@ def load_preset(name: str, directory: Path | str | None = None) -> dict[str, Any
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"preset={name!r}: {path} must hold a mapping of setting: value")
-    TrainConfig.from_dict(values)  # unknown names fail here, naming the file's bad key
-    return normalise_names(values, warn=False)
+    try:
+        TrainConfig.from_dict(values)  # unknown names fail here, naming the file's bad key
+    except ValueError as error:
+        raise ValueError(f"preset={name!r} ({path}): {error}") from None
+    return values
 
 
 def resolve_config(preset: str | None, overrides: dict[str, Any] | None = None,
@@ -522,5 +408,5 @@ def resolve_config(preset: str | None, overrides: dict[str, Any] | None = None,
     Override values that are None mean "not given" (the notebook's parameters cell uses None that way).
     """
     values = load_preset(preset, directory) if preset else {}
-    values |= normalise_names({k: v for k, v in (overrides or {}).items() if v is not None})
+    values |= {k: v for k, v in (overrides or {}).items() if v is not None}
     return TrainConfig.from_dict(values).validate()

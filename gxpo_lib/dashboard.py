@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from .choices import R_CLAMP
 from .config import TrainConfig
 from .trainer import TrainControl, train
 
@@ -53,9 +54,9 @@ class LiveDashboard:
         self.alpha = widgets.FloatSlider(value=config.alpha, min=0.05, max=2.0, step=0.05,
                                          description="alpha", style=style)
         # Linear sliders whose grid holds the config's values (a log slider would snap 0.5 to 0.501).
-        self.tau = widgets.FloatSlider(value=config.gate_tau, min=0.05, max=max(10.0, config.gate_tau), step=0.05,
+        self.tau = widgets.FloatSlider(value=config.tau, min=0.05, max=max(10.0, config.tau), step=0.05,
                                        description="tau (shutoff)", style=style)
-        self.r_clamp = widgets.FloatRangeSlider(value=list(config.r_clamp), min=-5.0, max=5.0, step=0.25,
+        self.r_clamp = widgets.FloatRangeSlider(value=list(R_CLAMP), min=-5.0, max=5.0, step=0.25,
                                                 description="clamp r", style=style,
                                                 layout=widgets.Layout(width="420px"))
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
@@ -89,7 +90,7 @@ class LiveDashboard:
 
     # -- settings -----------------------------------------------------------------------------------
     def current_settings(self) -> dict[str, Any]:
-        """The sliders' values as the rule's keywords (``tau`` is the gate's; the run setting is gate_tau)."""
+        """The sliders' values as the rule's keywords (k, alpha and tau are also run settings)."""
         return {"k": int(self.k.value), "alpha": float(self.alpha.value), "tau": float(self.tau.value),
                 "r_clamp": tuple(float(v) for v in self.r_clamp.value)}
 
@@ -127,8 +128,8 @@ class LiveDashboard:
             self.status.value = "already running: stop it first"
             return
         settings = self.current_settings()
-        settings["gate_tau"] = settings.pop("tau")
-        config = dataclasses.replace(self.config, algorithm=self.algorithm.value, progress=False, **settings)
+        r_clamp = settings.pop("r_clamp")  # a rule keyword, not a run setting: queued for the first step
+        config = dataclasses.replace(self.config, algorithm=self.algorithm.value, **settings)
         config.validate()
         folder = next(path for i in itertools.count(1)            # a fresh folder, also after a restart
                       if not (path := self.workdir / f"live-{config.algorithm}-{i}").exists())
@@ -137,6 +138,8 @@ class LiveDashboard:
             trace.x, trace.y = [], []
         self.redraw()
         self.control = TrainControl()
+        if config.algorithm == "gxpo" and r_clamp != R_CLAMP:
+            self.control.update(r_clamp=r_clamp)
         self.pause_button.value = False
         self.thread = threading.Thread(target=self._run, args=(config, folder), daemon=True)
         self.thread.start()
@@ -145,7 +148,7 @@ class LiveDashboard:
     def _run(self, config: TrainConfig, folder: Path) -> None:
         try:
             train(config, folder, callbacks=[self.on_row], control=self.control,
-                  model_and_tokenizer=self.model_and_tokenizer)
+                  model_and_tokenizer=self.model_and_tokenizer, progress=False)
             self.status.value = f"finished: {len(self.rows)} rows in {folder}"
         except BaseException as error:  # shown in the dashboard instead of dying silently in a thread
             self.error = error

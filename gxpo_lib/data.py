@@ -102,7 +102,7 @@ def load_benchmark(
     if levels is not None:
         levels = _check_levels(name, levels)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
+        raise ValueError(f"limit={limit!r} is invalid: allowed None or an integer >= 0")
 
     # Raw rows from the file or the hub, then the common schema
     raw = read_jsonl(path) if path is not None else _hub_rows(name, split)
@@ -250,5 +250,5 @@ def _check_levels(name: str, levels: Sequence[int]) -> tuple[int, ...]:
     levels = tuple(levels)
     if not levels or any(isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= 5
                          for lv in levels):
-        raise ValueError(f"levels must be a non-empty sequence of integers in 1-5, got {levels!r}")
+        raise ValueError(f"levels={levels!r} is invalid: allowed a non-empty sequence of integers in 1-5")
     return levels

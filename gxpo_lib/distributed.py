@@ -150,8 +150,9 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, snapshot: dict[torch.Ten
     for p, st in snapshot.items():
         live = optimizer.state[p]
         for k, v in st.items():
-            if torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape \
-                    and live[k].dtype == v.dtype and live[k].device == v.device and is_dtensor(v) == is_dtensor(live[k]):
+            same = torch.is_tensor(v) and torch.is_tensor(live.get(k)) and live[k].shape == v.shape \
+                and live[k].dtype == v.dtype and live[k].device == v.device
+            if same and is_dtensor(v) == is_dtensor(live[k]):
                 live_tensors.append(local(live[k]))
                 saved_tensors.append(local(v))
             else:

@@ -38,14 +38,14 @@ LAB_EXTENSIONS = {"@jupyter-widgets/jupyterlab-manager": "ipywidgets (sliders, b
                   "anywidget": "anywidget (plotly's live FigureWidget)"}
 REFERENCE_MACHINE = "2-core AMD EPYC VM, 23 GiB, no GPU, torch 2.13.0+cpu"
 REFERENCE_STEP_SECONDS = 0.27
-"""One GRPO step of 8 prompts x 8 on the tiny model with LoRA (sampling, scoring, update), on the
-reference machine: this check's own timed step there (lean sampler, 1-minute load 1.4)."""
+"""One GRPO step of 8 prompts x 8 on the tiny model with LoRA (sampling, scoring, update): this check's own
+timed step on the reference machine (when and under what load: docs/machine-notes.md)."""
 REFERENCE_MINUTES = {"01_toy_extrapolation": 0.18, "02_grpo_vs_gxpo_small_llama": 0.15,
                      "02_grpo_vs_gxpo_small_llama (replay=False)": 1.16, "03_full_scale_run": 0.39,
                      "04_compare_runs": 0.07, "05_when_does_extrapolation_pay": 0.35}
 """Each notebook's wall-clock minutes with its defaults under ``make run`` from a fresh clone on the reference
-machine (11.0, 9.0, 23.2, 4.0 and 21.2 s, kernel start included; load ~1.4), and notebook 02 trained live
-(``replay=False``: 69 s)."""
+machine, kernel start included, and notebook 02 trained live (``replay=False``); the record:
+docs/machine-notes.md."""
 TIMED_STEPS = 3  # the first step pays one-off costs; the median of the later ones is the step time
 TRAIN_BUDGET_S = 15.0  # past this, the timed run stops after the current step
 
@@ -184,9 +184,9 @@ def time_training_step(steps: int = TIMED_STEPS, budget_s: float = TRAIN_BUDGET_
     # Notebook 02's settings (tiny model, LoRA, 8 prompts x 8, the trainer's defaults), a token evaluation.
     config = TrainConfig(algorithm="grpo", model="tiny", lora=True, batch_prompts=8, group_size=8,
                          steps=steps, eval_problems=2, eval_samples=1, eval_every=steps,
-                         checkpoint_every=steps, keep_checkpoints=1, progress=False, seed=0)
+                         checkpoint_every=steps, seed=0)
     with tempfile.TemporaryDirectory(prefix="gxpo-doctor-") as workdir:
-        train(config, workdir, callbacks=[on_row], control=control)
+        train(config, workdir, callbacks=[on_row], control=control, progress=False)
     # Per-step differences of the cumulative counters (a zero row before the first step).
     marks = [{"seconds": 0.0, "cpu_seconds": 0.0}, *sorted(rows, key=lambda row: row["step"])]
     walls = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(marks)]

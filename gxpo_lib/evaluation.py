@@ -26,13 +26,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """
     for name, value in (("n", n), ("c", c), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ValueError(f"{name}={value!r} is invalid: allowed an integer")
     if n < 1:
-        raise ValueError(f"n must be >= 1 (samples per problem), got {n}")
+        raise ValueError(f"n={n} is invalid: allowed an integer >= 1 (samples per problem)")
     if not 0 <= c <= n:
-        raise ValueError(f"c must be in [0, n={n}] (correct samples), got {c}")
+        raise ValueError(f"c={c} is invalid: allowed 0 <= c <= n={n} (correct samples)")
     if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, n={n}], got {k}")
+        raise ValueError(f"k={k} is invalid: allowed 1 <= k <= n={n}")
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -65,11 +65,11 @@ def bootstrap_ci(
     """
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"values must be a non-empty 1-D sequence, got shape {arr.shape}")
+        raise ValueError(f"values with shape {arr.shape} is invalid: allowed a non-empty 1-D sequence")
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        raise ValueError(f"alpha={alpha!r} is invalid: allowed 0 < alpha < 1")
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+        raise ValueError(f"n_boot={n_boot!r} is invalid: allowed an integer >= 1")
     rng = np.random.default_rng(seed)
     means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
@@ -108,7 +108,7 @@ def pass_at_k_table(
     table = {}
     for k in ks:
         if not 1 <= k <= n:
-            raise ValueError(f"every k must be in [1, n={n}] (samples per problem), got k={k}")
+            raise ValueError(f"k={k} is invalid: allowed 1 <= k <= n={n} (samples per problem)")
         per_problem = [pass_at_k(n, int(c), int(k)) for c in counts]
         low, high = bootstrap_ci(per_problem, n_boot=n_boot, alpha=alpha, seed=seed)
         table[int(k)] = PassAtK(int(k), float(np.mean(per_problem)), low, high, n_problems, n)
@@ -174,10 +174,11 @@ def _as_correct(values, ndim: tuple[int, ...]) -> np.ndarray:
     """Correctness as a bool array; values must be booleans or exactly 0/1."""
     arr = np.asarray(values)
     if arr.ndim not in ndim or arr.size == 0:
-        raise ValueError(f"correctness must be a non-empty {' or '.join(f'{d}-D' for d in ndim)} array, "
-                         f"got shape {arr.shape}")
+        raise ValueError(f"correctness with shape {arr.shape} is invalid: allowed a non-empty "
+                         f"{' or '.join(f'{d}-D' for d in ndim)} array")
     if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
-        raise ValueError("correctness must be booleans or 0/1; threshold rewards first (e.g. reward >= 0.95)")
+        raise ValueError("correctness is invalid: allowed booleans or 0/1; threshold rewards first "
+                         "(e.g. reward >= 0.95)")
     return arr.astype(bool)
 
 

@@ -176,7 +176,8 @@ SLIPS: dict[str, list[tuple[Callable, str]]] = {
          "clamp r to r_clamp = (-2, 3) (the stability clamp)"),
         (lambda g0, g1, rc=extrapolation.R_CLAMP, d=extrapolation.DELTA: (g1 / g0).clamp(*rc),
          "an inactive coordinate (|g0| <= delta) gets r = 1: do not divide by a vanishing g0"),
-        (lambda g0, g1, rc=extrapolation.R_CLAMP, d=extrapolation.DELTA: torch.where(g0.abs() > d, g0 / g1, 1.0).clamp(*rc),
+        (lambda g0, g1, rc=extrapolation.R_CLAMP, d=extrapolation.DELTA:
+         torch.where(g0.abs() > d, g0 / g1, 1.0).clamp(*rc),
          "that is g0 / g1: the retention ratio is the second gradient over the first, g1 / g0"),
     ],
     "geometric_scale": [
@@ -282,7 +283,8 @@ def _step_problems(seed: int) -> list[tuple[str, Callable[[], tuple[list[torch.T
         return [theta], torch.optim.SGD([theta], lr=0.5), closure
 
     return [("a linear model (4 -> 3) on least squares, SGD", lambda: small_model_problem(seed)),
-            ("inactive coordinates (an input that is always 0), SGD", lambda: small_model_problem(seed, dead_input=True)),
+            ("inactive coordinates (an input that is always 0), SGD",
+             lambda: small_model_problem(seed, dead_input=True)),
             ("the same model with Adam", lambda: small_model_problem(seed, "adam")),
             ("a separable quadratic with r = -1 and r = 1 coordinates", separable)]
 
@@ -580,7 +582,8 @@ def bug_figure(hunt: dict[str, dict[str, Any]], landscape: Any = None):
         line = {"width": 4 if name == "real" else 2, "dash": "solid" if name == "real" else "dot"}
         fig.add_trace(go.Scatter(x=points[:, 0].tolist(), y=points[:, 1].tolist(), mode="lines+markers",
                                  name=name, legendgroup=name, line=line), 1, 1)
-        fig.add_trace(go.Scatter(x=list(range(1, len(run["z"]) + 1)), y=[math.nan if z is None else z for z in run["z"]],
+        z_values = [math.nan if z is None else z for z in run["z"]]
+        fig.add_trace(go.Scatter(x=list(range(1, len(run["z"]) + 1)), y=z_values,
                                  mode="lines+markers", name=name, legendgroup=name, showlegend=False, line=line), 1, 2)
     fig.update_layout(height=420, title="the real GXPO and three mystery rules, each with one bug")
     fig.update_xaxes(title_text="update", row=1, col=2)

@@ -16,15 +16,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from . import runlog
 from .config import check_notebook_parameters, resolve_config
 
+CPU_THREADS = 1
+"""Torch threads of a CPU run unless the caller chose: measured on the shared 2-core Xeon (2026-12-06, load
+7.6-10.8), a 4-step smoke run took 17-19 s with 1 thread and 49-52 s with 2 (bench/README.md, "Threads")."""
+_TORCH_THREADS_AT_IMPORT = torch.get_num_threads()
+
 
 def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: str | Path = "run", *,
         backend: str = "gxpo", num_processes: int = 1, accelerate_config: str | None = None,
-        trl_overrides: dict[str, Any] | None = None, resume: bool = True, figures: bool = True) -> dict[str, Any]:
+        trl_overrides: dict[str, Any] | None = None, resume: bool = True, figures: bool = True,
+        progress: bool = True) -> dict[str, Any]:
     """Train one run into `workdir` (or resume it) and return its `runlog.build_summary`.
 
     Args:
@@ -36,11 +43,12 @@ def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: st
         num_processes, accelerate_config, trl_overrides: the TRL backend's launch settings.
         resume: False refuses a folder that already holds a run.
         figures: write ``figures/training.html`` (and ``diagnostics.html`` for GXPO/SFPO).
+        progress: show a progress bar (the gxpo backend; the TRL backend prints progress lines).
     Every setting is validated (ValueError naming it) before any model loads.
     """
     check_notebook_parameters({"backend": backend, "num_processes": num_processes,
                                "accelerate_config": accelerate_config, "trl_overrides": trl_overrides,
-                               "resume": resume})
+                               "resume": resume, "progress": progress})
     config = resolve_config(preset, overrides)
     if backend == "gxpo":   # the memory preflight: on CUDA, or for a GPU preset; a CPU run only logs it
         from .preflight import check_before_run
@@ -70,13 +78,24 @@ def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: st
     else:
         from .trainer import train
 
-        train(config, run_dir)
+        cpu_threads()
+        train(config, run_dir, progress=progress)
     summary = runlog.build_summary(run_dir, preset=preset, backend=backend)
     if int(os.environ.get("RANK", "0")) == 0:   # under torchrun only rank 0 writes the folder's files
         runlog.write_summary(run_dir, summary)
         if figures:
             write_figures(run_dir)
     return summary
+
+
+def cpu_threads() -> int:
+    """Set the torch thread count of a run on the CPU to CPU_THREADS and return the count the run uses. A
+    caller's choice wins: OMP_NUM_THREADS in the environment, or torch.set_num_threads called after gxpo_lib
+    was imported; a CUDA machine keeps torch's own count."""
+    chosen = os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() != _TORCH_THREADS_AT_IMPORT
+    if not chosen and not torch.cuda.is_available():
+        torch.set_num_threads(CPU_THREADS)
+    return torch.get_num_threads()
 
 
 def write_figures(run_dir: Path | str) -> list[Path]:
@@ -111,7 +130,8 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gxpo_lib run --preset P [-s NAME=VALUE ...] --out DIR [--backend trl] [--no-figures]``."""
+    """``python -m gxpo_lib run --preset P [-s NAME=VALUE ...] --out DIR [--backend trl] [--no-figures]
+    [--no-progress]``."""
     parser = argparse.ArgumentParser(prog="python -m gxpo_lib run", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None)
     parser.add_argument("-s", "--set", dest="settings", action="append", default=[], metavar="NAME=VALUE")
@@ -119,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="gxpo", help="gxpo (native) or trl")
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (changes no result)")
     args = parser.parse_args(argv)
     try:
         overrides = parse_settings(args.settings)
@@ -126,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         summary = run(args.preset, overrides, args.out, backend=args.backend, num_processes=args.num_processes,
-                      figures=not args.no_figures)
+                      figures=not args.no_figures, progress=not args.no_progress)
     except ValueError as error:  # a bad setting, named, before anything loaded
         parser.error(str(error))
     if int(os.environ.get("RANK", "0")) != 0:

@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-R_CLAMP = (-2.0, 3.0)
-"""Default stability clamp (r_min, r_max) of the retention ratio."""
+from .choices import R_CLAMP, SCALE_FORMS
+
 DELTA = 1e-8
 """A coordinate is *active* iff |g0| > DELTA; also the guard on |S_2|."""
 RELATIVE_ACTIVITY = 1e-3
 """V5's relative activity threshold: active iff |g0| > RELATIVE_ACTIVITY * RMS(g0 of that tensor)."""
-SCALE_FORMS = ("horner", "closed")
 CHUNK_MIN, CHUNKS_MAX = 1 << 18, 64  # flat chunks: >= 262k elements, <= 64 per (device, dtype) group
 
 

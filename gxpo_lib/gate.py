@@ -26,11 +26,9 @@ import math
 from collections import deque
 from typing import Any
 
+from .choices import GATE_INITS, GATE_KINDS, GATE_MODES, GATE_SIGNALS
 from .validation import check_choice, check_int, check_open_unit, check_positive
 
-GATE_MODES = ("ema", "window")
-GATE_SIGNALS = ("grad_norm", "entropy")
-GATE_INITS = ("unit", "warmup")
 GATE_SETTINGS = ("tau", "omega", "warmup", "patience", "mode", "window", "window_includes_current",
                  "signal", "permanent", "reopen_after", "init", "two_sided", "freeze_baseline")
 
@@ -237,5 +235,4 @@ class ShutoffGate:
 def sfpo_official_gate() -> ShutoffGate:
     """SFPO's official switch-off: entropy z over a window of 30 that includes the scored value, tau 1.0,
     no warm-up, permanent (the official SFPO code; docs/versions.md)."""
-    return ShutoffGate(tau=1.0, warmup=0, patience=1, mode="window", window=30,
-                       window_includes_current=True, signal="entropy", permanent=True)
+    return ShutoffGate(**GATE_KINDS["entropy"])

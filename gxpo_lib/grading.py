@@ -61,8 +61,10 @@ _POWER_WORDS = {"square": 2, "sq": 2, "cubic": 3, "cu": 3}
 _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "pi", "or", "and", "cup", "cap",
                "infty", "sqrt", "frac", "circ", "pm", "mp", "le", "ge", "leq", "geq", "lt", "gt", "ne", "neq"}
 _ONES = {w: i for i, w in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
-_TENS = {w: 10 * i for i, w in enumerate(["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], 2)}
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
+_TENS = {w: 10 * i for i, w in enumerate(
+    ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], 2)}
 _SCALES = {"hundred": 2, "thousand": 3, "million": 6, "billion": 9, "trillion": 12}
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "\\times ", "\u22c5": "\\cdot ",
             "\u00b7": "\\cdot ", "\u00b0": "^\\circ", "\u03c0": "\\pi ", "\u221a": "\\sqrt", "\u221e": "\\infty ",
@@ -153,7 +155,7 @@ def parse_form(required_form: str | Form | None) -> Form:
     names = [n.strip().lower() for n in str(required_form).split(",") if n.strip()]
     bad = [n for n in names if n not in FORM_NAMES]
     if bad:
-        raise ValueError(f"required_form must name forms among {FORM_NAMES}, got {required_form!r}")
+        raise ValueError(f"required_form={required_form!r} is invalid: allowed forms among {FORM_NAMES}")
     return Form(**{n: True for n in names})
 
 

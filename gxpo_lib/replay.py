@@ -3,7 +3,8 @@
 A run folder holds checkpoints, an executed notebook and every per-step diagnostic (hundreds of KB to
 MB). Its compact form keeps what `gxpo_lib.analysis` and the notebooks draw and conclude from:
 
-- ``config.json``, ``final_eval.json`` and ``run_summary.json`` as they are (where the run has them);
+- ``config.json`` under today's setting names (`current_settings`: a folder written by older code is
+  re-exported, never translated when read), ``final_eval.json`` and ``run_summary.json`` as they are;
 - ``metrics.jsonl`` with every ``eval`` and ``final_eval`` row whole, and the ``train`` rows cut to
   `TRAIN_KEYS` (x-values, rewards, the gate, the mechanism and the diagnostics panels); values unrounded,
   so tables and figures drawn from a compact run equal those drawn from the original folder.
@@ -32,19 +33,60 @@ from . import runlog
 from .paths import shipped
 
 # Train-row keys kept: what analysis's curves, tables, mechanism summary and diagnostics panels read.
-TRAIN_KEYS = ("kind", "step", "k", "alpha", "tau", "r_min", "r_max", "reward_mean", "accuracy",
+TRAIN_KEYS = ("kind", "step", "k", "alpha", "tau", "r_clamp", "reward_mean", "accuracy",
               "backward_passes", "cumulative_backward_passes", "seconds", "cpu_seconds", "active", "fallback",
               "skipped", "gate_open", "gate_z", "grad_norm", "r_mean", "r_std", "scale_mean", "scale_max",
               "effective_multiplier", "cos_g0_g1", "cos_g0_gslow", "jump_norm", "param_norm",
               "inactive_frac", "ratio_clip_frac", "update_norm", "probe_step_norm", "disp2_norm",
               "corrective_norm")
 INDEX_FILE = "replay.json"
-RUN_FILES = (runlog.CONFIG_FILE, runlog.FINAL_EVAL_FILE, runlog.SUMMARY_FILE)
+RUN_FILES = (runlog.FINAL_EVAL_FILE, runlog.SUMMARY_FILE)
+
+# Settings older code wrote: renamed ones (old -> today's), removed ones with the value that meant "as today"
+# (dropped at that value; at another value kept, so the config says what the run did and TrainConfig refuses
+# it by name), and bookkeeping that changed no result (always dropped).
+RENAMED = {"gate_tau": "tau", "gate_warmup": "warmup"}
+OLD_DEFAULTS = {"r_clamp": [-2.0, 3.0], "optimizer_state": "carry", "retention": "grad", "skip_corrective": False,
+                "vanishing_probe": "continue", "active_set": "absolute", "scale_form": "horner", "q_clamp": True,
+                "gate_statistic": "pre_clip", "gate_omega": 0.1, "gate_patience": 1, "gate_mode": "ema",
+                "gate_window": 30, "gate_window_includes_current": False, "gate_signal": "grad_norm",
+                "gate_two_sided": False, "gate_freeze_baseline": False, "gate_permanent": True,
+                "gate_reopen_after": 10, "train_path": None, "eval_path": None, "adv_scale": "group", "top_p": 1.0,
+                "clip_eps_high": None, "sfpo_sweeps": "official", "gate_init": "unit"}
+BOOKKEEPING = ("keep_checkpoints", "reward_timeout", "reward_workers", "generation_batch_size", "progress")
+OLD_GATES = {"default": "grad_norm", "official": "auto"}  # "official" was SFPO's gate: today "auto" for SFPO
+
+
+def current_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json under today's setting names (`RENAMED`, `OLD_DEFAULTS`, `OLD_GATES`); a config
+    written by today's code comes back unchanged."""
+    config = dict(config)
+    if config.pop("sfpo_official_gate", True) is False and config.get("gate", "auto") in ("auto", True):
+        config["gate"] = "default"                  # the oldest spelling of "SFPO with our gate"
+    if "omega" in config:                           # the oldest names of tau and omega
+        config["gate_omega"] = config.pop("omega")
+    if isinstance(config.get("gate"), bool):
+        config["gate"] = "auto" if config["gate"] else "none"
+    out = {}
+    for name, value in config.items():
+        as_today = (name in BOOKKEEPING or (name in OLD_DEFAULTS and value == OLD_DEFAULTS[name])
+                    or (name == "lora_alpha" and value == 2 * config.get("lora_rank", 8)))
+        if not as_today:
+            out[RENAMED.get(name, name)] = OLD_GATES.get(value, value) if name == "gate" else value
+    return out
 
 
 def compact_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """metrics.jsonl rows in their compact form: train rows cut to `TRAIN_KEYS`, the others whole."""
-    return [{k: row[k] for k in TRAIN_KEYS if k in row} if row.get("kind") == "train" else row for row in rows]
+    """metrics.jsonl rows in their compact form: train rows cut to `TRAIN_KEYS` (an older row's r_min and
+    r_max as today's r_clamp), the others whole."""
+    out = []
+    for row in rows:
+        if row.get("kind") == "train":
+            if "r_min" in row and "r_clamp" not in row:
+                row = row | {"r_clamp": None if row["r_min"] is None else [row["r_min"], row["r_max"]]}
+            row = {k: row[k] for k in TRAIN_KEYS if k in row}
+        out.append(row)
+    return out
 
 
 def export_run(folder: Path | str, out_dir: Path | str, name: str | None = None) -> Path:
@@ -66,6 +108,7 @@ def export_run(folder: Path | str, out_dir: Path | str, name: str | None = None)
     # one JSON object per line, keys in the original order, values untouched (exact replays)
     text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in compact_rows(rows))
     runlog.atomic_write_text(target / runlog.METRICS_FILE, text)
+    runlog.write_config(target, current_settings(runlog.read_config(folder)))
     for file in RUN_FILES:
         if (folder / file).is_file():
             runlog.atomic_write_text(target / file, (folder / file).read_text(encoding="utf-8"))

@@ -233,14 +233,15 @@ class RewardScorer:
         start_method: str = "spawn",
     ):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+            raise ValueError(f"workers={workers!r} is invalid: allowed an integer >= 0")
         if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+            raise ValueError(f"timeout_s={timeout_s!r} is invalid: allowed a number > 0")
         if inner_timeout_s is not None and (not isinstance(inner_timeout_s, int) or inner_timeout_s < 1):
-            raise ValueError(f"inner_timeout_s must be None or an integer >= 1 (seconds), got {inner_timeout_s!r}")
+            raise ValueError(f"inner_timeout_s={inner_timeout_s!r} is invalid: allowed None or an integer >= 1 "
+                             "(seconds)")
         if start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(
-                f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {start_method!r}"
+                f"start_method={start_method!r} is invalid: allowed one of {multiprocessing.get_all_start_methods()}"
             )
         self.workers = workers
         self.timeout_s = float(timeout_s)

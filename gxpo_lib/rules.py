@@ -9,9 +9,11 @@ Each rule wraps any ``torch.optim.Optimizer`` and is driven like ``optimizer.ste
 The rule zeroes gradients itself before every ``closure()`` call and returns a `StepInfo` record
 (docs/algorithm.md). A pass whose gradient is not finite never reaches the parameters (fallback).
 The extrapolation's work buffers are flat (`extrapolation.FlatLayout`): one vector per (device, dtype)
-of the trainable parameters, so its arithmetic runs over a few long chunks, not one tensor at a time.
-FSDP2-sharded (DTensor) parameters work too: the math runs on each rank's local shard and the global sums
-are all-reduced (`distributed`), so every rank gets the same StepInfo and gate decisions.
+of the trainable parameters, so its arithmetic runs over a few long chunks, not one tensor at a time
+(`flat_jump`: the chunk arithmetic and the `JumpSums` diagnostics). Read `reference.gxpo_step` first: the
+same step per tensor in ~25 lines, tested equal to this one. FSDP2-sharded (DTensor) parameters work too:
+the math runs on each rank's local shard and the global sums are all-reduced (`distributed`), so every rank
+gets the same StepInfo and gate decisions.
 """
 
 from __future__ import annotations
@@ -24,43 +26,32 @@ from typing import Any
 
 import torch
 
+from .choices import (
+    ACTIVE_SETS,
+    GATE_STATISTICS,
+    OPTIMIZER_STATE_MODES,
+    Q_MODES,
+    R_CLAMP,
+    RETENTION_MODES,
+    SCALE_FORMS,
+    VANISHING_PROBE,
+    VERSIONS,
+)
 from .distributed import local, reducer_for, restore_optimizer, snapshot_optimizer, square_sum
 from .extrapolation import (
     DELTA,
-    R_CLAMP,
     RELATIVE_ACTIVITY,
-    SCALE_FORMS,
     FlatLayout,
     geometric_scale,
     optimizer_direction,
     retention,
 )
+from .flat_jump import SUMMED, JumpSums, Scratch, chunk_totals, masked_scale, reposition_into
 from .gate import GATE_SETTINGS, ShutoffGate
 from .validation import check_choice, check_int, check_interval, check_optional_positive, check_positive
 
 Closure = Callable[[], torch.Tensor]
-OPTIMIZER_STATE_MODES = ("carry", "transactional")
-RETENTION_MODES = ("grad", "clip_corrected", "update")
-ACTIVE_SETS = ("absolute", "relative", "all")
-GATE_STATISTICS = ("pre_clip", "post_clip")
-VANISHING_PROBE = ("continue", "fallback")
-Q_MODES = ("per_coordinate", "scalar")
 MIN_GRAD_NORM = 1e-8  # a probe gradient at or below this norm is "vanishing"
-
-# Every option as each version of the authors' code behaves (docs/versions.md).
-_V2 = {"retention": "grad", "active_set": "absolute", "scale_form": "horner", "q_clamp": False,
-       "optimizer_state": "carry", "gate_statistic": "pre_clip", "vanishing_probe": "continue",
-       "gate": {"mode": "ema", "warmup": 2, "patience": 1, "two_sided": False, "signal": "grad_norm", "init": "unit"}}
-_V3_GATE = {"mode": "window", "window": 30, "warmup": 0, "patience": 1, "two_sided": False, "signal": "grad_norm",
-            "window_includes_current": False}
-VERSIONS: dict[str, dict[str, Any]] = {
-    "v1": _V2 | {"retention": "clip_corrected", "active_set": "all", "scale_form": "closed", "q_clamp": True,
-                 "gate_statistic": "post_clip", "gate": _V2["gate"] | {"warmup": 0, "two_sided": True}},
-    "v2": _V2,
-    "v3": _V2 | {"q_clamp": True, "gate": _V3_GATE},
-    "v5": _V2 | {"retention": "update", "active_set": "relative", "q_clamp": True, "optimizer_state": "transactional",
-                 "gate": _V3_GATE | {"tau": 3.0, "patience": 3, "signal": "entropy", "freeze_baseline": True}},
-}
 
 
 @dataclass
@@ -295,8 +286,8 @@ class _GatedRule(UpdateRule):
         total = torch.stack(rows).sum(0).to(device) if rows else torch.zeros(width, dtype=torch.float64, device=device)
         if q_max is None:
             return self.reducer.sum(total).tolist()
-        peak = torch.stack(q_max).max().view(1).to(device) if q_max else torch.full((1,), -math.inf,
-                                                                                       dtype=torch.float64, device=device)
+        peak = torch.stack(q_max).max().view(1).to(device) if q_max else \
+            torch.full((1,), -math.inf, dtype=torch.float64, device=device)
         return self.reducer.sum(total).tolist() + self.reducer.max(peak).tolist()
 
     def _feed_gate(self, info: StepInfo, grad_norm_signal: float, gate_signal: float | None) -> None:
@@ -552,68 +543,75 @@ class GXPO(_GatedRule):
 
     @torch.no_grad()
     def _jump(self, info: StepInfo, c0: float, c1: float, steps) -> None:
-        """Per coordinate, chunk by chunk: r, q; write theta~ = theta0 + alpha q (theta2 - theta0) into the
-        parameters; the diagnostics' sums are read out with one device sync at the end. With
-        ``q_mode="scalar"`` a first pass finds q-bar (the mean q over active coordinates) and every
-        coordinate jumps by it."""
+        """Per coordinate, chunk by chunk: r, q (`flat_jump`); theta~ = theta0 + alpha q (theta2 - theta0) is
+        written into the parameters. The chunks' sums stay on the device until one read at the end
+        (`JumpSums`). With ``q_mode="scalar"`` a first pass finds q-bar (the mean q over active coordinates)
+        and every coordinate jumps by it."""
         flat, update, alpha = self._flat, self.retention == "update", self.alpha
-        context = self._retention_context(c0, c1, steps)
-        q_bar = self._mean_active_q(context) if self.q_mode == "scalar" else None
-        r_inactive = min(max(1.0, self.r_clamp[0]), self.r_clamp[1])  # what retention gives an inactive one
-        rows, q_max = [], []
-        for c, (g, start, end, _) in enumerate(flat.chunks):
+        context, scratch = self._retention_context(c0, c1, steps), Scratch(flat, _work_dtype)
+        q_bar = self._mean_active_q(context, scratch) if self.q_mode == "scalar" else None
+        rows, counts, q_max = [], [], []
+        for c, (g, start, end, segments) in enumerate(flat.chunks):
             theta0, theta2 = self._theta0[g][start:end], flat.gather(c)
-            work = _work_dtype(theta0.dtype)
-            x1, active, r, bound, q = self._chunk_scale(c, context)
-            every = isinstance(active, str)  # active_set="all"
+            x1, _active, r, q, n_active, clamped = self._chunk_scale(c, context, scratch)
             if q_bar is not None:
-                q = torch.full_like(q, q_bar)
-            elif not every:
-                q = torch.where(active, q, 1.0)
-            t0 = theta0.to(work)
-            disp2 = theta2.to(work) - t0
-            jump = (alpha * q).mul_(disp2)                                # as reposition(): t0 + (alpha q) disp2
-            flat.scatter(c, (t0 + jump).to(theta0.dtype))
-            g0, g1 = self._g0[g][start:end], (self._g0[g][start:end] if update else x1)  # update: no g1
-            n = torch.tensor(float(end - start), dtype=torch.float64, device=r.device)
-            n_active = n if every else active.sum()
-            rows.append(torch.stack([t.to(torch.float64) for t in (
-                n, n_active, bound.sum(), r.sum() - (n - n_active) * r_inactive,      # sums over active ones
-                torch.dot(r, r) - (n - n_active) * r_inactive**2, q.sum(), torch.dot(disp2, disp2),
-                torch.dot(jump, jump) / alpha**2, torch.dot(t0, t0), torch.dot(g0, g0), torch.dot(g0, g1),
-                torch.dot(g1, g1))]))
+                q.fill_(q_bar)
+            # theta~ = t0 + (alpha q) disp2 into the parameters (in place where theta2 is a view of one);
+            # disp2 and jump stay in two free scratch buffers for the sums
+            free, jump, disp2, _, _ = scratch.take(g, end - start)
+            t0 = theta0.to(_work_dtype(theta0.dtype))
+            in_place = len(segments) == 1 and t0.dtype == theta0.dtype
+            reposition_into(t0, theta2, q, alpha, disp2, jump, theta2 if in_place else free)
+            if not in_place:
+                flat.scatter(c, free.to(theta0.dtype))
+            # the chunk's sums ([9], or [7] for retention="update": device scalars) and its two counts
+            g0 = self._g0[g][start:end]
+            probes = () if update else (torch.dot(g0, x1), torch.dot(x1, x1))
+            rows.append(torch.stack([r.sum(), torch.dot(r, r), q.sum(), torch.dot(disp2, disp2),
+                                     torch.dot(jump, jump) / alpha**2, torch.dot(t0, t0), torch.dot(g0, g0),
+                                     *probes]).to(torch.float64))
+            counts.append(torch.stack([n_active.to(torch.float64), clamped.to(torch.float64)]))
             q_max.append(q.max().to(torch.float64))
-        if self.reducer is not None:  # sharded: sum the rows, max q_max over ranks (a rank may hold nothing)
-            self._fill(info, self._reduced_rows(rows, q_max, 12), update)
+        r_inactive = min(max(1.0, self.r_clamp[0]), self.r_clamp[1])  # what retention gives an inactive one
+        lengths = [end - start for _, start, end, _ in flat.chunks]
+        totals = chunk_totals(rows, counts, lengths, r_inactive) if rows else None
+        if self.reducer is not None:  # sharded: sum the totals, max q_max over ranks (a rank may hold nothing)
+            self._fill(info, JumpSums(*self._reduced_rows([totals] if rows else [], q_max, SUMMED)), update)
             return
-        self._fill(info, torch.cat([torch.stack(rows).sum(0), torch.stack(q_max).max().view(1)]).tolist(), update)
+        self._fill(info, JumpSums(*torch.cat([totals, torch.stack(q_max).max().view(1)]).tolist()), update)
 
     def _retention_context(self, c0: float, c1: float, steps) -> dict[str, Any]:
         """What every chunk's r and q need: the clip scales, the step constants, V5's relative thresholds."""
         return {"scales": (c0, c1) if self.retention == "clip_corrected" else (1.0, 1.0), "steps": steps,
                 "thresholds": self._relative_thresholds(steps) if self.active_set == "relative" else None}
 
-    def _chunk_scale(self, c: int, context: dict[str, Any]):
-        """Chunk c's (x1, active mask or "all", r, clamp-bound mask, q per coordinate) from the probes."""
+    def _chunk_scale(self, c: int, context: dict[str, Any], scratch: Scratch):
+        """Chunk c's (x1, active, r, q, n_active, clamped) from the probes: active a 0/1 mask [n] (None: every
+        coordinate), q = 1 where inactive, the counts 0-dim. `flat_jump.masked_scale` in scratch buffers, or
+        `retention` and `geometric_scale` themselves for active_set="all" and scale_form="closed" (V1)."""
         g, start, end, _ = self._flat.chunks[c]
         x0, x1 = self._probe_values(c, g, start, end, context["steps"]) if self.retention == "update" else \
             (self._g0[g][start:end], self._g1[g][start:end])
         thresholds = context["thresholds"]
-        active = "all" if self.active_set == "all" else \
-            x0.abs() > (self.delta if thresholds is None else self._flat.per_coordinate(c, thresholds, x0))
+        threshold = self.delta if thresholds is None else self._flat.per_coordinate(c, thresholds, x0)
+        if self.active_set != "all" and self.scale_form == "horner":
+            return x1, *masked_scale(x0, x1, threshold, self.r_clamp, self.k, self.delta, context["scales"],
+                                     self.q_clamp, scratch.take(g, end - start))
+        active = "all" if self.active_set == "all" else x0.abs() > threshold
         r, _raw, bound = retention(x0, x1, self.r_clamp, self.delta, active=active, scales=context["scales"])
         q = geometric_scale(r, self.k, self.delta, clamp=self.q_clamp, form=self.scale_form)
-        return x1, active, r, bound, q
+        if isinstance(active, str):
+            n = torch.tensor(float(end - start), dtype=torch.float64, device=q.device)
+            return x1, None, r, q, n, bound.sum()
+        return x1, active.to(q.dtype), r, torch.where(active, q, 1.0), active.sum(), bound.sum()
 
-    def _mean_active_q(self, context: dict[str, Any]) -> float:
+    def _mean_active_q(self, context: dict[str, Any], scratch: Scratch) -> float:
         """q-bar for ``q_mode="scalar"``: the mean of q over the active coordinates (1 when none is)."""
         total, count = [], []
         for c in range(len(self._flat.chunks)):
-            _x1, active, _r, _bound, q = self._chunk_scale(c, context)
-            every = isinstance(active, str)
-            total.append(q.sum(dtype=torch.float64) if every else torch.where(active, q, 0.0).sum(dtype=torch.float64))
-            count.append(torch.tensor(float(q.numel()), dtype=torch.float64, device=q.device) if every
-                         else active.sum().to(torch.float64))
+            _x1, active, _r, q, n_active, _clamped = self._chunk_scale(c, context, scratch)
+            total.append((q if active is None else q.mul_(active)).sum(dtype=torch.float64))
+            count.append(n_active.to(torch.float64))
         if self.reducer is not None:  # sharded: [sum q, count] over every rank (a rank may hold nothing)
             total_q, n_active = self._reduced_rows([torch.stack([t, c]) for t, c in zip(total, count)], None, 2)
             return total_q / n_active if n_active > 0 else 1.0
@@ -632,7 +630,8 @@ class GXPO(_GatedRule):
                 d = optimizer_direction(before, after, torch.where(lr == 0, 1.0, lr), decay)
                 directions.append(torch.where(lr == 0, 0.0, d))
             else:
-                directions.append(optimizer_direction(before, after, lr, decay) if lr != 0 else torch.zeros_like(before))
+                directions.append(optimizer_direction(before, after, lr, decay) if lr != 0
+                                  else torch.zeros_like(before))
         return directions[0], directions[1]
 
     def _relative_thresholds(self, steps) -> torch.Tensor:
@@ -642,23 +641,22 @@ class GXPO(_GatedRule):
             lambda c, g, start, end: self._probe_values(c, g, start, end, steps)[0] if update
             else self._g0[g][start:end], reduce=None if self.reducer is None else self.reducer.sum)
 
-    def _fill(self, info: StepInfo, totals: list[float], update: bool) -> None:
-        """The step record's diagnostics from the summed chunk rows (`_jump`)."""
-        (n, n_active, bound, r_sum, r_sq, q_sum, disp2_sq, dispk_sq, theta_sq, g0_sq, g0g1, g1_sq,
-         q_max) = totals
-        info.inactive_frac = 1.0 - n_active / n
-        if n_active > 0:
-            info.r_mean = r_sum / n_active
-            info.r_std = max(0.0, r_sq / n_active - info.r_mean**2) ** 0.5
-            info.ratio_clip_frac = bound / n_active
-        info.scale_mean = q_sum / n
-        info.scale_max = q_max
+    def _fill(self, info: StepInfo, sums: JumpSums, update: bool) -> None:
+        """The step record's diagnostics from the jump's sums (`_jump`)."""
+        info.inactive_frac = 1.0 - sums.n_active / sums.n
+        if sums.n_active > 0:
+            info.r_mean = sums.r_sum / sums.n_active
+            info.r_std = max(0.0, sums.r_sq / sums.n_active - info.r_mean**2) ** 0.5
+            info.ratio_clip_frac = sums.clamped / sums.n_active
+        info.scale_mean = sums.q_sum / sums.n
+        info.scale_max = sums.q_max
         info.effective_multiplier = self.alpha * info.scale_mean
-        info.disp2_norm, info.dispK_norm, info.param_norm = disp2_sq**0.5, dispk_sq**0.5, theta_sq**0.5
+        info.disp2_norm, info.dispK_norm = sums.disp2_sq**0.5, sums.dispk_sq**0.5
+        info.param_norm = sums.theta_sq**0.5
         info.jump_norm = self.alpha * info.dispK_norm
-        self._g0_norm = g0_sq**0.5
-        denominator = (g0_sq * g1_sq) ** 0.5
-        info.cos_g0_g1 = g0g1 / denominator if denominator > 0 and not update else None
+        self._g0_norm = sums.g0_sq**0.5
+        denominator = (sums.g0_sq * sums.g1_sq) ** 0.5
+        info.cos_g0_g1 = sums.g0g1 / denominator if denominator > 0 and not update else None
 
 
 def _check_bool(name: str, value: Any) -> bool:

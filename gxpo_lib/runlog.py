@@ -41,7 +41,7 @@ COUNTER_KEYS = ("backward_passes", "seconds_sampling", "seconds_scoring", "secon
                 "cpu_seconds")
 TRAIN_PHASES = ("seconds_sampling", "seconds_scoring", "seconds_update")
 # Every train row has these keys (None where a trainer has no value), besides the StepInfo fields.
-TRAIN_ROW_KEYS = ("kind", "step", "k", "alpha", "r_min", "r_max", "tau", "reward_mean", "reward_std",
+TRAIN_ROW_KEYS = ("kind", "step", "k", "alpha", "r_clamp", "tau", "reward_mean", "reward_std",
                   "accuracy", "response_length", "entropy", "kl", "clip_frac", "reward_parse_fail",
                   "reward_timeout", "reward_error", "learning_rate")
 # Salts of `step_seed`: which draw a seed is for.
@@ -90,10 +90,10 @@ def x_values(counters: dict[str, float]) -> dict[str, float]:
 
 def rule_settings_row(rule) -> dict[str, Any]:
     """The rule settings in force this step (so live changes show up in the log)."""
-    r_clamp = getattr(rule, "r_clamp", None) or (None, None)
+    r_clamp = getattr(rule, "r_clamp", None)
     gate = getattr(rule, "gate", None)
-    return {"k": getattr(rule, "k", None), "alpha": getattr(rule, "alpha", None), "r_min": r_clamp[0],
-            "r_max": r_clamp[1], "tau": None if gate is None else gate.tau}
+    return {"k": getattr(rule, "k", None), "alpha": getattr(rule, "alpha", None),
+            "r_clamp": None if r_clamp is None else list(r_clamp), "tau": None if gate is None else gate.tau}
 
 
 def reward_stats(rewards: Iterable[float]) -> dict[str, float | None]:
@@ -322,16 +322,14 @@ def load_json_object(path: Path | str) -> tuple[dict[str, Any] | None, str | Non
 
 
 def read_config(workdir: Path | str) -> dict[str, Any]:
-    """A run's saved settings with old names normalised ({} if none); folders from older versions load too.
-    A damaged config.json is a ValueError naming it."""
-    from .config import normalise_names
-
+    """A run's saved settings as a plain dict, as written ({} if none; a folder from older code keeps its
+    names: `replay.export_runs` writes today's). A damaged config.json is a ValueError naming it."""
     path = Path(workdir) / CONFIG_FILE
     value, problem = load_json_object(path)
     if problem is not None:
         raise ValueError(f"{path}: {problem}; restore it from a copy, or resume the run with its settings "
                          "(gxpo_lib.run or train), which checks them against its checkpoints and rewrites it")
-    return normalise_names(value or {}, warn=False)
+    return value or {}
 
 
 def _read_final_eval_file(path: Path, stacklevel: int = 3) -> dict[str, Any]:

@@ -21,7 +21,8 @@ notebook kernel); by default each run executes notebook 03 and leaves its execut
 
 Every run executes in its own process (``python -m gxpo_lib execute``, papermill inside) with its own
 working directory, its output streamed to ``run.log`` in its folder; one line is printed per finished run.
-Notebook 03's own parameters (``backend``, ``num_processes``, ...) may be grid axes. ``--gpus`` pins
+Notebook 03's own parameters (``backend``, ``num_processes``, ``progress``, ...: run options, not
+TrainConfig settings) may be grid axes or ``base`` entries. ``--gpus`` pins
 ``CUDA_VISIBLE_DEVICES`` per parallel run (one GPU list entry per slot; "0,1|2,3" gives each slot two).
 A run whose folder holds ``run_summary.json`` is finished and skipped; a failed run is recorded in
 ``sweep_status.json`` and the others go on. A rerun resumes unfinished runs from their checkpoints.
@@ -228,13 +229,15 @@ def _direct_command(parameters: dict[str, Any], folder: Path) -> list[str]:
     """``python -m gxpo_lib run`` for one point (``--direct``): each setting as ``-s NAME=JSON``."""
     settings = {k: v for k, v in parameters.items() if k not in NOTEBOOK_PARAMETERS}
     launch = {k: v for k, v in parameters.items() if k in NOTEBOOK_PARAMETERS and k not in ("preset", "output_dir")}
-    unsupported = sorted(set(launch) - {"backend", "num_processes"})
+    unsupported = sorted(set(launch) - {"backend", "num_processes", "progress"})
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not available with --direct (run through notebook 03 instead)")
     command = [sys.executable, "-m", "gxpo_lib", "run", "--out", str(folder), "--no-figures",
                "--backend", str(launch.get("backend", "gxpo")), "--num-processes", str(launch.get("num_processes", 1))]
     if parameters.get("preset"):
         command += ["--preset", str(parameters["preset"])]
+    if launch.get("progress") is False:
+        command.append("--no-progress")
     for name, value in settings.items():
         command += ["-s", f"{name}={json.dumps(value)}"]
     return command
@@ -245,7 +248,7 @@ def run_environment(environ: Mapping[str, str], parallel: int, gpu: str | None,
     """A run's environment: ``CUDA_VISIBLE_DEVICES`` for its GPU slot; on the CPU, the cores shared out.
 
     ``parallel`` CPU runs that each start torch's default thread pool (one thread per core) oversubscribe
-    the cores; on a 2-core machine that made one run 13x slower (docs/regime.md). So each run gets
+    the cores (a measured slowdown: docs/machine-notes.md). So each run gets
     ``OMP_NUM_THREADS = max(1, cores // parallel)`` unless the caller's environment sets it already.
     """
     env = dict(environ)

@@ -10,6 +10,8 @@ rebuilds the kit and compares it with the committed files.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -24,9 +26,9 @@ def nb02_config(algorithm: str, seed: int = 0, lr: float = 2e-3):
     from .config import TrainConfig
 
     shared = TrainConfig(model="tiny", seed=seed, lr=lr, batch_prompts=8, group_size=8, eval_problems=48,
-                         eval_samples=4, gate_tau=0.5, r_clamp=(-2.0, 3.0))
+                         eval_samples=4, tau=0.5)
     return TrainConfig(**{**shared.to_dict(), "algorithm": algorithm, "steps": 30, "eval_every": 10,
-                          "checkpoint_every": 7, "progress": False, "k": 3 if algorithm == "sfpo" else 5,
+                          "checkpoint_every": 7, "k": 3 if algorithm == "sfpo" else 5,
                           "alpha": 0.8 if algorithm == "sfpo" else 0.5})
 
 
@@ -40,8 +42,7 @@ def live_ranges_text(data: dict | None = None) -> str:
         parts.append(f"{label} step-30 pass@1 {min(finals):.3f}-{max(finals):.3f} (peak {min(peaks):.3f}-"
                      f"{max(peaks):.3f})")
     seeds = sorted({r["seed"] for r in runs.values()})
-    walls = [r["wall_s"] for r in runs.values()]
-    cpus = [r["cpu_s"] for r in runs.values()]
+    walls, cpus = [r["wall_s"] for r in runs.values()], [r["cpu_s"] for r in runs.values()]
     loads = [v for r in runs.values() for v in (r["load_start"], r["load_end"])]
     return (f"Trained live (`replay=False`) at seeds {', '.join(map(str, seeds))}: " + "; ".join(parts)
             + f"; at seed 0 GRPO ended at {runs['grpo_seed0']['pass@1'][-1]:.3f} and GXPO at "
@@ -51,15 +52,14 @@ def live_ranges_text(data: dict | None = None) -> str:
             f"{max(walls):.0f} s wall, {min(cpus):.0f}-{max(cpus):.0f} s CPU.")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Catch-up: the state a notebook's loading cells leave, rebuilt from the shipped runs
-# ----------------------------------------------------------------------------------------------------
+# ---- Catch-up: the state a notebook's loading cells leave, rebuilt from the shipped runs
 
 def catch_up(notebook: str, **parameters: Any) -> dict[str, Any]:
     """For a learner who fell behind: `globals().update(catch_up("02", lr=lr))` in the notebook (docs/instructor.md
     says below which cell). "02": `runs` as section 2 leaves it with replay; "04": `runs` of the seed study;
-    "05": `records`, `table`, `lrs`, `methods` of the shipped regime study (section 2)."""
-    from . import analysis, regime
+    "05": `records` as section 2's loading cell leaves it (the shipped verdict study, or `study_dir`)."""
+    from . import analysis
+    from .analysis import verdict
     from .paths import shipped
     from .replay import shipped_results
 
@@ -72,17 +72,13 @@ def catch_up(notebook: str, **parameters: Any) -> dict[str, Any]:
     if notebook == "04":
         return {"replay": True, "runs": analysis.load_runs(shipped_results("seed-study"))}
     if notebook == "05":
-        records = regime.load_study(shipped("results", "regime"))
-        table = regime.cell_table(records, resamples=parameters.get("resamples", 1000))
-        return {"records": records, "table": table, "lrs": sorted(set(table["lr"])),
-                "methods": list(dict.fromkeys(table["method"]))}
+        study_dir = parameters.get("study_dir")
+        return {"records": verdict.load_records(Path(study_dir) if study_dir else shipped("results", "verdict"))}
     raise ValueError(f"notebook={notebook!r} is invalid: allowed '02', '04' or '05' (01 trains nothing: run the "
                      "cells above)")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The answer key: each notebook's exercise cells run with fill on, their checks spied on
-# ----------------------------------------------------------------------------------------------------
+# ---- The answer key: each notebook's exercise cells run with fill on, their checks spied on
 
 def _plain(value: Any) -> Any:
     """JSON-ready: numpy and torch values to Python numbers and lists."""
@@ -99,8 +95,6 @@ def run_exercises(name: str) -> list[dict[str, Any]]:
     """Execute notebook `name`'s code cells up to its last exercise (fill on, figures not shown) and record each
     check call: the exercise's heading, the check, its settings, its message, and what `_judge` was given (the
     right value, the general hint, the known wrong answers with their hints)."""
-    import contextlib
-    import io
     import re
     import tempfile
 
@@ -161,7 +155,7 @@ def run_exercises(name: str) -> list[dict[str, Any]]:
                 if "google.colab" in cell.source:
                     continue
                 first = len(calls)
-                source = cell.source + ("\nfill_solutions = True" if "parameters" in cell.metadata.get("tags", []) else "")
+                source = cell.source + "\nfill_solutions = True" * ("parameters" in cell.metadata.get("tags", []))
                 exec(compile(source, f"<{name} cell {i}>", "exec"), namespace)  # noqa: S102 (the repo's own notebook)
                 for call in calls[first:]:
                     call["exercise"] = heading
@@ -174,9 +168,6 @@ def run_exercises(name: str) -> list[dict[str, Any]]:
 
 def _wrong_probe(call: dict[str, Any]) -> str:
     """The general hint a check prints for an answer that is neither right nor a known slip."""
-    import contextlib
-    import io
-
     from . import check
 
     function = check.CHECKS[call["check"]]
@@ -235,7 +226,7 @@ def answer_key(names: tuple[str, ...] = ("01_toy_extrapolation", "02_grpo_vs_gxp
             settings = ", ".join([*(repr(a) for a in call["args"] if call["check"] != "prediction"),
                                   *(f"{k}={v!r}" for k, v in shown.items())])
             lines += [f"### {title}: `check.{call['check']}({settings})`", "",
-                      "- **right**: " + re.sub(r", you predicted [^.]+", "", call["message"][len("right: "):])]
+                      "- **right**: " + re.sub(r", you predicted .+?(?=\.(?:\s|$))", "", call["message"][7:])]
             for part in call["judged"]:
                 for value, hint in part["wrong"]:
                     lines.append(f"- `{check._fmt(value)}`: {hint}")
@@ -243,9 +234,7 @@ def answer_key(names: tuple[str, ...] = ("01_toy_extrapolation", "02_grpo_vs_gxp
     return "\n".join(lines), entries
 
 
-# ----------------------------------------------------------------------------------------------------
-# Slides and agenda
-# ----------------------------------------------------------------------------------------------------
+# ---- Slides and agenda
 
 def _nb02(lr: float) -> dict[str, dict[str, Any]]:
     """Notebook 02's shipped run of each algorithm at `lr`: first, last and peak pass@1, passes, mechanism."""
@@ -265,21 +254,28 @@ def _nb02(lr: float) -> dict[str, dict[str, Any]]:
 
 def slides() -> str:
     """The deck: the opening, then one slide per key figure, every number read from the shipped results."""
+    import numpy as np
     import torch
 
-    from . import analysis, extrapolation, regime
+    from . import analysis, extrapolation
+    from .analysis import verdict
     from .paths import shipped
     from .replay import shipped_results
+    from .toy_race import toy_race
 
-    q = {r: float(extrapolation.geometric_scale(torch.tensor([r], dtype=torch.float64), 5)[0]) for r in (0.0, 0.5, 0.9, 1.0)}
+    q = {r: float(extrapolation.geometric_scale(torch.tensor([r], dtype=float), 5)[0]) for r in (0.0, 0.5, 0.9, 1.0)}
     big, small = _nb02(2e-3), _nb02(3e-4)
     runs = analysis.load_runs(shipped_results("seed-study"))
     finals = analysis.final_table(runs, by=analysis.DEFAULT_BY)
     speed = analysis.speedup_table(runs, reference="grpo", resamples=0)
-    records = regime.load_study(shipped("results", "regime"))
-    lrs = sorted({r["config"]["lr"] for r in records if r["config"]["algorithm"] == "gxpo"})
-    aq = {lr: regime.matched_step_multiplier(records, lr) for lr in lrs}
-    race = {lr: regime.toy_race(lr) for lr in (0.3, 1.0, 1.8)}
+    records = verdict.load_records(shipped("results", "verdict"))
+    race, sizes = {lr: toy_race(lr) for lr in (0.3, 1, 1.8)}, {}
+    for lr in verdict.LEARNING_RATES:   # GXPO K=5's measured update size where every seed of the lr has finished
+        with contextlib.suppress(ValueError):
+            size, cell = verdict.matched_scale(records, lr)["step_scale"], verdict.cell(records, "GXPO K=5", lr, 60)
+            rows = [r for x in cell.values() for r in x["train"] if r.get("active")]
+            sizes[lr] = (size, *(float(np.mean([r[key] for r in rows]))
+                                 for key in ("r_mean", "effective_multiplier")))
     row = lambda d, a: (f"| {a.upper()} | {d[a]['first']:.3f} | {d[a]['last']:.3f} | {d[a]['peak']:.3f} "
                         f"(step {d[a]['peak_step']}) | {d[a]['passes']} |")
     head = "| method | step 0 | step 30 | peak | backward passes |\n|---|---|---|---|---|"
@@ -304,7 +300,9 @@ def slides() -> str:
         "## Figure: three rules, one budget (notebook 02, lr 2e-3, seed 0)\n\n" + head + "\n"
         + "\n".join(row(big, a) for a in big) + "\n\nOne seed decides nothing.",
         "## Figure: the mechanism panel (notebook 02)\n\n- lr 2e-3: " + mech(big) + "\n- lr 3e-4: " + mech(small)
-        + "\n\nBelow r = 1 and α·q = 1 the jump retreats towards θ0, yet the update is still more than one step.",
+        + "\n\nα·q̄ < 1 means θ̃ stops short of θ2 (the jump \"retreated\"), never a shorter step: with the corrective "
+        "step the update is still about 1 + 2α·q̄ plain steps. Mean r and α·q̄ can disagree: q̄ is a mean of q(r) "
+        "over a spread of r, floored at 1 and capped at K/2 + 1.",
         "## Figure: the one-line switch lr = 3e-4 (notebook 02)\n\n" + head + "\n"
         + "\n".join(row(small, a) for a in small),
         "## Figure: seed bands (notebook 04, the shipped seed study)\n\n| group | seeds | final pass@1 | 95% "
@@ -314,14 +312,20 @@ def slides() -> str:
         "## Figure: the speed-up table (notebook 04)\n\n" + "\n".join(
             f"- {r.group}: {r.status}" + (f" (step {r.step:.0f} vs {r.ref_step:.0f})" if r.status == "reached" else "")
             for r in speed.itertuples() if r.status != "reference")
-        + f"\n\nThe target: GRPO's seed-mean peak {speed['target'].iloc[0]:.3f} (step {speed['ref_step'].iloc[0]:.0f}).",
-        "## Figure: the toy race (notebook 05)\n\nFinal loss after the same backward passes:\n\n| lr | GD | "
-        "matched GD | GXPO | GXPO, noise | GXPO, scalar q |\n|---|---|---|---|---|---|\n" + "\n".join(
-            f"| {lr:g} | " + " | ".join(f"{c['loss'][-1]:.2e}" if (c["loss"][-1] or 1e9) < 1e6 else "diverged"
-                                          for c in race[lr]["curves"].values()) + " |" for lr in race),
-        "## Figure: α·q̄ against lr (notebook 05, the regime study)\n\nGXPO K=5's mean α·q̄: " + ", ".join(
-            f"{lr:g} → {v:.2f}" for lr, v in aq.items()) + f"; GRPO's best lr {regime.best_grpo_lr(records):g}. "
-        "One active update is about 1 + 2α·q̄ plain steps, so a control at lr × α·q̄ is too small.",
+        + f"\n\nThe target: GRPO's seed-mean peak {speed.target.iat[0]:.3f} (step {speed.ref_step.iat[0]:.0f}).",
+        "## Figure: the toy race (notebook 05)\n\nFinal loss after the same backward passes (matched GD: GD at lr × "
+        "GXPO's measured update size s):\n\n| lr | s | GD | matched GD | GXPO | GXPO, noise | GXPO, scalar q |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {lr:g} | {race[lr]['multiplier']:.2f} | " + " | ".join(
+                f"{c['loss'][-1]:.2e}" if (c["loss"][-1] or 1e9) < 1e6 else "diverged"
+                for c in race[lr]["curves"].values()) + " |" for lr in race),
+        "## Figure: how big is one GXPO update? (notebook 05, sections 2a-2b, the verdict study)\n\nGXPO K=5 with "
+        "AdamW, seed means (lrs still running left out):\n\n| lr | mean r | α·q̄ | 1 + 2α·q̄ | measured: update-norm "
+        "ratio to GRPO | the old control (lr × α·q̄) as a share of it |\n|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {lr:g} | {r:.2f} | {aq:.2f} | {1+2*aq:.2f} | {s:g} | {aq/s:.0%} |" for lr, (s, r, aq) in sizes.items())
+        + "\n\nThe jump scales θ2 − θ0, two steps, and the corrective step follows. The study's control is GRPO at "
+        "GXPO's measured size, and scalar-q GXPO (one q̄ for every coordinate).",
+        "## The verdict study's lesson (notebook 05, section 2h; computed)\n\n" + verdict.lesson(records),
         ("## Takeaways\n\n- compare per backward pass, not only per step\n- read r, cos(g0, g1) and α·q̄ before "
         "crediting the jump\n- the right control is a plain step of GXPO's measured size, and scalar-q GXPO\n"
         "- discussion prompts: docs/instructor/discussion.md"),
@@ -339,8 +343,8 @@ AGENDA = [  # (minutes, what, notebook): the plan; the measured headless times a
     (20, "GRPO vs GXPO vs SFPO replayed: curves, the mechanism, exercise 4, the switch lr = 3e-4", "02"),
     (5, "buffer (catch-up cell for 02)", ""),
     (15, "When does extrapolation pay? The toy race: exercises 1a, 1b, 2", "05"),
-    (20, "The regime study: exercises 3-5, each a prediction before its figure; the controls", "05"),
-    (10, "The live rerun of one grid point, and the prompt 'design the right matched control'", "05"),
+    (20, "The verdict study: exercises 3-4, each a prediction before its figure; the controls", "05"),
+    (10, "The live rerun of one study run, and the prompt 'design the right matched control'", "05"),
     (10, "Comparing runs with intervals: the seed study", "04"),
     (5, "Takeaways, the GPU track (notebook 03), where to go next", ""),
 ]

@@ -13,8 +13,6 @@ Everything here exists to build ``data/models/tiny-llama-arith`` (``models.load_
 Rebuild the shipped checkpoint (deterministic for a seed on a given machine, 2 threads)::
 
     python -m gxpo_lib.tiny_model build --out data/models/tiny-llama-arith --seed 0
-
-(``python -m gxpo_lib.models build-tiny ...``, the older spelling, runs the same command.)
 """
 
 from __future__ import annotations
@@ -394,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gxpo_lib.tiny_model",
                                      description="build the shipped tiny Llama checkpoint")
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", aliases=["build-tiny"],
-                                help="warm-start and save the tiny Llama checkpoint")
+    build = commands.add_parser("build", help="warm-start and save the tiny Llama checkpoint")
     build.add_argument("--out", default=str(tiny_model_dir()))
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--data", default=str(task.DATA_DIR), help="folder with train.jsonl / test.jsonl")

@@ -37,20 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import config as run_settings
 from . import distributed, runlog
-from .config import RESUME_MAY_CHANGE, TrainConfig, rule_kwargs, uses_entropy_gate
+from .config import RESUME_MAY_CHANGE, TrainConfig, refuse_unknown, rule_kwargs, uses_entropy_gate
 from .evaluation import evaluate
 from .losses import group_advantages
 from .objective import PolicyObjective
 from .problems import prompt_formatter, run_problems
+from .replay import current_settings
 from .rules import GXPO, PlainStep, StepInfo
-from .runlog import read_rows as read_metrics
-from .runlog import summarize_run
 from .sampling import batched_logprobs
 from .sfpo import SFPO
 
-__all__ = ["TrainConfig", "TrainControl", "TrainState", "build_rule", "make_sampler", "read_metrics",
-           "summarize_run", "train", "train_step"]
+__all__ = ["TrainConfig", "TrainControl", "TrainState", "build_rule", "make_sampler", "train",
+           "train_step"]
 
 RULES = {"grpo": PlainStep, "gxpo": GXPO, "sfpo": SFPO}
 
@@ -143,7 +143,7 @@ def make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: 
     """The rollout engine. "auto": the lean decoder for Llama-architecture models on a CPU (the tiny model,
     SmolLM2; bare or LoRA), HF generate otherwise (always on FSDP2 shards, `sharded`); "lean" / "hf" force
     one; "vllm": a colocated vLLM engine that follows the trained weights."""
-    settings = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
+    settings = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     if config.rollout_backend == "vllm":
         from .vllm_sampler import VLLMSampler
 
@@ -154,10 +154,10 @@ def make_sampler(config: TrainConfig, model, tokenizer, format_prompt, workdir: 
     on_cpu = next(model.parameters()).device.type == "cpu"
     if not sharded and (config.rollout_backend == "lean" or (config.rollout_backend == "auto" and on_cpu
                                                               and supports(model))):
-        return LeanSampler(model, tokenizer, format_prompt, batch_size=config.generation_batch_size or 256, **settings)
+        return LeanSampler(model, tokenizer, format_prompt, batch_size=run_settings.GENERATION_BATCH, **settings)
     from .sampling import HFSampler
 
-    return HFSampler(model, tokenizer, format_prompt, batch_size=config.generation_batch_size or 256,
+    return HFSampler(model, tokenizer, format_prompt, batch_size=run_settings.GENERATION_BATCH,
                      score_batch_size=config.micro_batch_size, **settings)
 
 
@@ -188,7 +188,7 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
 
     model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=config.dtype)
     if config.lora:
-        model = apply_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=config.lora_targets)
+        model = apply_lora(model, rank=config.lora_rank, alpha=2 * config.lora_rank, target_modules=config.lora_targets)
     if not config.lora and next(model.parameters()).dtype == torch.bfloat16:
         warnings.warn(f"full fine-tuning in bfloat16 without float32 master weights: AdamW steps of about "
                       f"lr={config.lr * config.step_scale:g} below half a bfloat16 ulp (|w| * 2^-9) are lost; "
@@ -201,7 +201,8 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
         reference = None if reference is None else distributed.shard_policy(reference)
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     sampler = make_sampler(config, model, tokenizer, prompt_formatter(config, tokenizer), workdir, world is not None)
-    scorer = RewardScorer(workers=config.reward_workers, timeout_s=config.reward_timeout)
+    workers = run_settings.VLLM_REWARD_WORKERS if config.rollout_backend == "vllm" else 0
+    scorer = RewardScorer(workers=workers, timeout_s=run_settings.REWARD_TIMEOUT)
     return TrainState(config, model, tokenizer, optimizer, build_rule(config, optimizer), sampler, scorer,
                       problems, reference, world=world, shares=1 if world is None else world.size)
 
@@ -216,7 +217,7 @@ def _set_seeds(seed: int) -> None:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------
 def save_checkpoint(workdir: Path, step: int, state: TrainState) -> Path:
-    """Trainable weights, optimizer, rule + gate, RNG states, counters; keeps the newest `keep_checkpoints`.
+    """Trainable weights, optimizer, rule + gate, RNG states, counters; keeps the newest KEEP_CHECKPOINTS.
     Under torchrun a ``step_N/`` folder instead (`distributed.save_sharded`: DCP shards + rank 0's meta.pt)."""
     folder = workdir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def save_checkpoint(workdir: Path, step: int, state: TrainState) -> Path:
         meta = {"rule": state.rule.state_dict(), "counters": dict(state.counters), "config": state.config.to_dict()}
         distributed.save_sharded(folder, step, state.model, state.optimizer, meta, _rng_states(), state.world)
         if state.world.is_main:
-            for old in _checkpoints(folder, sharded=True)[:-state.config.keep_checkpoints]:
+            for old in _checkpoints(folder, sharded=True)[:-run_settings.KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         return folder / f"step_{step:06d}"
     path = folder / f"step_{step:06d}.pt"
@@ -234,7 +235,7 @@ def save_checkpoint(workdir: Path, step: int, state: TrainState) -> Path:
                 "rule": state.rule.state_dict(), "counters": dict(state.counters), "rng": _rng_states(),
                 "config": state.config.to_dict()}, tmp)  # the settings again, should config.json be lost
     os.replace(tmp, path)
-    for old in sorted(folder.glob("step_*.pt"))[:-state.config.keep_checkpoints]:
+    for old in sorted(folder.glob("step_*.pt"))[:-run_settings.KEEP_CHECKPOINTS]:
         old.unlink()
     return path
 
@@ -311,8 +312,9 @@ def restore_checkpoint(workdir: Path, state: TrainState) -> int:
         other = _checkpoints(folder, sharded=world is None)
         if other:
             kind = "sharded step_N/ folders (a torchrun run)" if world is None else "single-process step_N.pt files"
-            raise ValueError(f"{folder}: holds {kind} only, which this {'single-process' if world is None else 'torchrun'}"
-                             " run cannot resume; resume it as it was launched, or start over in another workdir")
+            this = "single-process" if world is None else "torchrun"
+            raise ValueError(f"{folder}: holds {kind} only, which this {this} run cannot resume; resume it as it "
+                             "was launched, or start over in another workdir")
         return 0
     metrics = workdir / runlog.METRICS_FILE
     rows = runlog.read_rows(metrics, stacklevel=3)
@@ -426,9 +428,12 @@ def check_resumable(workdir: Path, config: TrainConfig) -> None:
         saved, source = copy_[1], f"{copy_[0].name}'s copy of config.json"
         warnings.warn(f"{path}: {problem}; checked the settings against {source} and rewrote it", RuntimeWarning,
                       stacklevel=3)
-    from .config import normalise_names
-
-    saved = normalise_names(json.loads(json.dumps(saved)), warn=False)
+    saved = current_settings(json.loads(json.dumps(saved)))   # a folder older code wrote, under today's names
+    try:
+        refuse_unknown(saved)
+    except ValueError as error:
+        raise ValueError(f"{source} in {workdir} holds a setting this gxpo_lib does not have ({error}); "
+                         "resume it with the code that started it, or start over in another workdir") from None
     current = json.loads(json.dumps(config.to_dict()))
     defaults = json.loads(json.dumps(TrainConfig().to_dict()))  # a setting newer than the run: its default
     differing = sorted(k for k in current if k not in RESUME_MAY_CHANGE and saved.get(k, defaults[k]) != current[k])
@@ -465,7 +470,7 @@ def _objective(state: TrainState, batch, advantages, ref_logprobs, normalizer=No
     config = state.config
     return PolicyObjective(
         state.model, batch, advantages, ref_logprobs, batch.old_logprobs, loss_type=config.loss_type,
-        clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_beta=config.kl_beta,
+        clip_eps=config.clip_eps, clip_eps_high=None, kl_beta=config.kl_beta,
         entropy_coef=config.entropy_coef, temperature=config.temperature, max_completion_length=config.max_new_tokens,
         micro_batch_size=config.micro_batch_size, aggregation=config.loss_aggregation, global_normalizer=normalizer)
 
@@ -474,8 +479,8 @@ def _entropy_signal(rollouts, rows: slice, world=None) -> float:
     """The sampling policy's token-mean entropy over `rows` (what an entropy-signal gate reads); under
     torchrun over every rank's `rows`, the same number on each."""
     if world is not None:
-        total, tokens = distributed.all_sum([rollouts.entropy[rows].float().sum(), rollouts.completion_mask[rows].sum()],
-                                            world)
+        total, tokens = distributed.all_sum(
+            [rollouts.entropy[rows].float().sum(), rollouts.completion_mask[rows].sum()], world)
         return total / max(tokens, 1.0)
     return float(rollouts.entropy[rows].float().sum() / rollouts.completion_mask[rows].sum().clamp(min=1))
 
@@ -493,7 +498,7 @@ def _update(state: TrainState, rollouts, advantages, ref_logprobs) -> tuple[list
                   for part, normalizer in zip(parts, distributed.normalizers(rollouts, parts, state.world))]
     state.model.train()
     entropy_gate, world = uses_entropy_gate(config), state.world
-    if config.algorithm == "sfpo" and config.sfpo_sweeps == "official" and len(parts) > 1:
+    if config.algorithm == "sfpo" and len(parts) > 1:
         signal = _entropy_signal(rollouts, slice(0, rows), world) if entropy_gate else None
         return [state.rule.step_sweeps(objectives, gate_signal=signal)], objectives
     return [state.rule.step(objective, gate_signal=_entropy_signal(rollouts, part, world) if entropy_gate else None)
@@ -525,15 +530,14 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
 
     with runlog.timed(counters, "seconds_update"):
         rewards = torch.tensor(scored.rewards, dtype=torch.float32)
-        advantages = group_advantages(rewards, config.group_size, scale=config.adv_scale)
+        advantages = group_advantages(rewards, config.group_size, scale="group")
         ref_logprobs = None
         if config.kl_beta > 0:  # the reference policy's view, once per step, a micro-batch at a time
             with reference_policy(state.model, state.reference) as ref_model:
                 ref_logprobs = batched_logprobs(ref_model, rollouts, config.temperature, config.micro_batch_size)
         if world is not None:   # the no-grad forwards left the root's weights gathered
             distributed.reshard(state.model)
-        several = config.mini_batches * config.ppo_epochs > 1 and not (
-            config.algorithm == "sfpo" and config.sfpo_sweeps == "official")
+        several = config.mini_batches * config.ppo_epochs > 1 and config.algorithm != "sfpo"
         before = state.rule.snapshot_params() if several else None  # the step spans several rule steps
         infos, objectives = _update(state, rollouts, advantages, ref_logprobs)
 
@@ -567,6 +571,7 @@ def train(
     control: TrainControl | None = None,
     model_and_tokenizer=None,
     prompt_shares: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a training run in `workdir`; returns a summary. Under torchrun: on every rank (the
     module docstring); rank 0 writes the folder and runs `callbacks`, every rank returns the same summary.
@@ -579,6 +584,7 @@ def train(
         model_and_tokenizer: an already loaded (model, tokenizer) to use instead of `config.model`.
         prompt_shares: sample each step's prompts (and each evaluation's problems) in this many shares, each
             with its own seed (None: one per rank); one process given N samples what N ranks do.
+        progress: show a progress bar (a run option: it changes no result).
     """
     from .tracking import Trackers
 
@@ -625,7 +631,7 @@ def train(
                 distributed.reshard(state.model)
         return emit({"kind": "eval", "step": step, **runlog.x_values(state.counters), **result})
 
-    progress = _progress_bar(config, start_step) if main else None
+    bar = _progress_bar(config, start_step) if main and progress else None
     last_eval, final = None, {}
     try:
         if start_step == 0:
@@ -639,9 +645,9 @@ def train(
                 if pending:
                     state.rule.update_settings(**pending)
             row = emit(train_step(state, step))
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{row['reward_mean'] or 0:.2f}", bp=state.counters["backward_passes"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean'] or 0:.2f}", bp=state.counters["backward_passes"])
             if step % config.eval_every == 0 or step == config.steps:
                 last_eval = run_eval(step)
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -655,8 +661,8 @@ def train(
         state.scorer.close()
         if hasattr(state.sampler, "close"):
             state.sampler.close()  # a vLLM engine frees its memory and worker processes
-        if progress is not None:
-            progress.close()
+        if bar is not None:
+            bar.close()
         distributed.teardown(world)
     gate = getattr(state.rule, "gate", None)
     return {"workdir": str(workdir), "steps_done": state.rule.num_steps, "last_eval": last_eval, "final_eval": final,
@@ -682,8 +688,6 @@ def final_evaluation(workdir: Path, config: TrainConfig, state: TrainState, sets
 
 
 def _progress_bar(config: TrainConfig, start_step: int):
-    if not config.progress:
-        return None
     from tqdm.auto import tqdm
 
     return tqdm(total=config.steps, initial=start_step, desc=config.algorithm, unit="step")

@@ -65,7 +65,8 @@ def build(shape: pf.ModelShape, device, dtype, lora_rank: int | None = 128, chec
     if lora_rank:
         from gxpo_lib.models import apply_lora
 
-        model = apply_lora(model, rank=lora_rank, alpha=2 * lora_rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+        model = apply_lora(model, rank=lora_rank, alpha=2 * lora_rank,
+                           target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
@@ -104,7 +105,8 @@ def leg_memory(args, shapes):
     for shape in shapes:
         model = build(shape, args.device, args.dtype)
         if args.cuda:
-            config = resolve_config("paper-gxpo", {"model": "tiny", "max_new_tokens": args.t, "micro_batch_size": args.rows})
+            config = resolve_config("paper-gxpo", {"model": "tiny", "max_new_tokens": args.t,
+                                                   "micro_batch_size": args.rows})
             est = pf.estimate(config, 80, micro_batch_size=args.rows, prompt_tokens=args.p, shape=shape)
             fixed = sum(line.bytes for line in est.fixed[:3])       # weights, adapters, their gradients
             predicted = fixed + est.phase_bytes("train micro-batch")
@@ -136,7 +138,8 @@ def leg_throughput(args, shapes):
     batch = rollouts(args.rows * 2, args.p, args.t, shapes[0].vocab, args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     seconds, passes = {}, {}
-    for name, make in (("grpo", lambda o: PlainStep(o, max_grad_norm=1.0)), ("gxpo", lambda o: GXPO(o, k=5, alpha=0.5))):
+    for name, make in (("grpo", lambda o: PlainStep(o, max_grad_norm=1.0)),
+                       ("gxpo", lambda o: GXPO(o, k=5, alpha=0.5))):
         rule = make(torch.optim.AdamW(params, lr=1e-7))
         rule.step(objective(model, batch, args.rows))                   # warm-up (allocations, kernels)
         _sync(args)
@@ -146,7 +149,8 @@ def leg_throughput(args, shapes):
         seconds[name], passes[name] = time.time() - start, info.backward_passes
     tokens = batch.completion_ids.numel() + batch.prompt_ids.numel()
     ratio = seconds["gxpo"] / seconds["grpo"]
-    detail = (f"{shapes[0].name}: GRPO {tokens / seconds['grpo']:.0f} tok/s, GXPO {tokens / seconds['gxpo']:.0f} tok/s, "
+    detail = (f"{shapes[0].name}: GRPO {tokens / seconds['grpo']:.0f} tok/s, "
+              f"GXPO {tokens / seconds['gxpo']:.0f} tok/s, "
               f"time ratio {ratio:.2f} ({passes['gxpo']} passes vs {passes['grpo']})")
     ok = (passes["gxpo"], passes["grpo"]) == (3, 1) and (not args.cuda or 1.5 <= ratio <= 4.5)  # CPU timing: noise
     return ("ok" if ok else "FAIL"), detail

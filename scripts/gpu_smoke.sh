@@ -160,7 +160,7 @@ def main(model_name: str, backend: str, out: str, repo: str) -> None:
         entropy_coef=0.001,
         batch_prompts=8 if cuda else 2, group_size=8 if cuda else 4,
         max_new_tokens=(128 if big else 32) if cuda else 16, lr=1e-3, steps=2, eval_problems=8,
-        vllm_gpu_memory=0.3, progress=False, seed=0).validate()
+        vllm_gpu_memory=0.3, seed=0).validate()
     check_runtime(config)
     torch.manual_seed(config.seed)
     train_problems, _, _ = run_problems(config)

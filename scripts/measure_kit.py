@@ -69,7 +69,8 @@ def measure_live(out: Path, seeds: list[int], workdir: str = "/tmp/gxpo-kit-live
             code = ("import json, sys; from gxpo_lib.teach_kit import nb02_config; from gxpo_lib.trainer import train;"
                     f"train(nb02_config('{algorithm}', {seed}), '{workdir}/{algorithm}_seed{seed}')")
             timing = _timed_child(code)
-            rows = [json.loads(line) for line in Path(f"{workdir}/{algorithm}_seed{seed}/metrics.jsonl").read_text().splitlines()]
+            metrics = Path(f"{workdir}/{algorithm}_seed{seed}/metrics.jsonl")
+            rows = [json.loads(line) for line in metrics.read_text().splitlines()]
             evals = [r for r in rows if r["kind"] == "eval"]
             data["runs"][f"{algorithm}_seed{seed}"] = {
                 "algorithm": algorithm, "seed": seed, "pass@1": [round(r["pass@1"], 4) for r in evals],

@@ -79,7 +79,8 @@ def sample_batch(model, tokenizer, args):
                  "rows": len(rows), "sampling_seconds": round(seconds, 1),
                  "reward_mean_all": float(rewards.mean()), "rewards_kept": rewards[rows].tolist(),
                  "advantages": [round(float(a), 6) for a in advantages],
-                 "prompt_tokens": int(batch.prompt_ids.shape[1]), "completion_tokens": int(batch.completion_ids.shape[1]),
+                 "prompt_tokens": int(batch.prompt_ids.shape[1]),
+                 "completion_tokens": int(batch.completion_ids.shape[1]),
                  "completion_token_total": int(batch.completion_mask.sum()),
                  "prompts": [problems[g]["prompt"] for g in mixed], "answers": [problems[g]["answer"] for g in mixed],
                  "completions": batch.completions}

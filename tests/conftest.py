@@ -1,9 +1,8 @@
 """Session-wide test settings: one BLAS/OpenMP thread per process, for this process and every child.
 
 The tiny model's matrices are a few hundred wide: a second intra-op thread buys nothing on them and, on a
-loaded 2-core machine, its spin-waits cost several times the work itself (one 2-step training run with
-evaluation, measured interleaved under load ~10: 3.6 s CPU with 1 thread, 18-19 s with 2; the metrics
-and parameters were identical). Children (accelerate ranks, sweep runs, notebook kernels, the wheel's
+loaded machine, its spin-waits cost several times the work itself; results are identical with either
+count (timings: docs/machine-notes.md). Children (accelerate ranks, sweep runs, notebook kernels, the wheel's
 venv) inherit ``OMP_NUM_THREADS``, so a run in a subprocess and its in-process reference use the same
 thread count. An ``OMP_NUM_THREADS`` already set in the environment wins. In the vLLM environment
 (``tests/vllm_backend``, .venv-vllm) nothing changes: vLLM's CPU workers manage their own threads.

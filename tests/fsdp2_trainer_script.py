@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORLD = 2
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 BASE = dict(batch_prompts=4, group_size=4, max_new_tokens=16, temperature=1.5, eval_every=2, eval_problems=3,
-            eval_samples=2, checkpoint_every=1, progress=False, seed=5, lr=2e-3, rollout_backend="hf", reward_workers=0)
+            eval_samples=2, checkpoint_every=1, seed=5, lr=2e-3, rollout_backend="hf")
 CASES = {   # name: settings (3 steps unless said)
     "gxpo_full": dict(algorithm="gxpo", lora=False, steps=3, k=3, final_eval_sets=("arith",),
                       final_eval_problems=3, final_eval_samples=1),
@@ -82,7 +82,8 @@ def run(case: str, workdir: str, out: str, rank: int, **changes) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            summary = trainer.train(config(case, **changes), workdir, model_and_tokenizer=float64_tiny())
+            summary = trainer.train(config(case, **changes), workdir, model_and_tokenizer=float64_tiny(),
+                                        progress=False)
     finally:
         trainer.train_step = original
     params = whole_params(summary["model"])   # a collective: every rank

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gxpo_lib import analysis
+from gxpo_lib import analysis, runlog
 from gxpo_lib.analysis import (
     activity_table,
     band,
@@ -233,7 +233,7 @@ def test_speedup_table_on_hand_made_curves(tmp_path):
     write_run(tmp_path / "gxpo0", "gxpo", 0, evals=curve_rows([0.6, 0.5, 0.7], 20.0, 3))
     # SFPO (with our gate, which reads tau) never reaches it.
     write_run(tmp_path / "sfpo0", "sfpo", 0, evals=curve_rows([0.6, 0.3, 0.49, 0.4], 10.0, 4), k=3, alpha=0.8,
-              gate="default")
+              gate="grad_norm")
     df = speedup_table(load_runs(str(tmp_path)))
     rows = {r["algorithm"]: r for r in df.to_dict("records")}
     assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(0.5)
@@ -279,7 +279,7 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     # SFPO: both seeds reach it at step 10, so every draw gives the same ratios and the interval is a point.
     for seed in (0, 1):
         write_run(tmp_path / f"sfpo{seed}", "sfpo", seed, evals=curve_rows([0.1, 0.6, 0.6], 20.0, 4),
-                  k=3, alpha=0.8, gate="default")
+                  k=3, alpha=0.8, gate="grad_norm")
     runs = load_runs(str(tmp_path))
     df = speedup_table(runs, resamples=2000, seed=1).set_index("algorithm")
     gx, sf = df.loc["gxpo"], df.loc["sfpo"]
@@ -287,12 +287,13 @@ def test_speedup_intervals_resample_seeds_and_count_misses_as_not_reached(tmp_pa
     assert (gx["speedup_steps_lo"], gx["speedup_steps_hi"]) == (0.0, 3.0)
     assert sf["status"] == "reached" and sf["reached_share"] == 1.0
     assert (sf["speedup_steps_lo"], sf["speedup_steps_hi"]) == (3.0, 3.0)
-    assert sf["speedup_cpu_seconds_lo"] == pytest.approx(1.5) and sf["speedup_backward_passes_hi"] == pytest.approx(0.75)
+    assert sf["speedup_cpu_seconds_lo"] == pytest.approx(1.5)
+    assert sf["speedup_backward_passes_hi"] == pytest.approx(0.75)
     assert math.isnan(df.loc["grpo", "speedup_steps_lo"])             # the reference has no interval
     shown = format_speedups(df.reset_index()).set_index("group")
     assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "speed-up in steps"] == "not reached [not reached, 3.00×]"
     write_run(tmp_path / "sfpo-official", "sfpo", 0, evals=curve_rows([0.1, 0.6]), k=3, alpha=0.8,
-              gate=True, sfpo_official_gate=True)   # its gate ignores tau, so the label leaves it out
+              gate="auto")   # its official gate ignores tau, so the label leaves it out
     assert "sfpo K=3 α=0.8" in {g.label for g in group_runs(load_runs(str(tmp_path)))}
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "speed-up in CPU time"] == "1.50× [1.50×, 1.50×]"
     assert shown.loc["sfpo K=3 α=0.8 τ=0.5", "reached in"] == "100% of resamples"
@@ -432,22 +433,27 @@ def test_single_run_band_is_its_bootstrap_interval_over_problems(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Folders from before the setting renames; folder names from settings
 # ---------------------------------------------------------------------------------------------------
-def test_a_folder_from_before_the_rename_loads_and_groups_with_a_new_one(tmp_path):
+def test_a_folder_from_before_the_rename_is_re_exported_and_groups_with_a_new_one(tmp_path):
     from gxpo_lib.config import TrainConfig
+    from gxpo_lib.replay import export_runs
 
     old = {"algorithm": "gxpo", "seed": 0, "k": 5, "alpha": 0.5, "gate": True, "tau": 0.7, "omega": 0.1,
-           "sfpo_official_gate": True, "steps": 30, "model": "tiny"}           # no gate_init, old_logprobs...
-    new = TrainConfig(algorithm="gxpo", seed=1, gate_tau=0.7).to_dict()
+           "sfpo_official_gate": True, "steps": 1, "model": "tiny"}           # no gate_init, old_logprobs...
+    new = TrainConfig(algorithm="gxpo", seed=1, tau=0.7, steps=1).to_dict()
     for name, config in (("old", old), ("new", new)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(config))
-        (tmp_path / name / "metrics.jsonl").write_text(json.dumps(
-            {"kind": "eval", "step": 0, "pass@1": 0.2, "seconds": 0.0, "cumulative_backward_passes": 0}) + "\n")
-    runs = load_runs(str(tmp_path))
-    assert [r.config["gate_tau"] for r in runs] == [0.7, 0.7] and "tau" not in runs[1].config
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / "src" / name / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
+            {"kind": "eval", "step": 0, "pass@1": 0.2, "seconds": 0.0, "cumulative_backward_passes": 0},
+            {"kind": "train", "step": 1, "r_min": -2.0, "r_max": 3.0, "tau": 0.7})))
+    export_runs(str(tmp_path / "src"), tmp_path / "out")
+    runs = load_runs(str(tmp_path / "out"))
+    assert [r.config["tau"] for r in runs] == [0.7, 0.7] and "gate_tau" not in runs[1].config
+    assert runs[0].config["gate"] == "auto" and "omega" not in runs[0].config
+    assert runlog.read_rows(tmp_path / "out" / "old")[1]["r_clamp"] == [-2.0, 3.0]
     [group] = group_runs(runs)
     assert group.label == "gxpo K=5 α=0.5 τ=0.7" and group.seeds == [0, 1]
-    assert [g.label for g in group_runs(runs, by=("algorithm", "tau"))] == ["gxpo τ=0.7"]  # the old name in by
+    assert [g.label for g in group_runs(runs, by=("algorithm", "tau"))] == ["gxpo τ=0.7"]
 
 
 def test_run_name_names_the_settings_that_differ_and_resumes_more_steps():
@@ -474,12 +480,19 @@ def test_mechanism_summary_names_what_the_jump_did(tmp_path):
     assert (summary["active_steps"], summary["steps"]) == (2, 3)
     assert summary["alpha_q"] == pytest.approx(0.6) and summary["r_mean"] == pytest.approx(0.2)
     assert "α·q̄ = 0.60 < 1: the jump retreated" in summary["verdict"] and "far from 1" in summary["verdict"]
+    # retreated is about θ̃ against θ2: with the corrective step the update is still 1 + 2 x 0.6 plain steps
+    assert "the update is still about 1 + 2α·q̄ = 2.20 plain steps" in summary["verdict"]
+    assert "not a shorter step" in summary["verdict"]
     beyond = load_run(write_run(tmp_path / "gx2", "gxpo", evals=curve_rows([0.1]),
                                 train=[{"step": 1, "active": True, "r_mean": 1.05, "effective_multiplier": 1.3}]))
-    assert "≥ 1: the jump went beyond θ2" in analysis.mechanism_summary(beyond)["verdict"]
+    beyond_verdict = analysis.mechanism_summary(beyond)["verdict"]
+    assert "≥ 1: the jump went beyond θ2" in beyond_verdict and "1 + 2α·q̄ = 3.60 plain steps" in beyond_verdict
+    assert "retreated" not in beyond_verdict
     sfpo = load_run(write_run(tmp_path / "sf", "sfpo", evals=curve_rows([0.1]), k=3, alpha=0.8,
                               train=[{"step": 1, "active": True, "effective_multiplier": 0.8}]))
-    assert "between θ0 and θK, short of where its K fast steps went" in analysis.mechanism_summary(sfpo)["verdict"]
+    sfpo_verdict = analysis.mechanism_summary(sfpo)["verdict"]
+    assert "between θ0 and θK, short of where its K fast steps went" in sfpo_verdict
+    assert "1 + K·α = 3.40 plain steps" in sfpo_verdict       # K = 3 fast steps scaled by 0.8, then the slow step
     idle = load_run(write_run(tmp_path / "gx3", "gxpo", train=[{"step": 1, "active": False}], evals=curve_rows([0.1])))
     assert analysis.mechanism_summary(idle)["verdict"].startswith("GXPO never extrapolated")
     fig = analysis.plot_mechanism([run, idle])
@@ -541,7 +554,8 @@ def test_t_bands_over_three_seeds_are_clipped_to_the_metric_range(tmp_path):
     for seed, p1 in enumerate((0.0, 0.0, 0.1)):
         write_run(tmp_path / f"f{seed}", seed=seed, evals=curve_rows([0.1]),
                   final={"arith": finals["arith"] | {"pass@1": p1}})
-    [row] = final_table(load_runs([str(tmp_path / f"f{s}") for s in range(3)]), by=analysis.DEFAULT_BY).to_dict("records")
+    runs = load_runs([str(tmp_path / f"f{s}") for s in range(3)])
+    [row] = final_table(runs, by=analysis.DEFAULT_BY).to_dict("records")
     assert row["pass@1_lo"] == 0 and row["pass@1_hi"] <= 1
 
 

@@ -1,12 +1,11 @@
-"""gxpo_lib.config: every setting named once, checked by name before work, old names accepted for a release;
-the rule, the gate and TRL's GXPOConfig all derive their settings from it."""
+"""gxpo_lib.config: every setting named once, checked by name before work, removed names refused with where
+the option lives now; the rule, the gate and TRL's GXPOConfig all derive their settings from it."""
 
 import dataclasses
 import inspect
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -15,7 +14,8 @@ from gxpo_lib.config import TrainConfig, resolve_config, rule_kwargs, uses_entro
 
 
 def test_importing_config_loads_no_torch():
-    code = "import sys, gxpo_lib.config, gxpo_lib.runlog; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))))"
+    code = ("import sys, gxpo_lib.config, gxpo_lib.runlog; print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'transformers'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
@@ -23,15 +23,16 @@ def test_importing_config_loads_no_torch():
 def test_every_setting_has_a_type_a_help_line_and_a_check():
     types, helps = cfg.field_types(), cfg.field_help()
     for f in dataclasses.fields(TrainConfig):
-        assert f.metadata["check"], f.name
+        assert callable(f.metadata["check"]), f.name
         assert helps[f.name] and "\n" not in helps[f.name], f.name
         assert types[f.name] not in ("", "Any"), f.name
-        cfg._check(f.name, getattr(TrainConfig(), f.name), f.metadata["check"])  # defaults pass their checks
+        f.metadata["check"](f.name, getattr(TrainConfig(), f.name))  # defaults pass their checks
 
 
 @pytest.mark.parametrize("name, value, message", [
     ("group_size", 1, "group_size=1"), ("steps", "10", "steps='10'"), ("lora", "yes", "lora='yes'"),
-    ("gate_tau", -1.0, "gate_tau=-1.0"), ("top_p", 0.0, "top_p=0.0"), ("algorithm", "ppo", "algorithm='ppo'"),
+    ("tau", -1.0, "tau=-1.0"), ("gate_tau", -1.0, "gate_tau=-1.0"), ("top_p", 0.0, "top_p=0.0"),
+    ("algorithm", "ppo", "algorithm='ppo'"),
     ("train_levels", [0, 2], "train_levels"), ("report_to", ["wandb"], "report_to='wandb'"),
     ("micro_batch_size", 0, "micro_batch_size=0"), ("lr", float("nan"), "lr=nan"), ("k", True, "k=True"),
     ("gate", "official", "gate='official'"), ("r_clamp", (3.0, -2.0), "r_clamp"),
@@ -49,21 +50,30 @@ def test_a_list_setting_given_as_one_string_is_a_list_of_one():
     assert TrainConfig(train_levels=[3, 4]).train_levels == (3, 4)
 
 
-def test_old_names_still_work_for_a_release_with_a_warning():
-    with pytest.warns(FutureWarning, match="gate_tau"):
-        config = TrainConfig(tau=0.25, omega=0.2)
-    assert (config.gate_tau, config.gate_omega) == (0.25, 0.2)
-    with pytest.warns(FutureWarning):
-        assert TrainConfig(gate=False).gate == "none"
-    with pytest.warns(FutureWarning):
-        assert TrainConfig.from_dict({"algorithm": "sfpo", "sfpo_official_gate": False}).resolved_gate == "default"
-    with pytest.warns(FutureWarning):
-        assert TrainConfig(gate_tau=0.7).tau == 0.7
-    with pytest.raises(ValueError, match="conflicts"):
-        TrainConfig.from_dict({"tau": 0.1, "gate_tau": 0.2})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cfg.normalise_names({"tau": 0.3}, warn=False) == {"gate_tau": 0.3}
+def test_removed_settings_are_refused_by_name_saying_where_the_option_lives():
+    with pytest.raises(ValueError, match=r"retention='update' is invalid: removed: .*version="):
+        TrainConfig(retention="update")
+    with pytest.raises(ValueError, match=r"gate_mode='window' is invalid: removed: .*version="):
+        TrainConfig.from_dict({"gate_mode": "window"})
+    with pytest.raises(ValueError, match="gate_tau=0.7 is invalid: removed: now tau"):
+        resolve_config("smoke", {"gate_tau": 0.7})
+    for name, value, where in (("progress", False, r"run option.*progress=False"),
+                               ("sfpo_sweeps", "per_minibatch", r"official sweeps.*SFPO\.step"),
+                               ("gate_init", "warmup", r"ShutoffGate\(init='warmup'\)")):
+        with pytest.raises(ValueError, match=f"{name}={value!r} is invalid: removed: .*{where}"):
+            TrainConfig(**{name: value})
+    assert set(cfg.REMOVED).isdisjoint(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(dataclasses.fields(TrainConfig)) <= 50
+
+
+def test_a_folder_older_code_wrote_reads_under_todays_names():
+    from gxpo_lib.replay import current_settings
+
+    old = {"k": 5, "progress": True, "sfpo_sweeps": "official", "gate_init": "unit", "gate_tau": 0.7}
+    assert current_settings(old) == {"k": 5, "tau": 0.7}        # run options and fixed values dropped
+    kept = current_settings({"sfpo_sweeps": "per_minibatch"})    # a run that did otherwise keeps saying so
+    with pytest.raises(ValueError, match="sfpo_sweeps='per_minibatch' is invalid: removed"):
+        TrainConfig(**kept)
 
 
 def test_unknown_names_are_refused_with_the_allowed_list():
@@ -72,42 +82,44 @@ def test_unknown_names_are_refused_with_the_allowed_list():
 
 
 def test_rule_and_gate_keywords_derive_from_the_config():
+    from gxpo_lib.choices import GATE_KINDS
     from gxpo_lib.gate import ShutoffGate
     from gxpo_lib.rules import GXPO
     from gxpo_lib.sfpo import SFPO
 
     gate_params = set(inspect.signature(ShutoffGate.__init__).parameters) - {"self"}
-    assert set(cfg.GATE_KEYWORDS.values()) <= gate_params
-    assert gate_params == set(cfg.GATE_KEYWORDS.values()), "a gate keyword without a config setting"
-    gxpo_params = set(inspect.signature(GXPO.__init__).parameters) - {"self", "optimizer", "gate_settings", "delta"}
-    assert gxpo_params <= set(rule_kwargs(TrainConfig(gate="default"))) | {"gate"}, gxpo_params
+    for kind, settings in GATE_KINDS.items():
+        assert set(settings) <= gate_params, kind
+    assert set(cfg.gate_settings(TrainConfig())) <= gate_params
     import torch
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     for algorithm, rule in (("gxpo", GXPO), ("sfpo", SFPO)):
-        for gate in ("auto", "default", "none"):
-            built = rule(optimizer, **rule_kwargs(TrainConfig(algorithm=algorithm, gate=gate, gate_tau=0.3)))
+        for gate in ("auto", "grad_norm", "entropy", "none"):
+            built = rule(optimizer, **rule_kwargs(TrainConfig(algorithm=algorithm, gate=gate, tau=0.3)))
             assert (built.gate is None) == (gate == "none")
-            if gate == "default":
+            if gate in ("grad_norm", "entropy"):
                 assert built.gate.tau == 0.3
+            if gate == "auto" and algorithm == "sfpo":  # SFPO's official gate, its own tau
+                assert built.gate.settings() == SFPO(optimizer).gate.settings()
 
 
 def test_version_presets_and_their_entropy_gates_agree_with_the_rules():
-    from gxpo_lib.rules import VERSIONS
+    from gxpo_lib.rules import GXPO, VERSIONS
 
-    assert set(VERSIONS) == set(cfg.VERSIONS)
+    gxpo_params = set(inspect.signature(GXPO.__init__).parameters)
     for version, preset in VERSIONS.items():
         entropy = preset["gate"].get("signal") == "entropy"
         assert uses_entropy_gate(TrainConfig(version=version)) == entropy, version
-        assert set(preset) - {"gate"} <= set(cfg.GXPO_KEYWORDS), version
+        assert set(preset) - {"gate"} <= gxpo_params, version
 
 
 def test_entropy_gate_is_decided_in_one_place():
     assert uses_entropy_gate(TrainConfig(algorithm="sfpo"))                 # the official gate reads entropy
     assert not uses_entropy_gate(TrainConfig(algorithm="sfpo", gate="none"))  # the drift once seen
     TrainConfig(algorithm="sfpo", gate="none", old_logprobs="first_pass").validate()
-    assert uses_entropy_gate(TrainConfig(gate_signal="entropy"))
-    assert not uses_entropy_gate(TrainConfig(algorithm="grpo", gate_signal="entropy"))
+    assert uses_entropy_gate(TrainConfig(gate="entropy"))
+    assert not uses_entropy_gate(TrainConfig(algorithm="grpo", gate="entropy"))
 
 
 def test_gxpo_config_has_every_rule_setting():

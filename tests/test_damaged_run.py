@@ -24,7 +24,7 @@ from gxpo_lib.config import resolve_config
 from gxpo_lib.trainer import train
 
 OVERRIDES = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_problems": 8, "final_eval_problems": 8,
-             "progress": False, "batch_prompts": 4, "group_size": 4, "max_new_tokens": 16, "eval_samples": 2,
+             "batch_prompts": 4, "group_size": 4, "max_new_tokens": 16, "eval_samples": 2,
              "final_eval_samples": 2}
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 NEWEST, OLDER = "checkpoints/step_000004.pt", "checkpoints/step_000002.pt"

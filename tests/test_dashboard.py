@@ -11,7 +11,8 @@ import time
 import pytest
 
 from gxpo_lib.dashboard import LiveDashboard
-from gxpo_lib.trainer import TrainConfig, read_metrics
+from gxpo_lib.runlog import read_rows
+from gxpo_lib.trainer import TrainConfig
 
 RUN_DEADLINE_S = 300  # generous for a loaded 2-core CPU; only a hung run reaches it
 
@@ -49,7 +50,7 @@ def finish(board: LiveDashboard) -> None:
 
 def test_tau_slider_reaches_the_next_steps_and_figures_grow(tmp_path):
     config = TrainConfig(steps=6, batch_prompts=4, group_size=4, max_new_tokens=16, eval_every=3,
-                         eval_problems=8, eval_samples=2, checkpoint_every=3, gate_tau=0.5, gate="auto")
+                         eval_problems=8, eval_samples=2, checkpoint_every=3, tau=0.5, gate="auto")
     board = LiveDashboard(config, tmp_path)
     board.algorithm.value = "gxpo"
     paused = pause_after_first_train_row(board)
@@ -59,7 +60,7 @@ def test_tau_slider_reaches_the_next_steps_and_figures_grow(tmp_path):
     board.k.value = 9
     board.pause_button.value = False
     finish(board)
-    rows = [r for r in read_metrics(tmp_path / "live-gxpo-1" / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "live-gxpo-1" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (rows[0]["tau"], rows[0]["k"]) == (0.5, config.k)
     assert [(r["tau"], r["k"]) for r in rows[1:]] == [(5.0, 9)] * 5

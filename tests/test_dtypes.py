@@ -6,8 +6,8 @@ with a finite loss, move the trainable parameters by their gradient (weight deca
 cannot pass the check), keep every parameter's dtype, and the rollouts' old log-probs / entropies must be
 finite in the model's compute dtype (HFSampler's convention, which the lean sampler follows).
 
-The bug these tests would catch: the lean sampler merged a LoRA delta (peft keeps adapters of a half-precision base in float32)
-into a float32 weight, and the first matmul with the bfloat16 activations failed.
+The bug these tests would catch: the lean sampler merged a LoRA delta (peft keeps adapters of a half-precision
+base in float32) into a float32 weight, and the first matmul with the bfloat16 activations failed.
 """
 
 import copy
@@ -67,7 +67,7 @@ class AlternatingRewards:
 
 def small_config(dtype: str, lora: bool, backend: str, algorithm: str, **overrides):
     settings = dict(dtype=dtype, lora=lora, rollout_backend=backend, algorithm=algorithm, batch_prompts=2,
-                    group_size=2, max_new_tokens=6, temperature=2.0, weight_decay=0.0, progress=False,
+                    group_size=2, max_new_tokens=6, temperature=2.0, weight_decay=0.0,
                     eval_problems=1, eval_samples=1)
     return resolve_config("smoke", settings | overrides)
 
@@ -108,7 +108,8 @@ def one_step(tiny_models, config):
 # Pure float16 full fine-tuning cannot work: AdamW keeps its state in the parameters' dtype, its eps (1e-8)
 # rounds to 0 in float16 and 0.001 * g^2 underflows for every |g| < 8e-3, so the first step divides 0 by 0
 # and the weights turn NaN (measured: every fp16-full combo). TrainConfig.validate refuses the combination.
-MATRIX = [pytest.param(dtype, lora, backend, algorithm, id=f"{dtype}-{'lora' if lora else 'full'}-{backend}-{algorithm}")
+MATRIX = [pytest.param(dtype, lora, backend, algorithm,
+                       id=f"{dtype}-{'lora' if lora else 'full'}-{backend}-{algorithm}")
           for dtype in DTYPES for lora in (True, False) for backend in ("lean", "hf") for algorithm in ("grpo", "gxpo")]
 
 

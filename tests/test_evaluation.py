@@ -41,9 +41,10 @@ def test_pass_at_k_edges_and_large_n():
     assert 0 < pass_at_k(2000, 1, 1000) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("args, needle", [((4, 1, 5), "k must"), ((4, 5, 1), "c must"), ((4, -1, 1), "c must"),
-                                          ((0, 0, 1), "n must"), ((4, 1, 0), "k must"), ((4.0, 1, 1), "n must"),
-                                          ((4, True, 1), "c must")])
+@pytest.mark.parametrize("args, needle", [((4, 1, 5), "k=5 is invalid"), ((4, 5, 1), "c=5 is invalid"),
+                                          ((4, -1, 1), "c=-1 is invalid"), ((0, 0, 1), "n=0 is invalid"),
+                                          ((4, 1, 0), "k=0 is invalid"), ((4.0, 1, 1), "n=4.0 is invalid"),
+                                          ((4, True, 1), "c=True is invalid")])
 def test_pass_at_k_errors(args, needle):
     with pytest.raises(ValueError, match=needle):
         pass_at_k(*args)

@@ -112,7 +112,8 @@ def test_each_bug_shows_in_its_diagnostics(hunt):
     assert real["landing"][0] == pytest.approx(real["jump_norm"][0])
     assert jump["landing"][0] > 1.5 * jump["jump_norm"][0]
     # rule 2 (no corrective step): two passes, and its update is its jump
-    assert set(corrective["passes"][:7]) == {2} and corrective["update_norm"][0] == pytest.approx(corrective["jump_norm"][0])
+    assert set(corrective["passes"][:7]) == {2}
+    assert corrective["update_norm"][0] == pytest.approx(corrective["jump_norm"][0])
     # rule 3 (the gate after its update): the real rule's path and H, a smaller z that never reaches tau = 2.5
     assert torch.equal(gate["points"][:9], real["points"][:9]) and gate["H"][:9] == real["H"][:9]
     assert all(abs(b) < abs(a) for a, b in zip(real["z"][:8], gate["z"][:8]))

@@ -15,13 +15,13 @@ from gxpo_lib.experiment import parse_settings
 from gxpo_lib.sweep import load_sweep, run_sweep
 
 TINY = {"steps": 2, "eval_every": 1, "eval_problems": 4, "eval_samples": 2, "batch_prompts": 2, "group_size": 2,
-        "max_new_tokens": 12, "final_eval_problems": 6, "final_eval_samples": 2, "progress": False}
+        "max_new_tokens": 12, "final_eval_problems": 6, "final_eval_samples": 2}
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run") / "gxpo"
-    return folder, gxpo_lib.run("smoke", {**TINY, "algorithm": "gxpo"}, folder)
+    return folder, gxpo_lib.run("smoke", {**TINY, "algorithm": "gxpo"}, folder, progress=False)
 
 
 def test_run_writes_the_summary_from_the_folder(finished):
@@ -89,8 +89,8 @@ def test_a_study_file_of_arms_names_each_run_by_its_own_settings(tmp_path):
     assert [name for name, _ in runs] == ["algorithm=grpo_seed=0", "algorithm=grpo_seed=1",
                                           "algorithm=gxpo_q_mode=scalar_lr=0.0001_seed=0"]
     assert runs[2][1] == {"steps": 3, "algorithm": "gxpo", "q_mode": "scalar", "lr": 1e-4, "seed": 0}
-    grid.write_text(yaml.safe_dump({"preset": "smoke", "grids": [{"base": {"algorithm": "grpo"}, "grid": {"seed": [0]}},
-                                                                 {"base": {"algorithm": "grpo"}, "grid": {"seed": [0]}}]}))
+    twice = {"base": {"algorithm": "grpo"}, "grid": {"seed": [0]}}
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "grids": [twice, twice]}))
     with pytest.raises(ValueError, match="share this name"):
         load_sweep(grid)
     grid.write_text(yaml.safe_dump({"preset": "smoke", "grids": [{"base": {"algorithm": "grpo"},
@@ -99,11 +99,31 @@ def test_a_study_file_of_arms_names_each_run_by_its_own_settings(tmp_path):
         load_sweep(grid)
 
 
+def test_progress_is_a_run_option_not_a_setting(tmp_path):
+    from gxpo_lib.sweep import _direct_command
+
+    with pytest.raises(ValueError, match="progress=False is invalid: removed: a run option"):
+        gxpo_lib.run("smoke", {"progress": False}, tmp_path / "bad")
+    with pytest.raises(ValueError, match="progress='no' is invalid"):
+        gxpo_lib.run("smoke", {}, tmp_path / "bad", progress="no")
+    grid = tmp_path / "grid.yaml"   # a grid file's progress (base or axis) is the run's option, not a setting
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "base": {"steps": 3, "progress": False},
+                                    "grid": {"seed": [0]}}))
+    (name, settings), = load_sweep(grid).runs()
+    assert settings == {"steps": 3, "progress": False, "seed": 0}
+    command = _direct_command({"preset": "smoke", **settings, "output_dir": "x"}, tmp_path / name)
+    assert "--no-progress" in command and "progress=false" not in " ".join(command)
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "base": {"progress": "no"}}))
+    with pytest.raises(ValueError, match="progress='no' is invalid"):
+        load_sweep(grid)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_a_direct_sweep_runs_without_a_kernel_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
-        "preset": "smoke", "out": "sweep", "parallel": 2, "direct": True, "base": TINY,
+        "preset": "smoke", "out": "sweep", "parallel": 2, "direct": True, "base": {**TINY, "progress": False},
         "grids": [{"base": {"algorithm": "grpo"}, "grid": {"seed": [0]}},
                   {"base": {"algorithm": "gxpo", "q_mode": "scalar"}, "grid": {"seed": [0]}}]}))
     sweep = load_sweep(tmp_path / "grid.yaml")

@@ -225,7 +225,7 @@ def test_the_trainers_update_with_cpu_advantages_on_the_device(meta_lora_model, 
     from gxpo_lib.trainer import _update, build_rule
 
     config = TrainConfig(algorithm=algorithm, group_size=3, mini_batches=2, micro_batch_size=2, kl_beta=0.04,
-                         entropy_coef=0.01, max_new_tokens=MAX_NEW, gate=False).validate()
+                         entropy_coef=0.01, max_new_tokens=MAX_NEW, gate="none").validate()
     model = copy.deepcopy(meta_lora_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     state = SimpleNamespace(config=config, model=model, rule=build_rule(config, optimizer), world=None)

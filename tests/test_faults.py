@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gxpo_lib.trainer import TrainConfig, read_metrics, train
+from gxpo_lib.runlog import read_rows
+from gxpo_lib.trainer import TrainConfig, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 CONFIG = dict(algorithm="gxpo", steps=6, batch_prompts=4, group_size=4, max_new_tokens=12, eval_every=3,
-              eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=11, tau=5.0)
+              eval_problems=8, eval_samples=2, checkpoint_every=1, seed=11, tau=5.0)
 
 
 def without_times(rows):
@@ -37,7 +38,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     # fraction of a step (sampling, the update or the checkpoint write is in flight) and SIGKILL. A step's
     # length is this machine's: the reference run's training seconds per step (a step's wall time, with its
     # checkpoint write, is longer), so the kill lands within the next step on a fast or a slow machine.
-    last = [r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl") if r["kind"] == "train"][-1]
+    last = [r for r in read_rows(tmp_path / "reference" / "metrics.jsonl") if r["kind"] == "train"][-1]
     step_seconds = last["seconds"] / CONFIG["steps"]  # cumulative sampling + scoring + update seconds
     for target in sorted(rng.sample(range(1, CONFIG["steps"] - 1), 3)):
         proc = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env)
@@ -57,10 +58,10 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
             json.loads(line)  # every complete line parses; only the last may be torn
     subprocess.run([sys.executable, str(SCRIPT), json.dumps(CONFIG), str(killed_dir)], env=env, check=True)
     assert kills >= 2
-    rows = read_metrics(killed_dir / "metrics.jsonl")
+    rows = read_rows(killed_dir / "metrics.jsonl")
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(1, CONFIG["steps"] + 1))           # none lost, none duplicated
-    assert without_times(rows) == without_times(read_metrics(tmp_path / "reference" / "metrics.jsonl"))
+    assert without_times(rows) == without_times(read_rows(tmp_path / "reference" / "metrics.jsonl"))
     state = torch.load(max((killed_dir / "checkpoints").glob("step_*.pt")), weights_only=False)
     for name, p in reference["model"].named_parameters():
         if p.requires_grad:
@@ -69,7 +70,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
 
 def _train_rows(folder: Path) -> int:
     """Complete train rows logged so far (a torn last line is not counted)."""
-    return sum(1 for r in read_metrics(folder / "metrics.jsonl") if r.get("kind") == "train")
+    return sum(1 for r in read_rows(folder / "metrics.jsonl") if r.get("kind") == "train")
 
 
 class PoisonedLoss:
@@ -94,7 +95,7 @@ def test_nonfinite_loss_in_any_pass_is_logged_and_never_reaches_parameters(tmp_p
     config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": False,
                                       "eval_problems": 1, "eval_samples": 1}))
     summary = train(config, tmp_path)
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert len(rows) == 2
     assert poisoned.calls >= bad_call  # the poisoned pass ran
     assert rows[0]["fallback"] or rows[0]["skipped"]

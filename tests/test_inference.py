@@ -89,7 +89,8 @@ def test_matched_scale_is_the_mean_per_seed_update_norm_ratio(tmp_path):
     expected = np.mean([(3.0 * (1 + s) + s * 0.1) / (1 + s) for s in range(5)])
     assert result["step_scale"] == float(f"{expected:.3g}")
     grid = tmp_path / "study.yaml"
-    grid.write_text("# a study\npreset: smoke\nout: runs/x\ngrids:\n- base: {algorithm: grpo}\n  grid:\n    seed: [0]\n")
+    grid.write_text("# a study\npreset: smoke\nout: runs/x\ngrids:\n"
+                    "- base: {algorithm: grpo}\n  grid:\n    seed: [0]\n")
     verdict.append_matched_arm(grid, 1e-4, result["step_scale"])
     assert verdict.append_matched_arm(grid, 1e-4, result["step_scale"]) == "already there"
     loaded = yaml.safe_load(grid.read_text())
@@ -116,7 +117,8 @@ def test_family_rows_pair_by_seed_and_correct_with_holm():
 
 def _curve_record(algorithm, lr, seed, curve, k=5):
     record = _record(algorithm, lr, seed, 1.0, curve[-1], k=k)
-    record["eval"] = [{"step": 5 * i, "pass@1": v, "cumulative_backward_passes": 5 * i * (3 if algorithm == "gxpo" else 1),
+    passes_per_step = 3 if algorithm == "gxpo" else 1
+    record["eval"] = [{"step": 5 * i, "pass@1": v, "cumulative_backward_passes": 5 * i * passes_per_step,
                        "cpu_seconds": float(i)} for i, v in enumerate(curve)]
     return record
 
@@ -135,6 +137,72 @@ def test_speedup_counts_steps_to_the_reference_peak_with_its_baseline():
 def test_best_lr_is_chosen_on_late_validation_and_the_report_renders():
     records = [_curve_record("grpo", lr, s, [0.3, 0.4, 0.5, value]) for lr, value in ((1e-4, 0.4), (3e-4, 0.6))
                for s in range(5)]
-    assert verdict.best_lr(records, "GRPO", [1e-4, 3e-4, 1e-3]) == 3e-4
+    assert verdict.best_lr(records, "GRPO", [1e-4, 3e-4]) == 3e-4
+    assert verdict.best_lr(records, "GRPO", [1e-4, 3e-4, 1e-3]) is None      # 1e-3 not run yet: no best
+    assert verdict.best_lr(records[:-1], "GRPO", [1e-4, 3e-4]) is None         # a seed missing: no best either
     text = verdict.report(records)
     assert "### Family 1: AdamW" in text and "pending" in text and "### Family 3: best-tuned" in text
+
+
+def _study(horizon=False):
+    """A small study: GRPO at two lrs, GXPO K=5 (3x GRPO's update, +0.05), scalar-q (same), the matched arm."""
+    records = []
+    for s in range(5):
+        for lr, base in ((1e-4, 0.40), (3e-4, 0.45)):
+            records += [_curve_record("grpo", lr, s, [0.3, 0.35, 0.4, base + 0.01 * s]),
+                        _curve_record("gxpo", lr, s, [0.3, 0.45, 0.5, base + 0.05 + 0.01 * s])]
+            records[-1]["train"] = [{"update_norm": 3.0}] * 3
+            records[-2]["train"] = [{"update_norm": 1.0}] * 3
+    return records
+
+
+def test_step_size_points_place_each_arm_at_its_effective_lr():
+    records = _study()
+    points = {(p["arm"], p["lr"]): p for p in verdict.step_size_points(records)}
+    assert points[("GRPO", 1e-4)]["effective_lr"] == pytest.approx(1e-4)
+    assert points[("GXPO K=5", 1e-4)]["ratio"] == pytest.approx(3.0)
+    assert points[("GXPO K=5", 3e-4)]["effective_lr"] == pytest.approx(9e-4)
+    mean, (low, high) = verdict.mean_interval([0.45, 0.46, 0.47, 0.48, 0.49])
+    assert points[("GXPO K=5", 1e-4)]["pass@1"] == pytest.approx(mean) and low < mean < high
+
+
+def test_envelope_takes_the_best_lr_at_each_budget():
+    records = _study()
+    env = verdict.envelope(records, "GRPO", [1e-4, 3e-4])
+    assert [e["step"] for e in env] == [0, 5, 10, 15]
+    assert env[-1]["lr"] == 3e-4 and env[-1]["pass@1"] == pytest.approx(0.47)
+    by_passes = verdict.envelope(records, "GXPO K=5", [1e-4, 3e-4], x="backward_passes")
+    assert by_passes[-1]["backward_passes"] == 45 and by_passes[-1]["pass@1"] == pytest.approx(0.52)
+
+
+def test_horizon_family_keeps_200_step_runs_apart_from_60_step_runs():
+    records = _study()
+    long_runs = []
+    for s in range(3):
+        for algorithm, final in (("grpo", 0.50), ("gxpo", 0.60)):
+            record = _curve_record(algorithm, 3e-4, s, [0.3, final + 0.01 * s])
+            record["config"]["steps"] = 200
+            record["train"] = [{"update_norm": 1.0, "gate_open": True, "step": 1},
+                               {"update_norm": 1.0, "gate_open": False, "step": 2}]
+            long_runs.append(record)
+    rows = verdict.horizon_family(records + long_runs)
+    first = rows[0]
+    assert first["comparison"] == "GXPO K=5 - GRPO, 200 steps" and first["seeds"] == [0, 1, 2]
+    assert first["mean"] == pytest.approx(0.10)          # the 200-step runs, not the 60-step ones (+0.05)
+    assert verdict.horizon_lrs(records + long_runs) == [3e-4]
+    assert verdict.gate_shut_step(long_runs[1]) == 2 and verdict.gate_shut_step(records[0]) is None
+    assert verdict.family_table(records + long_runs, [("x", "GXPO K=5", "GRPO", 3e-4, False)])[0]["mean"] \
+        == pytest.approx(0.05)                            # families 1-4 read the 60-step runs only
+
+
+def test_lesson_and_generated_blocks_are_computed_and_stable():
+    records = _study()
+    text = verdict.lesson(records)
+    assert "**H3, the paper's comparison**" in text and "0.0001 (+0.050)" in text
+    assert "have no data yet" in text                     # no matched arm: the answer says it is pending
+    doc = "intro\n<!-- verdict-lesson: generated -->\nstale\n<!-- /verdict-lesson -->\nend\n"
+    rendered = verdict.render_blocks(doc, records)
+    assert "stale" not in rendered and text in rendered and rendered.endswith("<!-- /verdict-lesson -->\nend\n")
+    assert verdict.render_blocks(rendered, records) == rendered
+    claims = verdict.claims_table(records, draws=20)
+    assert claims.count("\n| ") == 4 and "GXPO K=5 − GRPO by lr" in claims

@@ -144,7 +144,8 @@ def test_logprobs_and_entropy_match_trl_helpers():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(3, 6, 17, generator=g)
     ids = torch.randint(0, 17, (3, 6), generator=g)
-    assert torch.allclose(per_token_logprobs(logits, ids, 0.9), utils.selective_log_softmax(logits, ids, 0.9), atol=1e-6)
+    assert torch.allclose(per_token_logprobs(logits, ids, 0.9), utils.selective_log_softmax(logits, ids, 0.9),
+                          atol=1e-6)
     assert torch.allclose(token_entropy(logits), utils.entropy_from_logits(logits), atol=1e-6)
 
 

@@ -163,10 +163,9 @@ def test_shipped_model_card_matches_its_training_info():
     assert f"{info['parameters']:,}-parameter" in body and "## Limits" in body and "## Intended use" in body
 
 
-@pytest.mark.parametrize("command", [["gxpo_lib.tiny_model", "build"], ["gxpo_lib.models", "build-tiny"]])
-def test_build_cli_and_its_old_alias(command):
-    out = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
-                         timeout=120, check=False)
+def test_build_cli():
+    out = subprocess.run([sys.executable, "-m", "gxpo_lib.tiny_model", "build", "--help"], capture_output=True,
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "--seed" in out.stdout and "--out" in out.stdout
 

@@ -66,7 +66,8 @@ WRONG_02 = {"group_advantages": "[0.5, -0.5, -0.5, 0.5]", "clipped_loss": "1.2",
 def test_exercises_pass_with_the_solutions_and_fail_with_wrong_answers():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cells = [c for c in nb.cells if "exercise" in c.metadata.get("tags", [])]
-    assert 3 <= len(cells) <= 5 and all("fill=fill_solutions)" in c.source and "check.fill" not in c.source for c in cells)
+    assert 3 <= len(cells) <= 5
+    assert all("fill=fill_solutions)" in c.source and "check.fill" not in c.source for c in cells)
     filled = run_exercises(NOTEBOOK)
     assert set(filled) == set(WRONG_02) and all(r.ok for r in filled.values())
     wrong = run_exercises(NOTEBOOK, WRONG_02)

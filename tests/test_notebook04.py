@@ -11,7 +11,8 @@ from gxpo_lib import analysis
 from gxpo_lib.html_export import remote_references
 from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
 from gxpo_lib.replay import read_index, shipped_results
-from gxpo_lib.trainer import TrainConfig, read_metrics, train
+from gxpo_lib.runlog import read_rows
+from gxpo_lib.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.slow  # every test here executes the notebook in a kernel (make test-fast skips them)
 
@@ -26,15 +27,15 @@ def two_runs(tmp_path_factory):
     for algorithm in ("grpo", "gxpo"):
         train(TrainConfig(algorithm=algorithm, steps=4, eval_every=2, batch_prompts=4, group_size=4,
                           eval_problems=16, eval_samples=2, final_eval_sets=("arith",), final_eval_problems=16,
-                          final_eval_samples=FINAL_SAMPLES, checkpoint_every=4, progress=False),
-              root / algorithm)
+                          final_eval_samples=FINAL_SAMPLES, checkpoint_every=4),
+              root / algorithm, progress=False)
     return root
 
 
 def _evals(folder):
     """(step, pass@1, cumulative backward passes) of every evaluation after step 0."""
     return [(r["step"], r["pass@1"], r["cumulative_backward_passes"])
-            for r in read_metrics(folder / "metrics.jsonl") if r["kind"] == "eval" and r["step"] > 0]
+            for r in read_rows(folder / "metrics.jsonl") if r["kind"] == "eval" and r["step"] > 0]
 
 
 def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_runs, tmp_path):
@@ -69,7 +70,7 @@ def test_notebook04_stores_speedups_and_final_table_that_follow_the_runs(two_run
 
     # The activity table counts the extrapolating steps and the passes spent, from the train rows.
     activity = {r["algorithm"]: r for r in results["activity"]}
-    train_rows = [r for r in read_metrics(two_runs / "gxpo" / "metrics.jsonl") if r["kind"] == "train"]
+    train_rows = [r for r in read_rows(two_runs / "gxpo" / "metrics.jsonl") if r["kind"] == "train"]
     assert activity["gxpo"]["active_steps"] == sum(r["active"] for r in train_rows) > 0
     assert activity["gxpo"]["backward_passes"] == train_rows[-1]["cumulative_backward_passes"]
     assert activity["grpo"]["active_steps"] == 0 and activity["grpo"]["backward_passes"] == 4

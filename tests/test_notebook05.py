@@ -1,25 +1,29 @@
-"""Notebook 05 headless on the shipped regime study: its numbers are the study's, recomputed here."""
+"""Notebook 05 headless on the shipped verdict study: its numbers are the study's, recomputed here."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from gxpo_lib import regime
+from gxpo_lib.analysis import verdict
 from gxpo_lib.notebooks import execute_notebook
+from gxpo_lib.toy_race import toy_race
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_when_does_extrapolation_pay.ipynb"
-SHIPPED = ROOT / "data" / "results" / "regime"
-PARAMETERS = ("live_rerun", "study_dir", "live_algorithm", "live_k", "live_retention", "live_gate_init",
-              "live_step_scale", "live_ppo_epochs", "live_lr", "live_seed",
-              "live_steps", "live_dir", "fill_solutions", "toy_lr_small",
-              "toy_lr_mid", "toy_lr_large", "toy_h_stiff", "toy_h_flat", "toy_steps", "toy_noise", "K",
-              "alpha", "resamples", "results_path")
+SHIPPED = ROOT / "data" / "results" / "verdict"
+PARAMETERS = ("live_rerun", "study_dir", "live_algorithm", "live_k", "live_q_mode", "live_step_scale",
+              "live_optimizer", "live_lr", "live_seed", "live_steps", "live_dir",
+              "fill_solutions", "toy_lr_small", "toy_lr_mid", "toy_lr_large", "toy_h_stiff", "toy_h_flat",
+              "toy_steps", "toy_noise", "K", "alpha", "resamples", "results_path")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return verdict.load_records(SHIPPED)
 
 
 def test_stored_notebook_has_no_outputs_and_one_parameters_cell():
@@ -34,12 +38,13 @@ def test_stored_notebook_has_no_outputs_and_one_parameters_cell():
     first = nb.cells[0]
     assert first.cell_type == "markdown"
     assert "What this notebook teaches" in first.source and "Runtime" in first.source
-    assert "live_rerun = True" in tagged[0].source  # the default reruns one grid point live (it fits the budget)
-    # `replay` means "read the shipped runs instead of your own" in 02 and 04; 05's live switch is not called so
+    assert "live_rerun = True" in tagged[0].source  # the default reruns one study run live (it fits the budget)
     assert "replay" not in {p.name for p in PythonTranslator.inspect(tagged[0])}
+    text = "\n".join(c.source for c in nb.cells)
+    assert "regime" not in text.replace("docs/regime.md", "")   # the superseded study is gone from the lesson
 
 
-def _live_point_cell(**parameters):
+def _live_point_cell(records, **parameters):
     """The notebook's live-point cell, run on the shipped study with its default parameters (and `parameters`)."""
     from papermill.translators import PythonTranslator
 
@@ -47,36 +52,31 @@ def _live_point_cell(**parameters):
     code = [c for c in nb.cells if c.cell_type == "code"]
     namespace = {p.name: eval(p.default) for p in PythonTranslator.inspect(
         next(c for c in code if "parameters" in c.metadata.get("tags", [])))}
-    namespace |= parameters | {"regime": regime, "records": regime.load_study(SHIPPED)}
-    exec(next(c for c in code if "def is_live_point" in c.source).source, namespace)  # noqa: S102
+    namespace |= parameters | {"verdict": verdict, "records": records}
+    exec(next(c for c in code if "live_runs = verdict.cell" in c.source).source, namespace)  # noqa: S102
     return namespace["shipped_record"]
 
 
-@pytest.mark.parametrize("parameters, gate_init", [({}, "unit"), ({"live_gate_init": "warmup"}, "warmup")])
-def test_live_rerun_picks_exactly_the_variant_it_names(parameters, gate_init):
-    # The study holds, at GXPO K=5 grad lr 2e-3 seed 0, a default-gate run and a warm-up-gate run (whose gate
-    # shuts at step 6): the live rerun must train the one its settings name, not the first it meets.
-    record = _live_point_cell(**parameters)
+def test_live_rerun_picks_exactly_the_run_it_names(records):
+    record = _live_point_cell(records)
     c = record["config"]
-    assert (c["algorithm"], c["k"], c["retention"], c["lr"], c["seed"]) == ("gxpo", 5, "grad", 0.002, 0)
-    assert c["gate_init"] == gate_init and c["step_scale"] == 1.0 and c["ppo_epochs"] == 1
-    assert regime.method_label(c) == ("GXPO K=5 grad" if gate_init == "unit" else "GXPO K=5 grad gate warmup")
-
-
-def test_live_rerun_of_grpo_tells_the_controls_apart():
-    plain = _live_point_cell(live_algorithm="grpo")["config"]
-    epochs = _live_point_cell(live_algorithm="grpo", live_ppo_epochs=3)["config"]
-    assert (plain["step_scale"], plain["ppo_epochs"]) == (1.0, 1) and (epochs["step_scale"], epochs["ppo_epochs"]) == (1.0, 3)
-    assert _live_point_cell(live_algorithm="gxpo", live_k=7) is None     # no such run: the training cell says so
+    assert (verdict.arm(c), c["lr"], c["seed"], c["steps"]) == ("GXPO K=5", 0.001, 0, 60)
+    grpo = _live_point_cell(records, live_algorithm="grpo", live_seed=1)["config"]
+    assert (grpo["algorithm"], grpo.get("step_scale", 1.0), grpo["seed"]) == ("grpo", 1.0, 1)
+    matched = _live_point_cell(records, live_algorithm="grpo", live_step_scale=2.55)["config"]
+    assert matched["step_scale"] == 2.55                                # the matched arm, not plain GRPO
+    scalar = _live_point_cell(records, live_q_mode="scalar", live_lr=1e-4)["config"]
+    assert scalar["q_mode"] == "scalar"
+    sgd = _live_point_cell(records, live_optimizer="sgd", live_lr=0.1)["config"]
+    assert (sgd["optimizer"], sgd["lr"], sgd["q_mode"]) == ("sgd", 0.1, "per_coordinate")
+    assert _live_point_cell(records, live_k=7) is None     # no such run: the training cell says so
 
 
 def test_long_outputs_are_folded_and_no_machine_provenance_is_printed():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert 'study.get("note"' not in code and "UTC" not in code
-    for printed in ("v[\"text\"]", "diagnostic_lines", "control_lines", "gate_replay]"):
-        assert printed in code
-    assert code.count("fold_table(") == 1 and code.count("fold_lines(") == 4
+    assert code.count("fold_lines(") == 2
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,9 @@ def executed(tmp_path_factory):
     """The notebook with its defaults (the live rerun included), blanks filled with the solutions.
 
     Executed in a kernel: every test that uses it is marked slow. Its run time is the machine's, not
-    asserted (the notebook records it as runtime_s; bench/ and `make doctor` measure speed)."""
+    asserted (the notebook records it as runtime_s)."""
     out = tmp_path_factory.mktemp("nb05")
-    execute_notebook(NOTEBOOK, out, parameters={"fill_solutions": True}, html=False)
+    execute_notebook(NOTEBOOK, out, parameters={"fill_solutions": True, "resamples": 200}, html=False)
     return json.loads((out / "05_results.json").read_text()), out / NOTEBOOK.name
 
 
@@ -99,7 +99,9 @@ def test_headless_run_is_error_free(executed):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert len(figures) >= 3 + 2 + 4 + 1  # 3 toy races, pass@1 vs lr twice, 4 speed-up maps, diagnostics
+    # 3 toy races, the step-size overlay, family 1's differences, the envelopes, the SmolLM2 probe, and one
+    # figure per 200-step lr (and the SGD overlay where the study has SGD runs)
+    assert len(figures) >= 3 + 3 + 1
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     for exercise in ("right: lr = ", "right: alpha * q-bar", "right: the run gave"):
         assert exercise in text  # filled solutions pass their own checks
@@ -110,40 +112,36 @@ def test_toy_part_matches_the_library(executed):
     results = executed[0]
     q01 = results["nb01_q"]
     assert q01[1] > q01[0]  # notebook 01's exactness cell: the flat coordinate gets the larger q
-    race = regime.toy_race(results["toy_lrs"][2], steps=40, k=5, alpha=0.5, noise=0.02, h=results["h"])
+    race = toy_race(results["toy_lrs"][2], steps=40, k=5, alpha=0.5, noise=0.02, h=results["h"])
     stored = results["toy_race"][str(results["toy_lrs"][2])]
     assert stored["multiplier"] == pytest.approx(race["multiplier"])
     assert stored["gxpo"] == pytest.approx(race["curves"]["GXPO"]["loss"][-1])
 
 
 @pytest.mark.slow
-def test_rl_numbers_and_verdicts_are_the_studys(executed):
+def test_rl_numbers_and_verdicts_are_the_studys(executed, records):
     results = executed[0]
-    records = regime.load_study(SHIPPED)
-    table = regime.cell_table(records, resamples=20)
-    assert results["study"]["runs"] == len(records) and results["study"]["cells"] == len(table)
-    stored = {(r["method"], r["lr"]): r for r in results["table"]}
-    for _, row in table.iterrows():
-        cell = stored[(row["method"], row["lr"])]
-        for key in ("final", "final_lo", "peak", "alpha_q", "cos_g0_g1"):
-            assert (cell[key] is None and math.isnan(row[key])) or cell[key] == pytest.approx(row[key]), key
-    for verdict in results["verdicts"]:
-        again = regime.compare(records, verdict["method"], verdict["lr"])
-        assert verdict["verdict"] == again["verdict"]
-        expected = again["difference"]
-        assert verdict["difference"] == (None if expected is None else pytest.approx(expected))
-    for lr, value in results["matched_multiplier"].items():
-        assert value == pytest.approx(regime.matched_step_multiplier(records, float(lr)))
-    # Replaying the logged corrective norms through a fresh unit gate gives each run's logged shut-off.
-    assert results["gate_replay_matches_log"] is True
-    assert len(results["gate_replay"]) == sum(r["config"]["algorithm"] == "gxpo" for r in records)
+    assert results["study"]["runs"] == len(records)
+    assert results["update_size_small_lr"]["measured"] == verdict.matched_scale(records, 1e-4)["step_scale"]
+    for key, family in (("family1", verdict.adamw_family), ("family2", verdict.k10_family),
+                        ("family3", verdict.best_family), ("family4", verdict.sgd_family),
+                        ("family5", verdict.horizon_family)):
+        again = family(records)
+        assert [r["verdict"] for r in results[key]] == [r["verdict"] for r in again], key
+        for stored, row in zip(results[key], again):
+            if not row.get("pending"):
+                assert stored["mean"] == pytest.approx(row["mean"]) and stored["ci"] == pytest.approx(list(row["ci"]))
+    assert results["lesson"] == verdict.lesson(records)
+    points = {(p["arm"], p["lr"]): p for p in verdict.step_size_points(records)}
+    for p in results["step_size"]:
+        assert p["effective_lr"] == pytest.approx(points[(p["arm"], p["lr"])]["effective_lr"])
 
 
 @pytest.mark.slow
 def test_live_rerun_reproduces_the_shipped_step0_evaluation(executed):
     live = executed[0]["live"]
     assert live["steps"] == 10 and len(live["reward_live"]) == 10 and live["eval_live"] is not None
-    assert live["run"] == "algorithm=gxpo_k=5_retention=grad_lr=0.002_seed=0"      # the default gate, as named
+    assert live["run"] == "algorithm=gxpo_k=5_lr=0.001_seed=0"
     # The shipped model, the same seed and sampler: the step-0 evaluation is the same draw.
     assert live["eval0_live"] == pytest.approx(live["eval0_shipped"], abs=1e-4)
     # The first step samples from the same model with the same seed: the same rewards.

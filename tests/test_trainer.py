@@ -6,14 +6,15 @@ import shutil
 import pytest
 import torch
 
-from gxpo_lib.trainer import TrainConfig, TrainControl, read_metrics, summarize_run, train
+from gxpo_lib.runlog import read_rows, summarize_run
+from gxpo_lib.trainer import TrainConfig, TrainControl, train
 
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 
 
 def small(**overrides):
     base = dict(algorithm="gxpo", steps=2, batch_prompts=4, group_size=4, max_new_tokens=16, eval_every=2,
-                eval_problems=8, eval_samples=2, checkpoint_every=1, progress=False, seed=3)
+                eval_problems=8, eval_samples=2, checkpoint_every=1, seed=3)
     return TrainConfig(**(base | overrides))
 
 
@@ -55,7 +56,7 @@ def copy_of(run, destination):
 
 def test_one_run_exercises_the_whole_pipeline(two_step_run):
     summary, folder = two_step_run
-    rows = read_metrics(folder / "metrics.jsonl")
+    rows = read_rows(folder / "metrics.jsonl")
     kinds = [(r["kind"], r["step"]) for r in rows]
     assert kinds == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     first = rows[1]
@@ -73,7 +74,7 @@ def test_one_run_exercises_the_whole_pipeline(two_step_run):
 @pytest.mark.parametrize("algorithm", ["grpo", "sfpo"])
 def test_other_algorithms_count_their_passes(tmp_path, algorithm):
     train(small(algorithm=algorithm, k=3, steps=1, eval_every=5, **NO_EVAL), tmp_path)
-    row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
+    row = next(r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train")
     assert row["backward_passes"] == (1 if algorithm == "grpo" else 4)
 
 
@@ -82,8 +83,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(two_step_run, tmp_
     whole = train(config, tmp_path / "whole")
     copy_of(two_step_run, tmp_path / "split")  # small(): the same run stopped after step 2
     resumed = train(config, tmp_path / "split")
-    a = strip_times(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
-    b = strip_times(read_metrics(tmp_path / "split" / "metrics.jsonl"))
+    a = strip_times(read_rows(tmp_path / "whole" / "metrics.jsonl"))
+    b = strip_times(read_rows(tmp_path / "split" / "metrics.jsonl"))
     assert a == b
     for (name, p), q in zip(whole["model"].named_parameters(), resumed["model"].parameters()):
         if p.requires_grad:
@@ -95,7 +96,7 @@ def test_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped_on_resume(tw
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"kind": "train", "step": 3, "reward_mean": 0.5}\n{"kind": "tr')  # a kill mid-write
     train(small(steps=3), run)
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = read_rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
     assert all(line.strip().endswith("}") for line in (run / "metrics.jsonl").read_text().splitlines())
 
@@ -103,7 +104,8 @@ def test_torn_metrics_line_and_rows_past_the_checkpoint_are_dropped_on_resume(tw
 @pytest.mark.parametrize("overrides, name", [
     ({"algorithm": "ppo"}, "algorithm"), ({"k": 1}, "k"), ({"tau": -1.0}, "tau"), ({"lr": 0}, "lr"),
     ({"group_size": 0}, "group_size"), ({"mini_batches": 3}, "mini_batches"), ({"top_p": 2.0}, "top_p"),
-    ({"loss_type": "sum"}, "loss_type"), ({"r_clamp": (1.0, -1.0)}, "r_clamp"), ({"model": "/nonexistent/m"}, "name_or_path"),
+    ({"loss_type": "sum"}, "loss_type"), ({"r_clamp": (1.0, -1.0)}, "r_clamp"),
+    ({"model": "/nonexistent/m"}, "name_or_path"),
 ])
 def test_bad_config_fails_before_work_with_the_setting_named(tmp_path, overrides, name):
     with pytest.raises(ValueError, match=name):
@@ -118,7 +120,7 @@ def test_first_pass_old_logprobs_train_like_the_samplers_forward(tmp_path, algor
     for source in ("sampler", "first_pass"):
         config = small(algorithm=algorithm, steps=3, eval_every=3, old_logprobs=source, **NO_EVAL)
         summary = train(config, tmp_path / source)
-        rows = [r for r in read_metrics(tmp_path / source / "metrics.jsonl") if r["kind"] == "train"]
+        rows = [r for r in read_rows(tmp_path / source / "metrics.jsonl") if r["kind"] == "train"]
         runs[source] = (summary["model"], rows)
     (model_a, rows_a), (model_b, rows_b) = runs["sampler"], runs["first_pass"]
     for a, b in zip(rows_a, rows_b, strict=True):
@@ -134,13 +136,13 @@ def test_first_pass_old_logprobs_train_like_the_samplers_forward(tmp_path, algor
 @pytest.mark.parametrize("overrides, message", [
     ({"mini_batches": 2}, "mini_batches=2"),
     ({"algorithm": "sfpo"}, "entropy-signal gate"),
-    ({"gate_signal": "entropy"}, "entropy-signal gate"),
+    ({"gate": "entropy"}, "entropy-signal gate"),
     ({"old_logprobs": "cached"}, "old_logprobs"),
 ])
 def test_first_pass_old_logprobs_refuse_settings_that_need_the_samplers_forward(overrides, message):
     with pytest.raises(ValueError, match=message):
         small(**({"old_logprobs": "first_pass"} | overrides)).validate()
-    small(algorithm="sfpo", sfpo_official_gate=False, old_logprobs="first_pass").validate()  # a grad-norm gate
+    small(algorithm="sfpo", gate="grad_norm", old_logprobs="first_pass").validate()  # a grad-norm gate
 
 
 def test_unknown_setting_and_changed_run_are_rejected(two_step_run, tmp_path):
@@ -159,17 +161,18 @@ def test_live_settings_reach_the_next_step(tmp_path):
             control.update(tau=2.0, k=10)
 
     train(small(steps=3, eval_every=10, **NO_EVAL), tmp_path, callbacks=[on_row], control=control)
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [(r["tau"], r["k"]) for r in rows] == [(0.5, 5), (2.0, 10), (2.0, 10)]
 
 
 def test_summary_read_back_from_the_folder_matches_train(tmp_path):
     # A gate that trips early (a window gate with a tiny tau trips on the first rise of the corrective
     # gradient norm) so the shutoff step is part of the comparison (HF sampling: this seed's path trips it).
-    summary = train(small(steps=5, eval_every=5, tau=1e-3, gate_mode="window", gate_window=2, max_new_tokens=32,
-                          rollout_backend="hf",
-                          final_eval_sets=("arith",),
-                          final_eval_problems=4, final_eval_samples=2), tmp_path)
+    control = TrainControl()
+    control.update(mode="window", window=2)  # ShutoffGate keywords, taken before the first step
+    summary = train(small(steps=5, eval_every=5, tau=1e-3, max_new_tokens=32, rollout_backend="hf",
+                          final_eval_sets=("arith",), final_eval_problems=4, final_eval_samples=2), tmp_path,
+                    control=control)
     read_back = summarize_run(tmp_path)
     assert summary["shutoff_step"] is not None
     for key in ("steps_done", "shutoff_step", "backward_passes", "final_eval", "last_eval"):
@@ -183,18 +186,32 @@ def test_grpo_controls_matched_compute_and_matched_step(tmp_path):
     # ppo_epochs=3: three optimizer passes over the same batch (GXPO's 3 backward passes, no lookahead);
     # step_scale: GRPO's learning rate multiplied (the matched-step control).
     train(small(algorithm="grpo", ppo_epochs=3, step_scale=2.5, steps=1, eval_every=5, **NO_EVAL), tmp_path)
-    row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train")
+    row = next(r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train")
     assert row["backward_passes"] == 3 and row["cumulative_backward_passes"] == 3
     assert row["learning_rate"] == pytest.approx(2.5 * 2e-3)
 
 
 def test_sfpo_official_sweeps_span_every_mini_batch(tmp_path):
-    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none", **NO_EVAL), tmp_path / "a")
-    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none",
-                sfpo_sweeps="per_minibatch", **NO_EVAL), tmp_path / "b")
-    official, per_minibatch = (next(r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["kind"] == "train")
-                               for name in ("a", "b"))
-    assert official["backward_passes"] == per_minibatch["backward_passes"] == (2 + 1) * 2
+    from gxpo_lib.sfpo import SFPO
+
+    train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none", **NO_EVAL), tmp_path,
+          progress=False)
+    official = next(r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train")
+    assert official["backward_passes"] == (2 + 1) * 2
+    # one mini-batch at a time (K+1 steps on each) is the rule's API: SFPO.step per mini-batch, the same passes
+    weights = torch.nn.Parameter(torch.ones(3))
+    rule = SFPO(torch.optim.SGD([weights], lr=0.1), k=2, gate=None)
+
+    def closure(target):
+        def forward_backward():
+            loss = (weights - target).pow(2).sum()
+            loss.backward()
+            return loss
+        return forward_backward
+
+    closures = [closure(0.0), closure(2.0)]
+    assert sum(rule.step(c).backward_passes for c in closures) == (2 + 1) * 2
+    assert rule.step_sweeps(closures).backward_passes == (2 + 1) * 2
 
 
 def test_a_gxpo_version_preset_runs_by_name(tmp_path):

@@ -34,12 +34,12 @@ from gxpo_lib.integrations.trl import (
     GXPOTrainer,
     RuleOwnedOptimizer,
     check_trl_hooks,
-    math_reward_func,
     trl_version_is_tested,
 )
+from gxpo_lib.integrations.trl_run import math_reward_func
 from gxpo_lib.losses import per_token_logprobs, policy_loss
 from gxpo_lib.rules import PlainStep
-from gxpo_lib.trainer import read_metrics
+from gxpo_lib.runlog import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TINY = REPO / "data" / "models" / "tiny-llama-arith"
@@ -76,7 +76,7 @@ def load(model_dir):
 @pytest.fixture(scope="module")
 def dataset(model_dir):
     """32 arithmetic prompts in TRL's conversational format, with their answers."""
-    from gxpo_lib.integrations.trl import build_dataset
+    from gxpo_lib.integrations.trl_run import build_dataset
     from gxpo_lib.trainer import TrainConfig
 
     _, tokenizer = load(model_dir)
@@ -161,7 +161,7 @@ def test_trainer_attributes_relied_on_exist(model_dir, dataset, tmp_path):
     (dict(loss_aggregation="mean"), "loss_aggregation"),
     (dict(algorithm="grpo", ppo_epochs=3), "ppo_epochs"), (dict(algorithm="grpo", step_scale=2.0), "step_scale"),
     (dict(k=1), "k"), (dict(alpha=0.0), "alpha"), (dict(algorithm="adam"), "algorithm"),
-    (dict(tau=-1.0), "tau"), (dict(gate_mode="median"), "gate_mode"), (dict(r_clamp=[3.0, -2.0]), "r_clamp"),
+    (dict(tau=-1.0), "tau"), (dict(gate="median"), "gate"), (dict(warmup=-1), "warmup"),
 ])
 def test_invalid_settings_raise_naming_the_setting(tmp_path, settings, name):
     with pytest.raises(ValueError, match=name):
@@ -174,7 +174,7 @@ def test_invalid_settings_raise_naming_the_setting(tmp_path, settings, name):
 def test_old_logprobs_are_forced_and_clipping_binds_at_theta1(model_dir, dataset, tmp_path):
     from trl import GRPOTrainer
 
-    trainer = make_trainer(model_dir, dataset, tmp_path, learning_rate=0.05, gate=False,
+    trainer = make_trainer(model_dir, dataset, tmp_path, learning_rate=0.05, gate="none",
                            reward_funcs=(length_reward,))
     trainer.model.train()
     batch = first_batch(trainer)
@@ -276,7 +276,7 @@ def adam_steps(trainer):
 def test_grpo_two_steps_one_optimizer_step_each(model_dir, dataset, tmp_path):
     trainer = make_trainer(model_dir, dataset, tmp_path, algorithm="grpo", lr_scheduler_type="linear")
     trainer.train()
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["backward_passes"] for r in rows] == [1, 1]
     assert [r["cumulative_backward_passes"] for r in rows] == [1, 2]
     # The rule stepped AdamW once per step; the Trainer's own step() was swallowed, once per step.
@@ -295,11 +295,11 @@ def test_grpo_two_steps_one_optimizer_step_each(model_dir, dataset, tmp_path):
 def test_gxpo_two_steps_gate_closes_and_resume_keeps_it_closed(model_dir, dataset, tmp_path):
     # Unscaled advantages of a large reward make the corrective gradient norm >> 1 = the EMA's start,
     # so the gate (no warm-up) trips at step 1: step 1 is GXPO (3 passes), step 2 plain GRPO (1 pass).
-    settings = dict(algorithm="gxpo", gate_warmup=0, tau=0.5, scale_rewards="none", save_strategy="steps",
+    settings = dict(algorithm="gxpo", warmup=0, tau=0.5, scale_rewards="none", save_strategy="steps",
                     save_steps=2, reward_funcs=(math_reward_func, loud_reward))
     trainer = make_trainer(model_dir, dataset, tmp_path, **settings)
     trainer.train()
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["backward_passes"] for r in rows] == [3, 1]
     assert [r["active"] for r in rows] == [True, False]
     assert [r["gate_open"] for r in rows] == [False, False]
@@ -316,7 +316,7 @@ def test_gxpo_two_steps_gate_closes_and_resume_keeps_it_closed(model_dir, datase
     # (a fresh gate would be open and take 3).
     resumed = make_trainer(model_dir, dataset, tmp_path, **(settings | dict(max_steps=3)))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["backward_passes"] == 1 and rows[2]["cumulative_backward_passes"] == 5
     assert resumed.rule.gate.is_open is False and resumed.rule.num_steps == 3
@@ -331,7 +331,7 @@ def test_launch_command_names_the_module_and_the_config():
     # Several CPU processes need the torchrun launcher: accelerate's --cpu launcher starts only one.
     assert command[command.index("--num_processes") + 1] == "2" and "--multi_gpu" in command
     assert "--cpu" not in command and "--cpu" in launch_command("run.json", "out", num_processes=1, cpu=True)
-    assert command[-5:] == ["gxpo_lib.integrations.trl", "--config", "run.json", "--workdir", "out"]
+    assert command[-5:] == ["gxpo_lib.integrations.trl_run", "--config", "run.json", "--workdir", "out"]
     zero2 = launch_command("run.json", "out", accelerate_config="zero2", cpu=False)
     assert zero2[zero2.index("--config_file") + 1].endswith("accelerate_configs/zero2.yaml")
     with pytest.raises(ValueError, match="accelerate_config"):
@@ -352,14 +352,14 @@ def test_multi_process_launches_rendezvous_on_a_free_port_of_their_own(tmp_path)
 
 
 def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, tmp_path):
-    # The notebook's path: accelerate launch -m gxpo_lib.integrations.trl in a subprocess, 2 CPU ranks,
+    # The notebook's path: accelerate launch -m gxpo_lib.integrations.trl_run in a subprocess, 2 CPU ranks,
     # LoRA, evaluations; then the same workdir with one more step resumes from checkpoint-2.
     config = dict(algorithm="gxpo", model=str(model_dir), lora=True, steps=2, batch_prompts=2, group_size=4,
                   max_new_tokens=16, eval_every=2, eval_problems=4, eval_samples=2, checkpoint_every=2, seed=1)
     run = tmp_path / "run"
     progress = list(stream(launch_trl(config, run, num_processes=2, cpu=True), progress_only=True))
     assert any(line.startswith("[gxpo] step 2/2") for line in progress), progress
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = read_rows(run / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     assert rows[2]["cumulative_backward_passes"] == rows[1]["backward_passes"] + rows[2]["backward_passes"]
     assert json.loads((run / "config.json").read_text())["algorithm"] == "gxpo"
@@ -368,7 +368,7 @@ def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, t
     assert saved["counters"]["backward_passes"] == rows[2]["cumulative_backward_passes"]
 
     list(stream(launch_trl(config | {"steps": 3}, run, num_processes=2, cpu=True)))
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = read_rows(run / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in rows][4:] == [("train", 3), ("eval", 3)]
     assert rows[4]["cumulative_backward_passes"] == rows[2]["cumulative_backward_passes"] + rows[4]["backward_passes"]
 
@@ -456,14 +456,14 @@ def test_accumulated_gxpo_steps_checkpoint_and_resume(model_dir, dataset, tmp_pa
                     save_strategy="steps", save_steps=2)
     trainer = make_trainer(model_dir, dataset, tmp_path, **settings)
     trainer.train()
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [(r["step"], r["backward_passes"], r["active"]) for r in rows] == [(1, 3, True), (2, 3, True)]
     assert adam_steps(trainer) == {6} and trainer.optimizer.optimizer.ignored_steps == 2
     assert [len(p["entropy"]) for p in trainer.pass_metrics] == [2, 2, 2]  # every pass saw both micro-batches
     assert trainer._step == 4  # TRL's micro-batch counter: 2 calls per optimizer step
     resumed = make_trainer(model_dir, dataset, tmp_path, **(settings | dict(max_steps=3)))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["cumulative_backward_passes"] == 9
     assert adam_steps(resumed) == {9}
 
@@ -551,11 +551,11 @@ def test_trl_train_rows_have_the_native_trainer_keys(model_dir, dataset, tmp_pat
 
     (tmp_path / "trl").mkdir()
     make_trainer(model_dir, dataset, tmp_path / "trl", max_steps=1).train()
-    trl_row = read_metrics(tmp_path / "trl" / "metrics.jsonl")[-1]
+    trl_row = read_rows(tmp_path / "trl" / "metrics.jsonl")[-1]
     config = TrainConfig(model=str(model_dir), steps=1, batch_prompts=2, group_size=2, max_new_tokens=8,
-                         eval_problems=2, eval_samples=1, progress=False)
-    train(config, tmp_path / "native")
-    native_row = [r for r in read_metrics(tmp_path / "native" / "metrics.jsonl") if r["kind"] == "train"][-1]
+                         eval_problems=2, eval_samples=1)
+    train(config, tmp_path / "native", progress=False)
+    native_row = [r for r in read_rows(tmp_path / "native" / "metrics.jsonl") if r["kind"] == "train"][-1]
     expected = ({*runlog.TRAIN_ROW_KEYS} | {f.name for f in fields(StepInfo)}
                 | set(runlog.x_values(runlog.new_counters())))
     assert trl_row["kind"] == "train" and set(trl_row) == set(native_row) == expected

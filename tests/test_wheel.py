@@ -74,8 +74,7 @@ def test_the_wheel_runs_notebook_01_and_a_two_step_training(fresh_venv):
         "from gxpo_lib.config import resolve_config\n"
         "from gxpo_lib.trainer import train\n"
         "config = resolve_config('smoke', {'steps': 2, 'eval_every': 2, 'eval_problems': 4, 'eval_samples': 2,\n"
-        "    'batch_prompts': 2, 'group_size': 2, 'final_eval_problems': 4, 'final_eval_samples': 2,\n"
-        "    'progress': False})\n"
-        "s = train(config, 'wheel-run')\n"
+        "    'batch_prompts': 2, 'group_size': 2, 'final_eval_problems': 4, 'final_eval_samples': 2})\n"
+        "s = train(config, 'wheel-run', progress=False)\n"
         "print(json.dumps({'steps': s['steps_done'], 'final': sorted(s['final_eval'])}))")).splitlines()[-1])
     assert summary == {"steps": 2, "final": ["arith"]}

@@ -26,8 +26,8 @@ from transformers import TrainerCallback
 
 from gxpo_lib import runlog
 from gxpo_lib.evaluation import correct_counts, summarize_counts
-from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer, build_dataset, math_reward_func
-from gxpo_lib.integrations.trl_run import EvaluationCallback
+from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
+from gxpo_lib.integrations.trl_run import EvaluationCallback, build_dataset, math_reward_func
 from gxpo_lib.models import load_model
 from gxpo_lib.rewards import RewardScorer
 from gxpo_lib.sampling import Rollouts
@@ -67,7 +67,7 @@ def decisions(options) -> None:
     """3 GXPO steps (the gate trips at step 1); rank{r}.json per rank."""
     model, tokenizer = load_model(options.model, device="cpu")
     initial = param_sha256(model)
-    args = GXPOConfig(output_dir=options.out, algorithm="gxpo", gate_warmup=0, tau=0.5, scale_rewards="none",
+    args = GXPOConfig(output_dir=options.out, algorithm="gxpo", warmup=0, tau=0.5, scale_rewards="none",
                       per_device_train_batch_size=4, num_generations=4, max_completion_length=16, max_steps=3,
                       learning_rate=1e-3, optim="adamw_torch", bf16=False, use_cpu=True, report_to="none",
                       logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, loss_type="bnpo", top_k=0)

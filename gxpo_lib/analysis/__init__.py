@@ -19,8 +19,8 @@ per method across the suite), `display` (long tables folded behind a short summa
 
 **Run folders.** A folder written by `gxpo_lib.trainer.train` (or notebook 03, or the TRL backend) holds
 ``config.json``, ``metrics.jsonl`` (``"kind"`` = ``train`` / ``eval`` / ``final_eval`` rows),
-``final_eval.json`` and, from notebook 03, ``run_summary.json``; it is read through `gxpo_lib.runlog`, so
-folders written before a setting was renamed (``tau`` -> ``gate_tau``) load under today's names, and a
+``final_eval.json`` and, from notebook 03, ``run_summary.json``; it is read through `gxpo_lib.runlog` as
+written (a folder from older code is re-exported under today's names by `gxpo_lib.replay.export_runs`), and a
 setting a folder lacks takes today's default. `load_run` turns it into a `Run` whose rows use one schema:
 
 - train rows keep the trainer's names; ``backward_passes`` is the step's own count and

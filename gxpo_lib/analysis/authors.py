@@ -231,7 +231,7 @@ def _authors_config(folder: Path, rows: list[dict]) -> dict[str, Any]:
     elif actor.get("use_sfpo"):
         config["algorithm"] = "sfpo"
     for ours, theirs in (("k", ("gxpo_k", "sfpo_inner_steps")), ("alpha", ("gxpo_alpha", "sfpo_step_size")),
-                         ("gate_tau", ("gxpo_tau",))):
+                         ("tau", ("gxpo_tau",))):
         value = next((actor[t] for t in theirs if is_number(actor.get(t))), None)
         if value is not None:
             config[ours] = value
@@ -240,10 +240,10 @@ def _authors_config(folder: Path, rows: list[dict]) -> dict[str, Any]:
         gx = any(k.startswith(("actor/gxpo_", "gxpo/")) for k in keys)
         sf = any(k.startswith(("actor/sfpo_", "sfpo/")) for k in keys)
         config["algorithm"] = "gxpo" if gx else "sfpo" if sf else "grpo"
-    for name, logged in (("k", "k"), ("alpha", "alpha"), ("gate_tau", "tau")):  # the rows' column is "tau"
+    for name in ("k", "alpha", "tau"):
         if name not in config:
             mapped = (_map_authors_train(r) or {} for r in rows)
-            value = next((m[logged] for m in mapped if is_number(m.get(logged))), None)
+            value = next((m[name] for m in mapped if is_number(m.get(name))), None)
             if value is not None:
                 config[name] = int(value) if name == "k" else value
     config.setdefault("seed", None)

@@ -5,10 +5,10 @@
     method_colors(["GRPO", "GXPO K=5 grad"])    # {label: colour}, distinct inside one figure
 
 A label is read the same way whatever module wrote it: `analysis.group_runs` (``gxpo K=5 α=0.5 τ=0.5``),
-`regime.method_label` (``GXPO K=5 grad``, ``GRPO matched step``), `analysis.verdict.arm` (``GXPO K=5
-scalar-q``, ``GRPO x3.21``) or the toy (``gd``, ``matched``). The methods of the studies have fixed colours
-(`FIXED`); any other label gets one from `EXTRA`, picked by a hash of its key, so it is stable across
-sessions too. `method_colors` keeps a figure's colours distinct even when two labels share a key or hash.
+`analysis.verdict.arm` (``GXPO K=5 scalar-q``, ``GRPO x3.21``) or the toy (``gd``, ``matched``). The methods
+of the studies have fixed colours (`FIXED`); any other label gets one from `EXTRA`, picked by a hash of its
+key, so it is stable across sessions too. `method_colors` keeps a figure's colours distinct even when two
+labels share a key or hash.
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ def plot_diagnostics(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, interv
 
 def plot_mechanism(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, interval: str = "t"):
     """What the jump did, per extrapolating step, mean over seeds per group: r (against r = 1), cos(g0, g1)
-    (against 0) and α·q (against 1: below it θ̃ lies between θ0 and θ2, the jump retreated). None when no
-    run extrapolated."""
+    (against 0) and α·q (against 1: below it θ̃ stops short of θ2, the jump "retreated", though with the
+    corrective step the update is still about 1 + 2α·q̄ plain steps, never a shorter step). None when no run
+    extrapolated."""
     fig = _panels_figure(runs, by, _MECHANISM_PANELS, cols=3, interval=interval)
     if fig is not None:
         fig.update_layout(height=400, width=1200, title="The mechanism per extrapolating step, mean over seeds "
@@ -239,7 +240,7 @@ def _mark_group_gate(fig, group: Group, color: str) -> None:
     """τ (dotted) and the group's mean shut-off step over the runs whose gate shut (dashed, annotated with
     how many shut) on the gate-z panel."""
     taus = {r.get("tau") for run in group.runs for r in run.train[-1:] if is_number(r.get("tau"))} or \
-        {run.config["gate_tau"] for run in group.runs if is_number(run.config.get("gate_tau"))}
+        {run.config["tau"] for run in group.runs if is_number(run.config.get("tau"))}
     for tau in sorted(taus):
         fig.add_hline(y=tau, line_dash="dot", line_color=color, opacity=0.6, row=1, col=1,
                       annotation_text="τ", annotation_position="top left")
@@ -252,7 +253,7 @@ def _mark_group_gate(fig, group: Group, color: str) -> None:
 def _mark_gate(fig, run: Run, color: str, col: int = 1) -> None:
     """tau as a dotted line and the shut-off step as a dashed line on the gate-z panel (row 1, `col`)."""
     taus = [r.get("tau") for r in run.train if is_number(r.get("tau"))] or \
-        ([run.config["gate_tau"]] if is_number(run.config.get("gate_tau")) else [])
+        ([run.config["tau"]] if is_number(run.config.get("tau")) else [])
     if taus:
         fig.add_hline(y=taus[-1], line_dash="dot", line_color=color, opacity=0.6, row=1, col=col,
                       annotation_text="τ", annotation_position="top left")

@@ -266,7 +266,8 @@ def plot_probe(records: Sequence[dict[str, Any]]):
         for key, (label, rgb) in styles.items():
             stats = [rec[key] for rec in recs]
             for lo, hi, alpha in (("q05", "q95", 0.15), ("q25", "q75", 0.3)):
-                fig.add_trace(go.Scatter(x=lrs + lrs[::-1], y=[s.get(hi) for s in stats] + [s.get(lo) for s in stats][::-1],
+                band = [s.get(hi) for s in stats] + [s.get(lo) for s in stats][::-1]
+                fig.add_trace(go.Scatter(x=lrs + lrs[::-1], y=band,
                                          fill="toself", fillcolor=f"rgba({rgb},{alpha})", line={"width": 0},
                                          hoverinfo="skip", showlegend=False, legendgroup=key), row=1, col=col)
             fig.add_trace(go.Scatter(x=lrs, y=[s.get("q50") for s in stats], mode="lines+markers", name=label,

@@ -16,7 +16,7 @@ class Run:
     """One training run read from its folder, in our schema (see `gxpo_lib.analysis`).
 
     ``train`` and ``eval`` are lists of row dicts sorted by step; ``final_eval`` maps a benchmark to its
-    pass@k results; ``config`` holds the settings under today's names (``gate_tau``, not ``tau``).
+    pass@k results; ``config`` holds the run's settings as its config.json names them.
     """
 
     name: str

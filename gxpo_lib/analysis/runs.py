@@ -16,22 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ALIASES, RESUME_MAY_CHANGE, RULE_SETTINGS, TrainConfig
+from ..config import RESUME_MAY_CHANGE, RULE_SETTINGS, TrainConfig
 from ..runlog import METRICS_FILE, read_config, read_final_eval, read_rows, read_summary
 from .authors import load_authors_run
 from .records import Run, by_step, hashable, is_number
 
-DEFAULT_BY = ("algorithm", "k", "alpha", "gate_tau")
+DEFAULT_BY = ("algorithm", "k", "alpha", "tau")
 # Settings that only steer GXPO / SFPO (the rule's and the gate's): they do not tell GRPO runs apart.
 RULE_ONLY_SETTINGS = frozenset(RULE_SETTINGS) - {"algorithm"}
 # Settings of the final evaluation only: the training curve does not depend on them.
 FINAL_EVAL_SETTINGS = frozenset(name for name in RESUME_MAY_CHANGE if name.startswith("final_eval_"))
 # Bookkeeping: settings that change nothing a run learns (the budget, steps and eval_every, does count).
-BOOKKEEPING = (RESUME_MAY_CHANGE - FINAL_EVAL_SETTINGS - {"steps", "eval_every"}) | {"seed", "data_dir"}
+BOOKKEEPING = (RESUME_MAY_CHANGE - FINAL_EVAL_SETTINGS - {"steps", "eval_every"}) | {"seed", "data_dir", "progress"}
 # What a folder lacks takes today's default: settings added later kept the old behaviour as their default.
 _DEFAULTS = json.loads(json.dumps(TrainConfig().to_dict()))
 _SKIPPED_FOLDERS = ("checkpoints", "__pycache__")
-_SHORT_NAMES = {"k": "K", "alpha": "α", "gate_tau": "τ"}
+_SHORT_NAMES = {"k": "K", "alpha": "α", "tau": "τ"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,9 +229,8 @@ def group_runs(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY) -> list[Grou
     Runs are first bucketed by the `by` settings (for GRPO only ``algorithm`` counts: the rule and gate
     settings do not steer it); inside a bucket, any other setting that still differs (other than the seed
     and bookkeeping such as checkpoint frequency) splits it further and is named in the label, so a group
-    only ever holds replicates of one experiment. Old setting names in `by` (``tau``) mean the new ones.
+    only ever holds replicates of one experiment.
     """
-    by = tuple(ALIASES.get(name, name) for name in by)
     buckets: dict[tuple, list[Run]] = {}
     for run in runs:
         buckets.setdefault(_key(run, by), []).append(run)
@@ -258,16 +257,16 @@ def _setting(run: Run, name: str):
     """A run's setting, comparable across runs: the gate as the one the rule got ("auto" resolved)."""
     value = hashable(run.config.get(name))
     if name == "gate" and value == "auto":
-        return "official" if run.algorithm == "sfpo" else "default"
+        return "entropy" if run.algorithm == "sfpo" else "grad_norm"
     return value
 
 
 def _key(run: Run, by: Sequence[str]) -> tuple:
-    """The `by` settings of a run (GRPO: the algorithm only; SFPO with its official gate: no tau, which
-    that gate does not read)."""
-    official_sfpo = run.algorithm == "sfpo" and _setting(run, "gate") == "official"
+    """The `by` settings of a run (GRPO: the algorithm only; SFPO with its official gate, gate "auto": no tau,
+    which that gate does not read)."""
+    official_sfpo = run.algorithm == "sfpo" and run.config.get("gate", "auto") == "auto"
     names = [b for b in by if not (run.algorithm == "grpo" and b in RULE_ONLY_SETTINGS)
-             and not (official_sfpo and b == "gate_tau")]
+             and not (official_sfpo and b == "tau")]
     return tuple((name, _setting(run, name)) for name in names)
 
 

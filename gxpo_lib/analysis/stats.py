@@ -490,8 +490,11 @@ def mechanism_summary(run: Run) -> dict[str, Any]:
 
     GXPO's reposition is θ̃ = θ0 + α·q ⊙ (θ2 − θ0): with α·q below 1 the landing point lies between θ0 and
     the second probe point θ2 (the jump retreated from where two plain steps went); above 1 it lies beyond
-    θ2. At the paper's learning rate (1e-7) r ≈ 1, so q ≈ K/2 and α·q ≈ α·K/2 (1.25 for K=5, α=0.5).
-    SFPO's is θ̃ = θ0 + α (θK − θ0) after K fast steps: its logged α·q is α, read against θK.
+    θ2. Either way θ2 − θ0 is two optimizer steps and the corrective step follows, so one update moves θ by
+    about 1 + 2α·q̄ plain steps where the probes agree: "retreated" is about θ̃ against θ2, never a step
+    shorter than a plain one. At the paper's learning rate (1e-7) r ≈ 1, so q ≈ K/2 and α·q ≈ α·K/2 (1.25
+    for K=5, α=0.5). SFPO's is θ̃ = θ0 + α (θK − θ0) after K fast steps: its logged α·q is α, read against
+    θK, and its update is about 1 + K·α plain steps.
 
     Returns:
         ``run, algorithm, steps, active_steps`` and the means over active steps of ``r_mean, cos_g0_g1,
@@ -503,19 +506,25 @@ def mechanism_summary(run: Run) -> dict[str, Any]:
     for key in MECHANISM_KEYS:
         values = [float(r[key]) for r in active if is_number(r.get(key))]
         out["alpha_q" if key == "effective_multiplier" else key] = float(np.mean(values)) if values else None
-    out["verdict"] = _mechanism_verdict(out)
+    out["verdict"] = _mechanism_verdict(out, run.config.get("k"))
     return out
 
 
-def _mechanism_verdict(summary: dict[str, Any]) -> str:
-    """One sentence naming what the jump did (see `mechanism_summary`)."""
+def _mechanism_verdict(summary: dict[str, Any], k: int | None = None) -> str:
+    """One sentence naming what the jump did and how far the whole update went (see `mechanism_summary`)."""
     name, alpha_q = summary["algorithm"].upper(), summary["alpha_q"]
     if not summary["active_steps"] or alpha_q is None:
         return f"{name} never extrapolated: every step was a plain step (gate shut, or fallbacks)."
-    end, steps = ("θK", "its K fast steps") if summary["algorithm"] == "sfpo" else ("θ2", "two plain steps")
+    sfpo = summary["algorithm"] == "sfpo"
+    end, steps = ("θK", "its K fast steps") if sfpo else ("θ2", "two plain steps")
+    factor, last = (k, "slow") if sfpo else (2, "corrective")
+    size = (f"about 1 + {'K·α' if sfpo else '2α·q̄'}" + (f" = {1 + factor * alpha_q:.2f}" if factor else "")
+            + f" plain steps{'' if sfpo else ' where the probes agree'}")
     where = (f"α·q̄ = {alpha_q:.2f} < 1: the jump retreated (θ̃ lies between θ0 and {end}, short of where "
-             f"{steps} went)" if alpha_q < 1 else
-             f"α·q̄ = {alpha_q:.2f} ≥ 1: the jump went beyond {end} (it extrapolated past {steps})")
+             f"{steps} went), yet with the {last} step the update is still {size}: a shorter jump, not a "
+             "shorter step" if alpha_q < 1 else
+             f"α·q̄ = {alpha_q:.2f} ≥ 1: the jump went beyond {end} (it extrapolated past {steps}); with the {last} "
+             f"step the update is {size}")
     parts = [f"{name}, over its {summary['active_steps']} extrapolating steps of {summary['steps']}: {where}"]
     if summary["r_mean"] is not None:
         r = summary["r_mean"]

@@ -7,6 +7,7 @@ arms are compared per family with paired tests (`analysis.inference`).
 
     python -m gxpo_lib.analysis.verdict matched runs/verdict --lr 1e-4 --k 5 [--append sweeps/verdict.yaml]
     python -m gxpo_lib.analysis.verdict report runs/verdict          # the families' tables, markdown
+    python -m gxpo_lib.analysis.verdict docs data/results/verdict README.md docs/regime.md   # generated blocks
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def match_check(records: Sequence[dict[str, Any]], lr: float, k: int = 5, sgd: b
         scale = matched_scale(records, lr, k, sgd, steps=steps)["step_scale"]
     except ValueError:
         return None
-    gxpo, matched = cell(records, f"{prefix}GXPO K={k}", lr, steps), cell(records, f"{prefix}GRPO x{scale:g}", lr, steps)
+    gxpo = cell(records, f"{prefix}GXPO K={k}", lr, steps)
+    matched = cell(records, f"{prefix}GRPO x{scale:g}", lr, steps)
     if not matched:
         return None
     ratio = float(np.mean([mean_update_norm(r) for r in matched.values()]) /
@@ -156,12 +158,13 @@ def compare(a: dict[int, dict], b: dict[int, dict], margin: float = MARGIN, draw
 
 
 def family_table(records: Sequence[dict[str, Any]], comparisons: Sequence[tuple[str, str, str, float, bool]],
-                 margin: float = MARGIN) -> list[dict[str, Any]]:
-    """Rows for one family: each (label, arm a, arm b, lr, equivalence tested?) compared, then Holm over the
-    family's difference tests and, separately, over its equivalence tests. Missing cells give "pending" rows."""
+                 margin: float = MARGIN, steps: int = 60) -> list[dict[str, Any]]:
+    """Rows for one family: each (label, arm a, arm b, lr, equivalence tested?) compared on runs of `steps`
+    steps, then Holm over the family's difference tests and, separately, over its equivalence tests. Missing
+    cells give "pending" rows."""
     rows = []
     for label, arm_a, arm_b, lr, test_equivalence in comparisons:
-        result = compare(cell(records, arm_a, lr), cell(records, arm_b, lr), margin)
+        result = compare(cell(records, arm_a, lr, steps), cell(records, arm_b, lr, steps), margin)
         rows.append({"comparison": label, "lr": lr, "equivalence": test_equivalence, **(result or {"pending": True})})
     for key, flag in (("p", None), ("tost_p", True)):
         chosen = [i for i, r in enumerate(rows) if "pending" not in r and (flag is None or r["equivalence"])]
@@ -230,9 +233,13 @@ def late_validation(records_by_seed: dict[int, dict]) -> float | None:
 
 
 def best_lr(records: Sequence[dict[str, Any]], arm_name: str, lrs: Sequence[float]) -> float | None:
-    """The pre-registered best lr of an arm: the highest `late_validation` among the lrs with all 5 seeds."""
-    scored = {lr: late_validation(c) for lr in lrs if len(c := cell(records, arm_name, lr, 60)) == len(SEEDS)}
-    return max(scored, key=scored.get) if scored else None
+    """The pre-registered best lr of an arm: the highest `late_validation` over `lrs`; None until every lr has
+    all 5 seeds (a best chosen from part of the grid would not be the pre-registered one)."""
+    cells = {lr: cell(records, arm_name, lr, 60) for lr in lrs}
+    if any(len(c) < len(SEEDS) for c in cells.values()):
+        return None
+    scored = {lr: late_validation(c) for lr, c in cells.items()}
+    return max(scored, key=scored.get)
 
 
 def best_family(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,7 +248,7 @@ def best_family(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if grpo is None or gxpo is None:
         return [{"comparison": "best GXPO K=5 - best GRPO", "lr": math.nan, "equivalence": True, "pending": True,
                  "verdict": "pending"}]
-    result = compare(cell(records, "GXPO K=5", gxpo), cell(records, "GRPO", grpo))
+    result = compare(cell(records, "GXPO K=5", gxpo, 60), cell(records, "GRPO", grpo, 60))
     row = {"comparison": f"best GXPO K=5 (lr {gxpo:g}) - best GRPO (lr {grpo:g})", "lr": gxpo, "equivalence": True,
            **(result or {"pending": True})}
     if result:
@@ -293,24 +300,305 @@ def speedup(reference: dict[int, dict], method: dict[int, dict], draws: int = 10
             "reached_share": reached / draws, "baseline_share": baseline / draws}
 
 
-def report(records: Sequence[dict[str, Any]]) -> str:
-    """Every family's table as markdown, with the matched controls' update-size check."""
+# ---------------------------------------------------------------------------------------------------
+# Family 5: the longer horizon
+# ---------------------------------------------------------------------------------------------------
+HORIZON_STEPS = 200
+
+
+def horizon_lrs(records: Sequence[dict[str, Any]]) -> list[float]:
+    """The lrs of the 200-step GXPO K=5 runs (3e-4 and GRPO's best lr by family 3's rule)."""
+    return sorted({r["config"]["lr"] for r in records
+                   if r["config"].get("steps") == HORIZON_STEPS and arm(r["config"]) == "GXPO K=5"})
+
+
+def horizon_family(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Family 5: GXPO K=5 against GRPO and the matched GRPO (the 60-step step_scale) over 200 steps, seeds 0-2;
+    difference tests only, Holm over the family. At an lr with no 60-step GXPO run (GRPO's best lr can lie off
+    GXPO's grid) the matched arm has no pre-registered step_scale and is left out (docs/regime.md says so)."""
+    comparisons = []
+    for lr in horizon_lrs(records) or [3e-4]:
+        comparisons.append(("GXPO K=5 - GRPO, 200 steps", "GXPO K=5", "GRPO", lr, False))
+        if not any(math.isclose(lr, x, rel_tol=1e-9) for x in LEARNING_RATES):
+            continue   # no 60-step GXPO at this lr, so no pre-registered step_scale: the matched arm is not formed
+        comparisons.append(("GXPO K=5 - matched GRPO, 200 steps", "GXPO K=5", matched_arm(records, lr) or "(pending)",
+                            lr, False))
+    return family_table(records, comparisons, steps=HORIZON_STEPS)
+
+
+def gate_shut_step(record: dict[str, Any]) -> int | None:
+    """The first train step after which GXPO's gate was shut (None: open to the end, or not GXPO)."""
+    rows = [r for r in record["train"] if r.get("gate_open") is not None]
+    return next((r["step"] for r in rows if r["gate_open"] is False), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Descriptive: step size, envelopes, speed-ups, equal passes
+# ---------------------------------------------------------------------------------------------------
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """The mean of independent values and its Student-t interval (the point when there is one value)."""
+    from .stats import t_critical
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, (mean, mean)
+    half = t_critical(x.size - 1, level) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, (mean - half, mean + half)
+
+
+def step_size_points(records: Sequence[dict[str, Any]], sgd: bool = False,
+                     steps: int = 60) -> list[dict[str, Any]]:
+    """Every arm at every lr placed at its *effective* lr: lr x its mean update-norm ratio to GRPO at that lr
+    (same seed), with its final pass@1 (seed mean, 95% t interval). GRPO's own points have ratio 1, so if
+    GXPO is a bigger step its points fall on GRPO's curve of final pass@1 against lr."""
+    prefix = "SGD " if sgd else ""
+    grpo_lrs = {r["config"]["lr"] for r in records if arm(r["config"]) == prefix + "GRPO"
+                and r["config"].get("steps") == steps}
+    points = []
+    for name in sorted({arm(r["config"]) for r in records if arm(r["config"]).startswith(prefix)
+                        and (sgd or not arm(r["config"]).startswith("SGD "))}):
+        for lr in sorted(grpo_lrs):
+            runs, grpo = cell(records, name, lr, steps), cell(records, prefix + "GRPO", lr, steps)
+            seeds = sorted(set(runs) & set(grpo))
+            if not seeds:
+                continue
+            ratio = float(np.mean([mean_update_norm(runs[s]) / mean_update_norm(grpo[s]) for s in seeds]))
+            mean, ci = mean_interval([runs[s]["final"]["pass@1"] for s in seeds])
+            points.append({"arm": name, "lr": lr, "ratio": ratio, "effective_lr": lr * ratio, "seeds": seeds,
+                           "pass@1": mean, "ci": ci})
+    return points
+
+
+def envelope(records: Sequence[dict[str, Any]], arm_name: str, lrs: Sequence[float], x: str = "step",
+             steps: int = 60) -> list[dict[str, float]]:
+    """Best over lrs of the seed-mean validation pass@1 at each x (`step`, or cumulative `backward_passes`
+    where every lr's curve holds its last value between evaluations), with the lr that gives it."""
+    curves = {lr: seed_mean_curve(c) for lr in lrs if (c := cell(records, arm_name, lr, steps))}
+    if not curves:
+        return []
+    grid = sorted({row[x] for curve in curves.values() for row in curve})
+    out = []
+    for value in grid:
+        best = None
+        for lr, curve in curves.items():
+            seen = [row["pass@1"] for row in curve if row[x] <= value]
+            if seen and (best is None or seen[-1] > best[1]):
+                best = (lr, seen[-1])
+        if best:
+            out.append({x: value, "pass@1": best[1], "lr": best[0]})
+    return out
+
+
+def speedup_rows(records: Sequence[dict[str, Any]], draws: int = 1000) -> list[dict[str, Any]]:
+    """Speed-ups to same-lr GRPO's seed-mean validation peak (steps and backward passes), every arm of families
+    1, 2 and 4, with the share of seed-bootstrap draws that reach it beside the identical-method baseline."""
+    arms = [(lr, a, "GRPO") for lr in LEARNING_RATES
+            for a in ("GXPO K=5", "GXPO K=5 scalar-q", matched_arm(records, lr))]
+    arms += [(lr, a, "GRPO") for lr in (1e-4, 3e-4) for a in ("GXPO K=10", matched_arm(records, lr, k=10))]
+    arms += [(lr, a, "SGD GRPO") for lr in SGD_LEARNING_RATES
+             for a in ("SGD GXPO K=5", "SGD GXPO K=5 scalar-q", matched_arm(records, lr, sgd=True))]
+    rows = []
+    for lr, name, reference in arms:
+        ref, method = cell(records, reference, lr, 60), cell(records, name or "-", lr, 60)
+        if len(set(ref) & set(method)) < 2:
+            continue
+        rows.append({"arm": name, "lr": lr, **speedup(ref, method, draws=draws)})
+    return rows
+
+
+def equal_passes(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Family 3's descriptive comparison: best GXPO K=5's validation pass@1 at its last evaluation with
+    cumulative backward passes <= best GRPO's at step 60, against GRPO's at step 60 (seed means)."""
+    grpo_lr, gxpo_lr = best_lr(records, "GRPO", GRPO_LEARNING_RATES), best_lr(records, "GXPO K=5", LEARNING_RATES)
+    if grpo_lr is None or gxpo_lr is None:
+        return None
+    grpo = seed_mean_curve(cell(records, "GRPO", grpo_lr, 60))
+    gxpo = seed_mean_curve(cell(records, "GXPO K=5", gxpo_lr, 60))
+    budget = grpo[-1]["backward_passes"]
+    within = [row for row in gxpo if row["backward_passes"] <= budget]
+    return {"grpo_lr": grpo_lr, "gxpo_lr": gxpo_lr, "passes": budget, "grpo": grpo[-1]["pass@1"],
+            "gxpo_step": within[-1]["step"], "gxpo": within[-1]["pass@1"],
+            "gxpo_passes": within[-1]["backward_passes"]}
+
+
+def speedup_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| arm | lr | target | speed-up in steps [95% over the draws reaching it] | in backward passes "
+             + "| draws reaching it | identical-method baseline |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        steps = "not reached" if r["speedup_steps"] is None else f"{r['speedup_steps']:.2f}"
+        if r["interval"]:
+            steps += f" [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
+        passes = "-" if r["speedup_passes"] is None else f"{r['speedup_passes']:.2f}"
+        lines.append(f"| {r['arm']} | {r['lr']:g} | {r['target']:.3f} | {steps} | {passes} | "
+                     f"{r['reached_share']:.0%} | {r['baseline_share']:.0%} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lesson, computed
+# ---------------------------------------------------------------------------------------------------
+def _by_verdict(rows: Sequence[dict[str, Any]], label: str) -> str:
+    """"equivalent at lr 1e-4, 3e-4; not decided at 1e-3" for the rows of one comparison."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if r["comparison"] == label and not r.get("pending"):
+            groups.setdefault(r["verdict"], []).append(f"{r['lr']:g} ({r['mean']:+.3f})")
+    pending = sum(r["comparison"] == label and bool(r.get("pending")) for r in rows)
+    text = "; ".join(f"{verdict} at lr {', '.join(lrs)}" for verdict, lrs in groups.items()) or "no data yet"
+    return text + (f"; {pending} lr(s) pending" if pending else "")
+
+
+def lesson(records: Sequence[dict[str, Any]]) -> str:
+    """The study's answer in sentences, every number and verdict computed from `records` (markdown)."""
+    f1, f2, f4, f5 = adamw_family(records), k10_family(records), sgd_family(records), horizon_family(records)
+    sizes = {lr: matched_scale(records, lr) for lr in LEARNING_RATES if _finished(records, lr)}
+    parts = []
+    if sizes:
+        low, high = min(s["step_scale"] for s in sizes.values()), max(s["step_scale"] for s in sizes.values())
+        by_lr = ", ".join(f"{lr:g} → {size['step_scale']:g}" for lr, size in sizes.items())
+        parts.append(f"**Step size.** One GXPO K=5 update moved {low:g}-{high:g} plain AdamW steps (the measured "
+                     f"update-norm ratio to GRPO, by lr: {by_lr}).")
+    parts.append("**H1, a bigger step** (GXPO K=5 − GRPO with GXPO's measured step, difference and equivalence "
+                 f"tests Holm-corrected within the family): {_by_verdict(f1, 'GXPO K=5 - matched GRPO')}.")
+    parts.append("**H2, the per-coordinate q** (GXPO K=5 − scalar-q GXPO K=5): "
+                 f"{_by_verdict(f1, 'GXPO K=5 - scalar-q')}.")
+    parts.append("**H3, the paper's comparison** (GXPO K=5 − GRPO at the same lr): "
+                 f"{_by_verdict(f1, 'GXPO K=5 - GRPO')}.")
+    parts.append(f"**K = 10**: against GRPO {_by_verdict(f2, 'GXPO K=10 - GRPO')}; against its matched GRPO "
+                 f"{_by_verdict(f2, 'GXPO K=10 - matched GRPO')}.")
+    parts.append(f"**Plain SGD** (the geometric premise exact on a quadratic): against the matched GRPO "
+                 f"{_by_verdict(f4, 'SGD GXPO K=5 - matched GRPO')}; against scalar-q "
+                 f"{_by_verdict(f4, 'SGD GXPO K=5 - scalar-q')}; against GRPO "
+                 f"{_by_verdict(f4, 'SGD GXPO K=5 - GRPO')}.")
+    best = best_family(records)[0]
+    if not best.get("pending"):
+        passes = equal_passes(records)
+        parts.append(f"**Best-tuned against best-tuned**: {best['comparison']}: {best['mean']:+.3f} "
+                     f"[{best['ci'][0]:+.3f}, {best['ci'][1]:+.3f}], {best['verdict']}; at GRPO's "
+                     f"{passes['passes']:.0f} "
+                     f"backward passes GXPO's validation pass@1 was {passes['gxpo']:.3f} (step {passes['gxpo_step']}) "
+                     f"against GRPO's {passes['grpo']:.3f}.")
+    else:
+        parts.append("**Best-tuned against best-tuned**: pending.")
+    parts.append(f"**200 steps** (3 seeds): against GRPO {_by_verdict(f5, 'GXPO K=5 - GRPO, 200 steps')}; against "
+                 f"the matched GRPO {_by_verdict(f5, 'GXPO K=5 - matched GRPO, 200 steps')}.")
+    matched_rows = [r for r in (*f1, *f2, *f4, *f5) if "matched" in r["comparison"]]
+    beyond = [f"{r['comparison'].split(' - ')[0]} at lr {r['lr']:g}" for r in matched_rows
+              if r.get("verdict", "").startswith("higher")]
+    pending = sum(bool(r.get("pending")) for r in matched_rows)
+    answer = (f"In this study: {', '.join(beyond)} (higher than GRPO with the same measured step, after Holm)."
+              if beyond else f"Nowhere among the {len(matched_rows) - pending} comparisons with the "
+              "displacement-matched GRPO that have data: none came out higher after Holm's correction.")
+    for r in matched_rows:
+        if r.get("verdict", "").startswith("higher") and r["comparison"] == "GXPO K=5 - matched GRPO":
+            answer += " " + _why_higher(records, r["lr"], f1)
+    if pending:
+        answer += f" ({pending} of {len(matched_rows)} such comparisons have no data yet.)"
+    parts.append("**When does the lookahead pay beyond a bigger step?** " + answer)
+    return "\n\n".join(parts)
+
+
+def _why_higher(records: Sequence[dict[str, Any]], lr: float, family1: Sequence[dict[str, Any]]) -> str:
+    """What sits behind "GXPO beat its matched GRPO" at an lr: the three arms' finals, the gate, scalar-q."""
+    def final(name: str) -> float:
+        return float(np.mean([r["final"]["pass@1"] for r in cell(records, name, lr, 60).values()]))
+
+    gxpo = cell(records, "GXPO K=5", lr, 60)
+    shut = [s for r in gxpo.values() if (s := gate_shut_step(r)) is not None]
+    h2 = next((r for r in family1 if r["comparison"] == "GXPO K=5 - scalar-q" and r["lr"] == lr), {})
+    text = (f"At lr {lr:g} the matched GRPO ended at {final(matched_arm(records, lr)):.3f} against GRPO's "
+            f"{final('GRPO'):.3f} at the same lr and GXPO's {final('GXPO K=5'):.3f}: the constant bigger step hurt. "
+            f"GXPO's gate shut in {len(shut)} of {len(gxpo)} seeds"
+            + (f" (median step {int(np.median(shut))}), after which it took plain steps" if shut else "") + "; ")
+    if h2 and not h2.get("pending") and not h2["verdict"].startswith("higher"):
+        text += (f"scalar-q GXPO did no worse (GXPO − scalar-q {h2['mean']:+.3f}, {h2['verdict']}), so the "
+                 "per-coordinate q is not what paid there.")
+    else:
+        text += f"GXPO − scalar-q there: {h2.get('verdict', 'pending')}."
+    return text
+
+
+def _finished(records: Sequence[dict[str, Any]], lr: float) -> bool:
+    try:
+        matched_scale(records, lr)
+    except ValueError:
+        return False
+    return True
+
+
+def claims_table(records: Sequence[dict[str, Any]], draws: int = 1000) -> str:
+    """The paper's claims against this study (markdown), every cell computed from `records`."""
+    f1 = adamw_family(records)
+    speed = [r for r in speedup_rows(records, draws) if r["arm"] == "GXPO K=5"]
+    reached = [f"{r['lr']:g}: {r['speedup_steps']:.2f}x steps, {r['speedup_passes']:.2f}x passes" for r in speed
+               if r["speedup_steps"] is not None]
+    missed = [f"{r['lr']:g}" for r in speed if r["speedup_steps"] is None]
+    best = best_family(records)[0]
+    best_text = ("pending" if best.get("pending") else
+                 f"{best['comparison']}: {best['mean']:+.3f} [{best['ci'][0]:+.3f}, {best['ci'][1]:+.3f}], "
+                 f"{best['verdict']}")
+    rows = [
+        ("higher pass@1 than GRPO at the same lr", f"GXPO K=5 − GRPO by lr: {_by_verdict(f1, 'GXPO K=5 - GRPO')}"),
+        ("the gain comes from the lookahead", "against GRPO with GXPO's measured step: "
+         + f"{_by_verdict(f1, 'GXPO K=5 - matched GRPO')}; against scalar-q GXPO: "
+         + _by_verdict(f1, "GXPO K=5 - scalar-q")),
+        ("fewer steps to GRPO's peak", "same-lr GRPO's validation peak reached at lr " + ("; ".join(reached) or "none")
+         + (f"; not reached at lr {', '.join(missed)}" if missed else "")),
+        ("better than GRPO when both are tuned", best_text),
+    ]
+    lines = ["| the paper's claim (Qwen2.5 / Llama 1.5-8B, lr 1e-7) | this study (tiny Llama + LoRA, 60 steps, "
+             + "5 seeds, Holm within each family) |", "|---|---|"]
+    return "\n".join(lines + [f"| {claim} | {here} |" for claim, here in rows])
+
+
+def report(records: Sequence[dict[str, Any]], draws: int = 1000) -> str:
+    """Every family's table as markdown, with the matched controls' update-size check and the speed-ups."""
     parts = ["### Family 1: AdamW", markdown(adamw_family(records)), "", "### Family 2: K = 10",
-             markdown(k10_family(records)), "", "### Family 3: best-tuned", markdown(best_family(records)), "",
-             "### Family 4: plain SGD", markdown(sgd_family(records)), "", "### Matched controls: update size",
-             "| lr | K | optimizer | step_scale | matched / GXPO mean update_norm | within ±15% |", "|---|---|---|---|---|---|"]
+             markdown(k10_family(records)), "", "### Family 3: best-tuned", markdown(best_family(records))]
+    passes = equal_passes(records)
+    if passes:
+        parts.append(f"\nAt equal backward passes (descriptive): best GXPO K=5 (lr {passes['gxpo_lr']:g}) at step "
+                     f"{passes['gxpo_step']} ({passes['gxpo_passes']:.0f} passes) validation pass@1 "
+                     f"{passes['gxpo']:.3f}; best GRPO (lr {passes['grpo_lr']:g}) at step 60 ({passes['passes']:.0f} "
+                     f"passes) {passes['grpo']:.3f}.")
+    parts += ["", "### Family 4: plain SGD", markdown(sgd_family(records)), "",
+              "### Family 5: 200 steps (seeds 0-2)", markdown(horizon_family(records)), "",
+              "### Matched controls: update size",
+              "| lr | K | optimizer | step_scale | matched / GXPO mean update_norm | within ±15% |",
+              "|---|---|---|---|---|---|"]
     for lr, k, sgd in [(lr, 5, False) for lr in LEARNING_RATES] + [(1e-4, 10, False), (3e-4, 10, False)] + [
             (lr, 5, True) for lr in SGD_LEARNING_RATES]:
         check = match_check(records, lr, k, sgd)
         if check:
             parts.append(f"| {lr:g} | {k} | {'SGD' if sgd else 'AdamW'} | {check['step_scale']:g} | "
                          f"{check['matched_over_gxpo']:.3f} | {'yes' if check['ok'] else 'NO'} |")
+    parts += ["", "### Speed-ups to same-lr GRPO's validation peak (descriptive; validation every 5 steps)",
+              speedup_markdown(speedup_rows(records, draws))]
     return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generated blocks in the docs: <!-- name: ... --> ... <!-- /name -->
+# ---------------------------------------------------------------------------------------------------
+BLOCKS = {"verdict-report": report, "verdict-lesson": lesson, "verdict-claims": claims_table}
+
+
+def render_blocks(text: str, records: Sequence[dict[str, Any]]) -> str:
+    """`text` with every generated block's body recomputed from `records` (the markers are kept)."""
+    import re
+
+    def body(match: re.Match) -> str:
+        return f"{match.group(1)}\n{BLOCKS[match.group(2)](records)}\n{match.group(3)}"
+
+    names = "|".join(map(re.escape, BLOCKS))
+    return re.sub(rf"(<!-- ({names})(?::[^>]*)? -->)\n.*?\n(<!-- /\2 -->)", body, text, flags=re.DOTALL)
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """A family's rows as a markdown table (differences in pass@1, 95% paired-t and two-level bootstrap)."""
-    lines = ["| comparison | lr | seeds | difference [95% paired t] | bootstrap 95% | p (Holm) | TOST p (Holm) | verdict |",
+    lines = ["| comparison | lr | seeds | difference [95% paired t] | bootstrap 95% | p (Holm) | TOST p (Holm) "
+             + "| verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("pending"):
@@ -334,10 +622,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     matched.add_argument("--append", default=None, help="a study grid file to append the matched arm to")
     report_parser = sub.add_parser("report", help="every family's table (markdown)")
     report_parser.add_argument("runs")
+    docs = sub.add_parser("docs", help="recompute the generated blocks of markdown files in place")
+    docs.add_argument("runs")
+    docs.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     records = load_records(args.runs)
     if args.command == "report":
         print(report(records))
+        return 0
+    if args.command == "docs":
+        for name in args.files:
+            path = Path(name)
+            path.write_text(render_blocks(path.read_text(encoding="utf-8"), records), encoding="utf-8")
+            print(f"[gxpo] {name}: generated blocks rewritten")
         return 0
     try:
         result = matched_scale(records, args.lr, args.k, args.sgd)

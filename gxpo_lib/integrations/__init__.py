@@ -85,9 +85,9 @@ def free_port() -> int:
 
 def launch_command(config_path: str | os.PathLike, workdir: str | os.PathLike, num_processes: int = 1,
                    accelerate_config: str | os.PathLike | None = None, cpu: bool | None = None) -> list[str]:
-    """The ``accelerate launch ... -m gxpo_lib.integrations.trl`` command line (see `launch_trl`)."""
+    """The ``accelerate launch ... -m gxpo_lib.integrations.trl_run`` command line (see `launch_trl`)."""
     return accelerate_launch_args(num_processes, accelerate_config, cpu) + [
-        "-m", "gxpo_lib.integrations.trl", "--config", str(config_path), "--workdir", str(workdir)]
+        "-m", "gxpo_lib.integrations.trl_run", "--config", str(config_path), "--workdir", str(workdir)]
 
 
 def cpu_environment(num_processes: int) -> dict[str, str]:

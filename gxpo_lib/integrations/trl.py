@@ -50,20 +50,22 @@ How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every priva
   is averaged across ranks and a non-finite gradient on any rank is made non-finite on all, so fallbacks
   and gate decisions cannot differ; after every step the ranks' decisions are compared and a mismatch
   raises.
+- FSDP2 (accelerate's ``fsdp_version: 2``, ``accelerate_config="fsdp2"``): the rule runs on each rank's
+  shards and all-reduces its global norms and sums itself (``trl_distributed``, ``gxpo_lib.distributed``);
+  checkpoints are accelerate's sharded ones.
 
-Run headless with ``python -m gxpo_lib.integrations.trl --config run.json --workdir DIR`` (usually via
-``gxpo_lib.integrations.launch_trl``). DeepSpeed and FSDP run only ``algorithm="grpo"`` (TRL's own step and
-accumulation; one metrics row per window; the rules themselves run on FSDP2 shards outside TRL:
-``gxpo_lib.distributed``); the native trainer's ``ppo_epochs`` and ``step_scale`` are refused;
-fp16 is refused (the rule steps the optimizer outside accelerate's GradScaler), bf16 is fine. Tested with
-``TESTED_TRL``; ``check_trl_hooks()`` reports any hook whose signature moved.
+Run headless with ``python -m gxpo_lib.integrations.trl_run --config run.json --workdir DIR`` (usually via
+``gxpo_lib.integrations.launch_trl``). DeepSpeed and FSDP1 run only ``algorithm="grpo"`` (TRL's own step and
+accumulation; one metrics row per window; gxpo / sfpo there are a ValueError pointing to FSDP2); the
+native trainer's ``ppo_epochs`` and ``step_scale`` are refused; fp16 is refused (the rule steps the
+optimizer outside accelerate's GradScaler), bf16 is fine. Tested with ``TESTED_TRL``; ``check_trl_hooks()``
+reports any hook whose signature moved.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import time
 import warnings
@@ -84,15 +86,10 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from gxpo_lib import runlog
-from gxpo_lib.config import (
-    LOSS_AGGREGATIONS,
-    RULE_SETTINGS,
-    TrainConfig,
-    accept_old_names,
-    field_help,
-    uses_entropy_gate,
-)
-from gxpo_lib.gate import ShutoffGate
+from gxpo_lib.choices import LOSS_AGGREGATIONS
+from gxpo_lib.config import RULE_SETTINGS, TrainConfig, field_help, uses_entropy_gate
+from gxpo_lib.integrations import trl_distributed as distributed
+from gxpo_lib.integrations.trl_distributed import ReducedGate
 from gxpo_lib.rules import StepInfo
 from gxpo_lib.trainer import build_rule
 
@@ -178,7 +175,6 @@ def _post_init(self) -> None:
         raise ValueError(f"gradient_accumulation_steps={steps!r} is invalid: allowed an integer >= 1 (the "
                          "micro-batches one rule step spans)")
     GRPOConfig.__post_init__(self)
-    self.r_clamp = [float(x) for x in self.r_clamp]
     if self.loss_aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: allowed one of {LOSS_AGGREGATIONS}")
     # The native trainer's GRPO controls have no counterpart in this update loop: refuse, never ignore.
@@ -189,15 +185,15 @@ def _post_init(self) -> None:
     rule_config(self)  # validates every rule setting now, before a model is loaded
 
 
-GXPOConfig = accept_old_names(make_dataclass("GXPOConfig", _rule_fields(), bases=(GRPOConfig,), namespace={
+GXPOConfig = make_dataclass("GXPOConfig", _rule_fields(), bases=(GRPOConfig,), namespace={
     "__post_init__": _post_init, "__module__": __name__,
     "__doc__": """TRL's ``GRPOConfig`` plus the update rule's settings: the fields of ``gxpo_lib.config.RULE_SETTINGS``
-    with TrainConfig's names, defaults and help (old names accepted with a FutureWarning).
+    with TrainConfig's names, defaults and help.
 
     ``max_grad_norm`` (TRL's) is the rule's clip C (0 = no clipping). ``gradient_accumulation_steps``: the
     micro-batches one rule step spans. ``loss_aggregation``: how ``bnpo`` combines them (see the module
     docstring). ``gxpo_metrics_file``: where rank 0 writes gxpo_lib-format rows.
-    """}))
+    """})
 
 
 def rule_config(args) -> TrainConfig:
@@ -250,23 +246,6 @@ class RuleOwnedOptimizer:
         self.optimizer.add_param_group(param_group)
 
 
-class ReducedGate(ShutoffGate):
-    """A ShutoffGate that scores the mean of its observation over all ranks (same decision everywhere)."""
-
-    def __init__(self, reduce, **settings):
-        super().__init__(**settings)
-        self.reduce = reduce
-
-    @classmethod
-    def wrapping(cls, gate: ShutoffGate, reduce) -> ReducedGate:
-        reduced = cls(reduce, **gate.settings())
-        reduced.load_state_dict(gate.state_dict())
-        return reduced
-
-    def observe(self, value: float, step: int | None = None) -> float:
-        return super().observe(self.reduce(float(value)), step=step)
-
-
 def _float(value: Any) -> float:
     """StepInfo value -> float for TRL's logs (None -> nan, which TRL's log() drops)."""
     return float("nan") if value is None else float(value)
@@ -316,16 +295,13 @@ class GXPOTrainer(GRPOTrainer):
         if not trl_version_is_tested():
             warnings.warn(f"trl {_installed_version('trl')} is outside the tested range {TESTED_TRL}; "
                           f"hook check: {check_trl_hooks() or 'ok'}", stacklevel=2)
-        # DeepSpeed and FSDP own the gradients and the optimizer step here: only TRL's own GRPO step runs there.
-        self.native_update = bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        if self.native_update and self.args.algorithm != "grpo":
-            fsdp2 = self.is_fsdp_enabled and getattr(self.accelerator, "is_fsdp2", False)
-            backend = "DeepSpeed" if self.is_deepspeed_enabled else ("FSDP2" if fsdp2 else "FSDP1")
-            raise ValueError(f"algorithm={self.args.algorithm!r} is invalid under {backend} through TRL: allowed "
-                             "'grpo'. For gxpo and sfpo use DDP (accelerate_configs/multi_gpu.yaml), or shard with "
-                             "FSDP2 yourself: gxpo_lib's rules run on torch.distributed.fsdp.fully_shard parameters "
-                             "(each rank's shard, global sums all-reduced; gxpo_lib.distributed, docs/gpu.md 'GXPO on "
-                             "FSDP2 shards'); GXPOTrainer does not wire accelerate's FSDP2 yet")
+        # DeepSpeed and FSDP1 own the gradients and the optimizer step: only TRL's own GRPO step runs there.
+        # Under FSDP2 the rule runs on each rank's shards (trl_distributed).
+        self.fsdp_version = distributed.fsdp_version(self.accelerator)
+        distributed.fsdp_dropped(self.accelerator)
+        self.native_update = distributed.update_backend(self.args.algorithm, bool(self.is_deepspeed_enabled),
+                                                        self.fsdp_version)
+        self.sharded = self.fsdp_version == 2  # the rule sees DTensor shards, reduces its global sums itself
         if not self.native_update and self.args.fp16:
             raise ValueError("fp16=True is invalid: allowed bf16 or fp32 (the rule steps the optimizer itself, "
                              "outside accelerate's GradScaler)")
@@ -358,7 +334,10 @@ class GXPOTrainer(GRPOTrainer):
         rule = build_rule(rule_config(self.args), real)
         if wrapper is not None:
             wrapper.optimizer = RuleOwnedOptimizer(real)
-        if self.accelerator.num_processes > 1 and getattr(rule, "gate", None) is not None:
+        if self.sharded:  # the rule reduces the gate's signal over the shards itself
+            distributed.check_sharded(rule)
+            distributed.mark_synced_generation(self.model)
+        elif self.accelerator.num_processes > 1 and getattr(rule, "gate", None) is not None:
             rule.gate = ReducedGate.wrapping(rule.gate, self._mean_over_ranks)
         if self._pending_rule_state is not None:
             rule.load_state_dict(self._pending_rule_state)
@@ -430,6 +409,8 @@ class GXPOTrainer(GRPOTrainer):
                         loss = self.compute_loss(model, inputs, num_items_in_batch=inputs.get("num_items_in_batch"))
                     self.accelerator.backward(loss * weight)
                 total = total + loss.detach() * weight
+            if rule.reducer is not None:  # FSDP2: the rule all-reduces the norm and averages the loss itself
+                return total
             self._agree_on_finite_grads(rule.params)
             if self.accelerator.num_processes > 1:  # the whole batch's loss, the same on every rank
                 total = self.accelerator.reduce(total.reshape(1), reduction="mean")[0]
@@ -523,7 +504,15 @@ class GXPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         """TRL's checkpoint, plus the rule (gate included) and the counters in gxpo_state.json."""
-        super()._save_checkpoint(model, trial)
+        wrapper = self.optimizer if isinstance(self.optimizer, AcceleratedOptimizer) else None
+        stand_in = wrapper.optimizer if wrapper is not None else None
+        if self.sharded and isinstance(stand_in, RuleOwnedOptimizer):  # FSDP2's saver reads a torch Optimizer
+            wrapper.optimizer = stand_in.optimizer
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            if stand_in is not None:
+                wrapper.optimizer = stand_in
         if not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -534,7 +523,8 @@ class GXPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """TRL's restore, plus the rule, the counters and metrics.jsonl cut back to the checkpoint."""
-        if checkpoint is not None and self.args.world_size > 1 and self.args.device.type == "cpu":
+        if checkpoint is not None and self.args.world_size > 1 and self.args.device.type == "cpu" \
+                and self.fsdp_version is None:
             self._load_optimizer_and_scheduler_on_cpu(checkpoint)
         else:
             super()._load_optimizer_and_scheduler(checkpoint)
@@ -565,29 +555,15 @@ class GXPOTrainer(GRPOTrainer):
 
     # -- distributed agreement ---------------------------------------------------------------------
     def _mean_over_ranks(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(tensor, reduction="mean")[0])
+        return distributed.mean_over_ranks(self.accelerator, value)
 
     def _agree_on_finite_grads(self, params: list[torch.Tensor]) -> None:
-        """If any rank's gradient is non-finite, make it non-finite on every rank (same fallback)."""
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        local_bad = bool(grads) and not math.isfinite(float(torch.nn.utils.get_total_norm(grads)))
-        flag = torch.tensor([float(local_bad)], device=self.accelerator.device)
-        if float(self.accelerator.gather(flag).max()) > 0 and not local_bad and grads:
-            grads[0].view(-1)[0] = float("nan")
+        """DDP: if any rank's gradient is non-finite, make it non-finite on every rank (same fallback)."""
+        distributed.agree_on_finite_grads(self.accelerator, params)
 
     def _check_ranks_agree(self, info: StepInfo) -> None:
         """Every rank must have taken the same decisions this step; raise if not."""
-        if self.accelerator.num_processes == 1:
-            return
-        local = torch.tensor([float(info.active), float(info.fallback), float(info.skipped),
-                              float(info.gate_open), float(info.backward_passes)], device=self.accelerator.device)
-        every = self.accelerator.gather(local).view(self.accelerator.num_processes, -1)
-        if not bool((every == every[0]).all()):
-            raise RuntimeError(f"ranks diverged at step {info.step}: (active, fallback, skipped, gate_open, "
-                               f"backward_passes) per rank = {every.tolist()}")
+        distributed.check_ranks_agree(self.accelerator, info)
 
     # -- internals -----------------------------------------------------------------------------------
     def _gate_signal(self, rule) -> float | None:
@@ -649,22 +625,3 @@ class GXPOTrainer(GRPOTrainer):
         if self.metrics_log is None:
             self.metrics_log = runlog.MetricsLog(self.metrics_path, resume_step=self._resume_step)
         self.metrics_log.write(row)
-
-
-# The run-level names live in trl_run (which imports this module); they stay importable from here.
-_RUN_NAMES = ("EvaluationCallback", "ProgressCallback", "build_dataset", "grpo_config_from_train_config", "main",
-              "math_reward_func", "train_with_trl")
-
-
-def __getattr__(name: str):
-    if name in _RUN_NAMES:
-        from gxpo_lib.integrations import trl_run
-
-        return getattr(trl_run, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # one rank of a launch: the entry point lives in trl_run
-    from gxpo_lib.integrations.trl_run import main as _main
-
-    _main()

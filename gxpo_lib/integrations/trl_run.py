@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from gxpo_lib import runlog
-from gxpo_lib.config import RULE_SETTINGS, TrainConfig
+from gxpo_lib.config import KEEP_CHECKPOINTS, REWARD_TIMEOUT, RULE_SETTINGS, TrainConfig
 from gxpo_lib.integrations import PROGRESS_PREFIX
 from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer
 from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
@@ -78,13 +78,14 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
         output_dir=str(workdir), per_device_train_batch_size=micro,
         gradient_accumulation_steps=completions // (num_processes * micro), loss_aggregation=config.loss_aggregation,
         num_generations=config.group_size, max_completion_length=config.max_new_tokens,
-        temperature=config.temperature, top_p=config.top_p, top_k=0, learning_rate=config.lr,
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or 0.0, optim="sgd" if config.optimizer == "sgd" else "adamw_torch",
+        temperature=config.temperature, top_p=1.0, top_k=0, learning_rate=config.lr,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm or 0.0,
+        optim="sgd" if config.optimizer == "sgd" else "adamw_torch",
         optim_args=f"momentum={config.momentum}" if config.optimizer == "sgd" else None,
         lr_scheduler_type="constant", loss_type=LOSS_TYPES[config.loss_type], epsilon=config.clip_eps,
-        epsilon_high=config.clip_eps_high, scale_rewards=config.adv_scale, beta=config.kl_beta,
+        epsilon_high=None, scale_rewards="group", beta=config.kl_beta,
         entropy_coef=config.entropy_coef, max_steps=config.steps, seed=config.seed, save_strategy="steps",
-        save_steps=config.checkpoint_every, save_total_limit=config.keep_checkpoints, logging_steps=1,
+        save_steps=config.checkpoint_every, save_total_limit=KEEP_CHECKPOINTS, logging_steps=1,
         report_to=[name for name in config.report_to if name != "none"] or "none", disable_tqdm=True,
         bf16=_bf16_available(), use_cpu=not torch.cuda.is_available(), log_completions=False,
         gradient_checkpointing=config.gradient_checkpointing,
@@ -96,7 +97,6 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
                "vllm_enable_sleep_mode": _vllm_sleep_mode()}
     if config.lora:
         values["ddp_find_unused_parameters"] = False
-    values["r_clamp"] = list(values["r_clamp"])
     return GXPOConfig(**(values | overrides))
 
 
@@ -174,7 +174,7 @@ def build_dataset(config: TrainConfig, tokenizer):
     from gxpo_lib.models import format_prompt
 
     suffix = instruction_suffix(config)
-    problems = load_problems(config.train_set, config.train_path, "train", config.train_levels,
+    problems = load_problems(config.train_set, None, "train", config.train_levels,
                              data_dir=config.data_dir)
     if getattr(tokenizer, "chat_template", None):
         prompts = [[{"role": "user", "content": p["prompt"] + suffix}] for p in problems]
@@ -220,13 +220,17 @@ class EvaluationCallback(TrainerCallback):
 
             rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
             return EngineSampler(trainer.vllm_generation.llm, self.tokenizer, formatter,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                                  before=self._engine_ready, after=self._engine_done,
                                  index=lambda i: rank + world * i, device=trainer.accelerator.device)
         from gxpo_lib.sampling import HFSampler
 
+        if getattr(trainer, "sharded", False):  # FSDP2: generate keeps every rank decoding (synced_gpus)
+            from gxpo_lib.integrations.trl_distributed import mark_synced_generation
+
+            mark_synced_generation(trainer.model)
         return HFSampler(trainer.accelerator.unwrap_model(trainer.model), self.tokenizer, formatter,
-                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0)
 
     def _engine_ready(self) -> None:
         """Make TRL's engine serve the current weights, as TRL does before a generation: push them when they
@@ -251,7 +255,8 @@ class EvaluationCallback(TrainerCallback):
     def _evaluate(self, problems, samples: int, final: bool) -> dict[str, Any]:
         """pass@k of `problems`: rank r samples and grades problems r, r + N, ...; the counts are gathered
         back into the problems' order, so the row (bootstrap intervals included) is the one the counts of
-        all problems in one process give."""
+        all problems in one process give. Under FSDP2 every rank samples as many problems (a short share is
+        padded with problem 0, whose results are dropped), so the ranks' all-gathers stay in lockstep."""
         from gxpo_lib.evaluation import correct_counts, summarize_counts
         from gxpo_lib.rewards import RewardScorer
 
@@ -259,11 +264,15 @@ class EvaluationCallback(TrainerCallback):
         seed = runlog.eval_seed(cfg.seed, final=final)
         rank, world = accelerator.process_index, accelerator.num_processes
         share = problems[rank::world]
+        real = len(share)
+        if getattr(self.trainer, "sharded", False):
+            share = share + [problems[0]] * (-(-len(problems) // world) - real)
         counts, lengths = [], []
         if share:
             sampler = self.sampler()
-            with RewardScorer(workers=0, timeout_s=cfg.reward_timeout) as scorer:
+            with RewardScorer(workers=0, timeout_s=REWARD_TIMEOUT) as scorer:
                 counts, lengths = correct_counts(sampler, scorer, share, samples, seed)
+            counts, lengths = counts[:real], lengths[:real * samples]
             from gxpo_lib.vllm_sampler import EngineSampler
 
             if isinstance(sampler, EngineSampler):
@@ -334,8 +343,11 @@ def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a TRL ``checkpoint-N`` folder (None when intact): TRL writes it in place, so a
     kill or a full disk can leave it partial. trainer_state.json and gxpo_state.json (written last) must be
     JSON objects of step N; the weights (safetensors headers) and every ``*.pt`` / ``*.pth`` / ``*.bin``
-    (torch zip archives) must be whole."""
+    (torch zip archives) must be whole; under FSDP, each sharded ``pytorch_model_fsdp_*`` / ``optimizer_*``
+    folder needs its index (``trl_distributed.fsdp_checkpoint_problem``)."""
     from safetensors import safe_open
+
+    from gxpo_lib.integrations.trl_distributed import fsdp_checkpoint_problem, has_fsdp_weights
 
     step = int(folder.name.rsplit("-", 1)[1])
     for name in ("trainer_state.json", STATE_FILE):
@@ -345,9 +357,12 @@ def checkpoint_problem(folder: Path) -> str | None:
         saved = value.get("global_step" if name == "trainer_state.json" else "step")
         if saved != step:
             return f"{name} holds step {saved!r}, not {step}"
+    sharded = fsdp_checkpoint_problem(folder)
+    if sharded is not None:
+        return sharded
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    if not weights:
-        return "holds no model weights (*.safetensors or *.bin)"
+    if not weights and not has_fsdp_weights(folder):
+        return "holds no model weights (*.safetensors, *.bin or an FSDP pytorch_model_fsdp_* folder)"
     for path in weights + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
         if path.suffix == ".safetensors":
             try:
@@ -438,7 +453,7 @@ def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_override
     model, tokenizer = model_and_tokenizer or load_model(config.model, dtype=dtype, device="cpu")
     peft_config = None
     if config.lora:
-        peft_config = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+        peft_config = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                                  target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
     trainer = GXPOTrainer(model=model, reward_funcs=math_reward_func, args=args,
                           train_dataset=build_dataset(config, tokenizer), processing_class=tokenizer,
@@ -462,7 +477,6 @@ def main(argv: list[str] | None = None) -> None:
     values = json.loads(Path(args.config).read_text(encoding="utf-8"))
     overrides = values.pop("trl", None) or {}
     config = TrainConfig.from_dict(values)
-    config.progress = False
     trainer = train_with_trl(config, args.workdir, overrides)
     if trainer.accelerator.is_main_process:
         print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "

@@ -11,13 +11,13 @@ pytest's temp dir and are copied to runs/browser/<scenario>/ (paths printed; see
 2. Notebook 02's live dashboard. Running notebook 02 whole takes ~6 min on CPU, so the test runs a notebook
    built from notebook 02's own cells: its parameters cell, then batch_prompts = 2 and group_size = 4
    (papermill-style overrides), its setup cell (imports, loads the tiny model) and its dashboard cell, all
-   verbatim; the walkthrough and the three-run comparison in between are left out. One cell more, after
-   the dashboard cell, lengthens the run to RUN_STEPS (on a quiet 2-core Xeon the notebook's 200 steps all
-   ran before the driver got to Stop); the driver waits for that cell's line before Start. In the browser: Start, wait for the first step, type tau = 1 into the tau slider's readout
-   while it trains, wait for 2 more steps, Stop: every step of that is driven by the steps logged (file and
-   figure), never by time, and every wait has a deadline. metrics.jsonl must log the starting tau and then 1
-   from the next step on, and the figure must grow with one point per logged step (and show the same steps,
-   rewards and tau as the file).
+   verbatim; the walkthrough and the three-run comparison in between are left out. One cell more, after the
+   dashboard cell, lengthens the run to RUN_STEPS (on a quiet 2-core Xeon the notebook's 200 steps all ran
+   before the driver got to Stop); the driver waits for that cell's line before Start. In the browser: Start,
+   wait for the first step, type tau = 1 into the tau slider's readout while it trains, wait for 2 more steps,
+   Stop: every step of that is driven by the steps logged (file and figure), never by time, and every wait has
+   a deadline. metrics.jsonl must log the starting tau and then 1 from the next step on, and the figure must
+   grow with one point per logged step (and show the same steps, rewards and tau as the file).
 
 3. An exercise of notebook 01 (a notebook of its parameters cell with fill_solutions = False, its setup cell
    and its first exercise cell, verbatim): type a wrong answer over the blank and run the cell, then the
@@ -135,9 +135,9 @@ NEW_TAU = 1.0  # what drive.mjs types into the tau slider's readout (10 ** 0: on
 
 
 def test_dashboard_tau_slider_reaches_the_next_steps_and_the_figure_grows(dashboard_run):
-    from gxpo_lib.trainer import read_metrics
+    from gxpo_lib.runlog import read_rows
 
-    rows = [r for r in read_metrics(dashboard_run["metrics"]) if r["kind"] == "train"]
+    rows = [r for r in read_rows(dashboard_run["metrics"]) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     taus = [r["tau"] for r in rows]
     first_new = next(i for i, t in enumerate(taus) if t == pytest.approx(NEW_TAU, rel=1e-9))

@@ -73,7 +73,8 @@ TINY = [
     ("markdown", ("# Offline\n\nGXPO lands at $\\tilde\\theta = \\theta_0 + \\alpha q \\odot (\\theta_2 - \\theta_0)$, "
                  "where\n\n$$q = \\frac{S_K(r)}{S_2(r)}, \\qquad S_K(r) = \\sum_{i=0}^{K-1} r^i$$\n\n"
                  "Code such as `echo $HOME` is left alone.")),
-    ("code", ("import plotly.graph_objects as go\nimport ipywidgets as widgets\nfrom IPython.display import Markdown, display\n"
+    ("code", ("import plotly.graph_objects as go\nimport ipywidgets as widgets\n"
+             "from IPython.display import Markdown, display\n"
              "from gxpo_lib import analysis\nanalysis.setup_plotly()\n"
              "go.Figure(go.Scatter(x=[1, 2, 3], y=[0.2, 0.5, 0.4], name='pass@1')).show()")),
     ("code", "display(Markdown('computed: $\\\\alpha \\\\cdot q = 1.25$'))"),

@@ -1,0 +1,45 @@
+"""The flat jump's fused chunk arithmetic (gxpo_lib.flat_jump) is extrapolation's retention -> geometric_scale,
+bit for bit, on inputs chosen to hit every special case: inactive coordinates, clamped and infinite ratios,
+r = -1 (S_2 = 0), thresholds per coordinate, blocks that cut the chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gxpo_lib import flat_jump
+from gxpo_lib.extrapolation import geometric_scale, retention
+
+
+def probes(dtype, n=997, seed=0):
+    """x0, x1 [n] with zeros, tiny x0 (infinite ratios), exact r = -1 and r = 1, and r outside the clamp."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, generator=generator, dtype=dtype)
+    x1 = x0 * (torch.rand(n, generator=generator, dtype=dtype) * 8 - 4)
+    x0[::11] = 0.0
+    x0[5::13] = 1e-30 if dtype == torch.float64 else 1e-38
+    x1[7::17] = -x0[7::17]                                    # r = -1 exactly
+    x1[3::19] = x0[3::19]                                     # r = 1 exactly
+    return x0, x1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [7, 1 << 16])
+@pytest.mark.parametrize("k,clamp,scales,relative", [(5, True, (1.0, 1.0), False), (4, False, (0.3, 0.7), False),
+                                                     (10, True, (1.0, 1.0), True), (2, False, (1.0, 1.0), True)])
+def test_masked_scale_is_retention_then_geometric_scale_bit_for_bit(dtype, block, k, clamp, scales, relative,
+                                                                    monkeypatch):
+    monkeypatch.setattr(flat_jump, "BLOCK", block)
+    x0, x1 = probes(dtype)
+    r_clamp, delta = (-1.5, 2.5), 1e-8
+    threshold = (1e-3 * x0.abs().mean() * torch.rand(x0.shape, dtype=dtype)) if relative else delta
+    active = x0.abs() > threshold
+    r, _raw, clamped = retention(x0, x1, r_clamp, delta, active=active, scales=scales)
+    q = torch.where(active, geometric_scale(r, k, delta, clamp=clamp), 1.0)
+    out = [torch.empty_like(x0) for _ in range(5)]
+    mask, r_new, q_new, n_active, n_clamped = flat_jump.masked_scale(x0, x1, threshold, r_clamp, k, delta, scales,
+                                                                     clamp, out)
+    assert torch.equal(r_new, r) and torch.equal(q_new, q)
+    assert torch.equal(mask, active.to(dtype))
+    assert (n_active.item(), n_clamped.item()) == (active.sum().item(), clamped.sum().item())
+    assert 0 < n_clamped.item() < n_active.item() < x0.numel()
