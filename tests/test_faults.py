@@ -92,7 +92,7 @@ def test_nonfinite_loss_in_any_pass_is_logged_and_never_reaches_parameters(tmp_p
     poisoned = PoisonedLoss(objective_module.grpo_objective, {bad_call}, float("nan"))
     monkeypatch.setattr(objective_module, "grpo_objective", poisoned)
     # The smallest evaluation: this test reads only the train rows.
-    config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": False,
+    config = TrainConfig(**(CONFIG | {"algorithm": algorithm, "steps": 2, "eval_every": 10, "gate": "none",
                                       "eval_problems": 1, "eval_samples": 1}))
     summary = train(config, tmp_path)
     rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if r["kind"] == "train"]

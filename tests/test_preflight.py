@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from gxpo_lib import preflight as pf
-from gxpo_lib.config import list_presets, resolve_config
+from gxpo_lib.config import NOTEBOOK_PARAMETERS, list_presets, resolve_config
 from gxpo_lib.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +85,7 @@ def test_every_shipped_sweep_fits_its_gpu():
         sweep = load_sweep(grid)
         for name, settings in sweep.runs():
             preset = settings.get("preset", sweep.preset)
-            overrides = {k: v for k, v in settings.items() if k not in ("preset", "backend", "num_processes",
-                                                                        "accelerate_config", "trl_overrides", "resume")}
+            overrides = {k: v for k, v in settings.items() if k not in NOTEBOOK_PARAMETERS}   # run options
             assert pf.preflight(resolve_config(preset, overrides), _named_gpu(preset)).fits, (grid.name, name)
 
 
