@@ -200,8 +200,8 @@ def test_full_finetune_weights_are_pushed_into_the_engine(tmp_path):
 def test_two_training_steps_with_the_vllm_backend(algorithm, tmp_path):
     config = TrainConfig(algorithm=algorithm, rollout_backend="vllm", steps=2, batch_prompts=2, group_size=4,
                          eval_problems=4, eval_samples=2, eval_every=2, checkpoint_every=2, max_new_tokens=MAX_NEW,
-                         progress=False, seed=0)
-    summary = train(config, tmp_path)
+                         seed=0)
+    summary = train(config, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2]

@@ -54,7 +54,7 @@ def main() -> None:
     use_reload_weights_on_cpu()
     config = TrainConfig(algorithm="gxpo", rollout_backend="vllm", steps=args.steps, batch_prompts=2, group_size=4,
                          eval_problems=4, eval_samples=2, eval_every=args.steps, checkpoint_every=args.steps,
-                         max_new_tokens=24, progress=False, seed=0)
+                         max_new_tokens=24, seed=0)
     trainer = train_with_trl(config, args.workdir, json.loads(args.trl))
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, EvaluationCallback))
     generation = trainer.vllm_generation
