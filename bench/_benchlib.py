@@ -181,10 +181,10 @@ def make_rollouts(model, tokenizer, prompts: int, group: int, new_tokens: int, s
     Rewards alternate 0/1 inside every group, so every group has advantages +-0.93 and the gradient is
     not zero (a zero first-probe gradient would send GXPO to its fallback).
     """
-    from gxpo_lib.losses import group_advantages
-    from gxpo_lib.models import format_prompt
-    from gxpo_lib.sampling import HFSampler
-    from gxpo_lib.task import load_split
+    from gxpo_lib.core.losses import group_advantages
+    from gxpo_lib.rl.arith_task import load_split
+    from gxpo_lib.rl.models import format_prompt
+    from gxpo_lib.rl.sampling import HFSampler
 
     sampler = HFSampler(model, tokenizer, lambda t: format_prompt(t, tokenizer), max_new_tokens=new_tokens)
     problems = [p["prompt"] for p in load_split("train", limit=prompts)]
@@ -202,8 +202,8 @@ class TimedClosure:
         self.calls = 0
 
     def __call__(self):
-        from gxpo_lib.losses import grpo_objective
-        from gxpo_lib.sampling import completion_logprobs
+        from gxpo_lib.core.losses import grpo_objective
+        from gxpo_lib.rl.sampling import completion_logprobs
 
         start = time.perf_counter()
         logprobs = completion_logprobs(self.model, self.rollouts)
@@ -256,7 +256,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def make_trainable(model, lora: bool, seed: int, rank: int = 8, alpha: float = 16):
     """LoRA adapters (seeded initialisation) or every parameter trainable (full fine-tuning)."""
-    from gxpo_lib.models import apply_lora
+    from gxpo_lib.rl.models import apply_lora
 
     torch.manual_seed(seed)
     model = apply_lora(model, rank=rank, alpha=alpha) if lora else apply_lora(model, full_finetune=True)

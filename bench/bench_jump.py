@@ -26,8 +26,8 @@ from _benchlib import quiet_transformers, setup_torch
 
 def load_rules():
     """(old rules, old extrapolation), (new ...): the old ones from REFERENCE, else this gxpo_lib again."""
-    import gxpo_lib.extrapolation as new_ext
-    import gxpo_lib.rules as new_rules
+    import gxpo_lib.core.extrapolation as new_ext
+    import gxpo_lib.core.rules as new_rules
 
     old = (new_rules, new_ext)
     if os.environ.get("REFERENCE"):
@@ -38,7 +38,7 @@ def load_rules():
 
 
 def main() -> None:
-    from gxpo_lib.models import apply_lora, load_model
+    from gxpo_lib.rl.models import apply_lora, load_model
 
     quiet_transformers()
     setup_torch(int(os.environ.get("THREADS", "1")), 0)

@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gxpo_lib.losses import (
+from gxpo_lib.core.losses import (
     LOGIT_CHUNK_ELEMENTS,
     chunked_head_logprobs,
     per_token_logprobs,
     policy_token_logprobs,
     token_entropy,
 )
-from gxpo_lib.sampling import completion_logprobs
+from gxpo_lib.rl.sampling import completion_logprobs
 
 GIB = 1024 ** 3
 TARGET_T, TARGET_V, TARGET_H, TARGET_ROWS = 3072, 151_936, 1536, 32

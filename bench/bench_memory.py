@@ -99,7 +99,7 @@ def floors(param_bytes: int, state_bytes: int) -> dict[str, int]:
 def setup(case: str, batch_file: Path, seed: int):
     """Model (trainable), optimizer, closure on the saved batch, after a warm-up plain step."""
     from gxpo_lib import PlainStep
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     model_name, lora = CASES[case]
     model, _ = load_model(model_name, device="cpu")
@@ -264,7 +264,7 @@ def rss_case(case: str, batch_file: Path, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 def measure(case: str, args, workdir: Path) -> dict:
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     model_name, _ = CASES[case]
     prompts, group, new_tokens = (args.prompts, args.group, args.new_tokens) if model_name == "tiny" else \

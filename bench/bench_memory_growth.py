@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gxpo_lib.trainer import TrainConfig, train
+from gxpo_lib.rl.trainer import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -4,7 +4,7 @@ The paper preset (``paper-gxpo``: 128 prompts x 5 = 640 rollouts, one mini-batch
 LoRA r=128 on q/k/v/o, KL and entropy terms on) with the tiny Llama substituted for Llama-3.2-1B, HF
 rollouts instead of vLLM, fp32, and ``max_new_tokens`` cut to fit a CPU. One GXPO step (sample, score,
 reference forward, three forward/backward passes, the extrapolation) runs through
-`gxpo_lib.trainer.build_state` + `train_step` for each ``micro_batch_size`` in {8, 32, whole batch},
+`gxpo_lib.rl.trainer.build_state` + `train_step` for each ``micro_batch_size`` in {8, 32, whole batch},
 each in its own fresh subprocess so the peaks never mix.
 
 Measured in each child (Linux):
@@ -104,8 +104,8 @@ def child_config(case: str, micro: int | None):
 
 def run_child(case: str, micro: int | None, threads: int) -> dict:
     """Build the paper run's state, take one GXPO step, and measure each phase's peak."""
-    from gxpo_lib.problems import run_problems
-    from gxpo_lib.trainer import build_state, check_runtime, train_step
+    from gxpo_lib.rl.problems import run_problems
+    from gxpo_lib.rl.trainer import build_state, check_runtime, train_step
 
     torch.set_num_threads(threads)
     config = child_config(case, micro)

@@ -2,7 +2,7 @@
 
 The old path is what ``score_pair`` did before the grading layer: the gold wrapped in a box and parsed,
 the last box of the completion (else the whole completion) parsed, ``verify(gold, pred)``; here it is
-rebuilt from math-verify directly. The new path is ``gxpo_lib.rewards.score_pair`` with the problem text.
+rebuilt from math-verify directly. The new path is ``gxpo_lib.rl.rewards.score_pair`` with the problem text.
 Both run in this process (math-verify's signal timeouts active), on two input sets:
 
   * ``grader-set``  the labelled cases of tests/fixtures/grader/cases.jsonl (varied forms, sets, units)
@@ -31,8 +31,8 @@ from pathlib import Path
 from _benchlib import REPO, bootstrap_median_ci, finish_record, machine_info, print_table, summary, write_json
 from math_verify import parse, verify
 
-from gxpo_lib.rewards import GOLD_CONFIG, MAX_PARSE_CHARS, PRED_CONFIG, last_boxed, score_pair
-from gxpo_lib.task import generate_problems
+from gxpo_lib.rl.arith_task import generate_problems
+from gxpo_lib.rl.rewards import GOLD_CONFIG, MAX_PARSE_CHARS, PRED_CONFIG, last_boxed, score_pair
 
 CASES = REPO / "tests" / "fixtures" / "grader" / "cases.jsonl"
 

@@ -75,9 +75,9 @@ class GenerateTimer:
 
 def make_samplers(key: str, new_tokens: int, backends: list[str]):
     """(tokenizer, {backend: sampler}) for one benchmark key, both samplers on the same model object."""
-    from gxpo_lib.lean_sampler import LeanSampler
-    from gxpo_lib.models import apply_lora, format_prompt, load_model
-    from gxpo_lib.sampling import HFSampler
+    from gxpo_lib.rl.lean_sampler import LeanSampler
+    from gxpo_lib.rl.models import apply_lora, format_prompt, load_model
+    from gxpo_lib.rl.sampling import HFSampler
 
     name, lora = MODELS[key]
     model, tokenizer = load_model(name, device="cpu")
@@ -109,7 +109,7 @@ def time_sample(sampler, prompts, group: int, seed: int, timer: GenerateTimer, e
 
 
 def measure_model(key: str, args, timer: GenerateTimer) -> dict:
-    from gxpo_lib.task import load_split
+    from gxpo_lib.rl.arith_task import load_split
 
     big = key == "smollm2"
     new_tokens = args.smollm2_new_tokens if big else args.new_tokens

@@ -4,7 +4,7 @@ Contenders, each a real training run of a few steps on the shipped tiny model (L
 full fine-tuning), same batch (prompts x group size), same completion cap, HF ``generate`` in both, same
 optimizer (AdamW, constant LR, clip 1.0), same reward (gxpo_lib's math reward), one update per batch:
 
-  * ours      gxpo_lib.trainer.train(TrainConfig(algorithm="grpo"))   (old_logprobs="sampler", the default)
+  * ours      gxpo_lib.rl.trainer.train(TrainConfig(algorithm="grpo"))   (old_logprobs="sampler", the default)
   * ours-fp   the same with old_logprobs="first_pass" (TRL's shortcut: no separate old-log-prob forward)
   * trl       trl.GRPOTrainer (vanilla; bnpo = our token_mean loss, beta 0)
   * gxpo-trl  gxpo_lib.integrations.trl.GXPOTrainer(algorithm="grpo")  (ours inside TRL; --no-gxpo-trainer skips)
@@ -108,7 +108,7 @@ GEN = GenerateTimer()
 
 
 def train_config(args, seed: int, old_logprobs: str = "sampler"):
-    from gxpo_lib.trainer import TrainConfig
+    from gxpo_lib.rl.trainer import TrainConfig
 
     return TrainConfig(algorithm="grpo", model="tiny", lora=not args.full, lr=args.lr, old_logprobs=old_logprobs,
                        batch_prompts=args.prompts, group_size=args.group, max_new_tokens=args.new_tokens,
@@ -120,8 +120,8 @@ def train_config(args, seed: int, old_logprobs: str = "sampler"):
 # Contenders
 # ---------------------------------------------------------------------------------------------------
 def run_ours(args, seed: int, workdir: Path, old_logprobs: str = "sampler") -> list[dict]:
-    from gxpo_lib.models import load_model
-    from gxpo_lib.trainer import train
+    from gxpo_lib.rl.models import load_model
+    from gxpo_lib.rl.trainer import train
 
     marks: list[tuple[float, dict, tuple[float, int]]] = []
 
@@ -173,7 +173,7 @@ def run_trl(args, seed: int, workdir: Path, gxpo_trainer: bool) -> list[dict]:
 
     from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
     from gxpo_lib.integrations.trl_run import build_dataset, math_reward_func
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     base = GXPOTrainer if gxpo_trainer else GRPOTrainer
 

@@ -150,7 +150,7 @@ def time_optimizer_step(optimizer, params, closure, state) -> float:
 
 
 def measure_case(name: str, args) -> dict:
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     model_name, lora = CASES[name]
     if model_name == "mlp":

@@ -2,7 +2,7 @@
 
     run --preset P [-s NAME=VALUE ...] --out DIR   one training run (validated; run_summary.json, figures)
     preflight --preset P [-s NAME=VALUE ...] [--gpu h100|h200|a100-80|a100-40|l4|GiB] [--fit]   the run's
-                                     estimated peak GPU memory, line by line (gxpo_lib.preflight)
+                                     estimated peak GPU memory, line by line (gxpo_lib.rl.preflight)
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)
     strip-notebooks [folder]         remove outputs from the stored notebooks
     sweep GRID.yaml [--parallel N] [--gpus 0,1] [--dry-run]   run a grid of notebook-03 runs, skipping
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import notebooks
+from gxpo_lib.teach import headless
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                         add_help=False)
     run = commands.add_parser("run-notebooks", help="execute every notebook headless into a folder")
     run.add_argument("--out", default="runs")
-    run.add_argument("--notebooks", default=str(notebooks.NOTEBOOK_DIR))
+    run.add_argument("--notebooks", default=str(headless.NOTEBOOK_DIR))
     run.add_argument("--only", nargs="*", default=None, help="notebook file names to run (default: all)")
     strip = commands.add_parser("strip-notebooks", help="remove outputs from stored notebooks")
-    strip.add_argument("folder", nargs="?", default=str(notebooks.NOTEBOOK_DIR))
+    strip.add_argument("folder", nargs="?", default=str(headless.NOTEBOOK_DIR))
     sweep = commands.add_parser("sweep", help="run a grid of headless notebook-03 runs")
     sweep.add_argument("grid")
     sweep.add_argument("--parallel", type=int, default=None, help="runs at a time (overrides the file)")
@@ -50,28 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["run"]:  # one training run: its own parser (gxpo_lib.experiment)
-        from .experiment import main as run_main
+        from gxpo_lib.experiment import main as run_main
 
         return run_main(argv[1:])
-    if argv[:1] == ["preflight"]:  # the memory preflight: its own parser (gxpo_lib.preflight)
-        from .preflight import main as preflight_main
+    if argv[:1] == ["preflight"]:  # the memory preflight: its own parser (gxpo_lib.rl.preflight)
+        from gxpo_lib.rl.preflight import main as preflight_main
 
         return preflight_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "doctor":
-        from .doctor import format_report, run_doctor
+        from gxpo_lib.teach.doctor import format_report, run_doctor
 
         findings = run_doctor(train_step=not args.no_train)
         print(format_report(findings))
         return 1 if any(f.status == "fail" for f in findings) else 0
     if args.command == "execute":
         parameters = json.loads(Path(args.parameters).read_text(encoding="utf-8")) if args.parameters else {}
-        print(f"[gxpo] wrote {notebooks.execute_notebook(args.notebook, args.out_dir, parameters, args.timeout)}")
+        print(f"[gxpo] wrote {headless.execute_notebook(args.notebook, args.out_dir, parameters, args.timeout)}")
         return 0
 
     if args.command == "sweep":
-        from .sweep import format_table, load_sweep, parse_gpus, run_sweep
+        from gxpo_lib.sweep import format_table, load_sweep, parse_gpus, run_sweep
 
         plan = load_sweep(args.grid)
         if args.gpus is not None:
@@ -89,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(r["state"] == "failed" for r in rows) else 0
 
     if args.command == "run-notebooks":
-        rows = notebooks.run_all(args.out, args.notebooks, only=args.only)
+        rows = headless.run_all(args.out, args.notebooks, only=args.only)
         failed = [r for r in rows if not r["ok"]]
         for row in failed:
             print(f"[gxpo] {row['notebook']} failed: {row['error']}", file=sys.stderr)
         print(f"[gxpo] {len(rows) - len(failed)} of {len(rows)} notebooks ran; outputs in {args.out}/")
         return 1 if failed else 0
-    changed = [p.name for p in notebooks.find_notebooks(args.folder) if notebooks.strip_outputs(p)]
+    changed = [p.name for p in headless.find_notebooks(args.folder) if headless.strip_outputs(p)]
     print(f"stripped: {', '.join(changed) or 'nothing to strip'}")
     return 0
 

@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from . import validation as checks
-from .choices import (
+from gxpo_lib import validation as checks
+from gxpo_lib.choices import (
     ALGORITHMS,
     GATE_KINDS,
     GATES,
@@ -32,7 +32,7 @@ from .choices import (
     VERSIONS,
     VERSIONS_WITH_ENTROPY_GATE,
 )
-from .validation import choice, integer, names, optional
+from gxpo_lib.validation import choice, integer, names, optional
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 KEEP_CHECKPOINTS = 2          # checkpoints kept per run
@@ -410,3 +410,21 @@ def resolve_config(preset: str | None, overrides: dict[str, Any] | None = None,
     values = load_preset(preset, directory) if preset else {}
     values |= {k: v for k, v in (overrides or {}).items() if v is not None}
     return TrainConfig.from_dict(values).validate()
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["k=5", "lr=1e-4", "lora=false", "final_eval_sets=[arith]"]`` -> typed values (JSON, else YAML)."""
+    import json
+
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"-s {pair!r} is invalid: allowed NAME=VALUE")
+        try:
+            values[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:  # YAML reads what JSON does not: [arith], bare words
+            values[name.strip()] = yaml.safe_load(text)
+    return values

@@ -11,20 +11,17 @@ Notebook 03 is this function's report (it calls `run` and reads the folder); swe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from . import runlog
-from .config import check_notebook_parameters, resolve_config
+from gxpo_lib.config import check_notebook_parameters, parse_settings, resolve_config
+from gxpo_lib.rl import runlog
 
 CPU_THREADS = 1
-"""Torch threads of a CPU run unless the caller chose: measured on the shared 2-core Xeon (2026-12-06, load
-7.6-10.8), a 4-step smoke run took 17-19 s with 1 thread and 49-52 s with 2 (bench/README.md, "Threads")."""
+"""Torch threads of a CPU run unless the caller chose; the measurement behind it: bench/README.md, "Threads"."""
 _TORCH_THREADS_AT_IMPORT = torch.get_num_threads()
 
 
@@ -51,32 +48,32 @@ def run(preset: str | None, overrides: dict[str, Any] | None = None, workdir: st
                                "resume": resume, "progress": progress})
     config = resolve_config(preset, overrides)
     if backend == "gxpo":   # the memory preflight: on CUDA, or for a GPU preset; a CPU run only logs it
-        from .preflight import check_before_run
+        from gxpo_lib.rl.preflight import check_before_run
 
         check_before_run(config, preset)
     run_dir = Path(workdir)
     if backend == "trl":
-        from .integrations import accelerate_config_path, accelerate_launch_args
+        from gxpo_lib.integrations import accelerate_config_path, accelerate_launch_args
 
         accelerate_launch_args(num_processes)
         if accelerate_config is not None:
             accelerate_config_path(accelerate_config)
     else:
-        from .trainer import check_runtime
+        from gxpo_lib.rl.trainer import check_runtime
 
         check_runtime(config)
     if not resume and (run_dir / "checkpoints").exists():
         raise ValueError(f"workdir={str(run_dir)!r} already holds a run and resume=False: choose another "
                          "folder or resume")
     if backend == "trl":
-        from .integrations import launch_trl, stream
+        from gxpo_lib.integrations import launch_trl, stream
 
         process = launch_trl({**config.to_dict(), "trl": trl_overrides or {}}, run_dir,
                              num_processes=num_processes, accelerate_config=accelerate_config)
         for line in stream(process, progress_only=True):   # raises with the run's last lines if it fails
             print(line, flush=True)
     else:
-        from .trainer import train
+        from gxpo_lib.rl.trainer import train
 
         cpu_threads()
         train(config, run_dir, progress=progress)
@@ -100,7 +97,7 @@ def cpu_threads() -> int:
 
 def write_figures(run_dir: Path | str) -> list[Path]:
     """The run's training figure (and, for an extrapolating rule, its diagnostics) as interactive HTML."""
-    from . import analysis
+    from gxpo_lib import analysis
 
     run_dir = Path(run_dir)
     folder = run_dir / "figures"
@@ -113,20 +110,6 @@ def write_figures(run_dir: Path | str) -> list[Path]:
         written.append(folder / "diagnostics.html")
         diagnostics.write_html(written[-1], include_plotlyjs="cdn")
     return written
-
-
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``["k=5", "lr=1e-4", "lora=false", "final_eval_sets=[arith]"]`` -> typed values (JSON, else YAML)."""
-    values = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"-s {pair!r} is invalid: allowed NAME=VALUE")
-        try:
-            values[name.strip()] = json.loads(text)
-        except json.JSONDecodeError:  # YAML reads what JSON does not: [arith], bare words
-            values[name.strip()] = yaml.safe_load(text)
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

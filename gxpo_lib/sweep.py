@@ -47,9 +47,9 @@ from typing import Any
 
 import yaml
 
-from .config import NOTEBOOK_PARAMETERS, check_notebook_parameters, resolve_config
-from .notebooks import NOTEBOOK_DIR
-from .runlog import SUMMARY_FILE, atomic_write_text
+from gxpo_lib.config import NOTEBOOK_PARAMETERS, check_notebook_parameters, resolve_config
+from gxpo_lib.rl.runlog import SUMMARY_FILE, atomic_write_text
+from gxpo_lib.teach.headless import NOTEBOOK_DIR
 
 RUN_NOTEBOOK = NOTEBOOK_DIR / "03_full_scale_run.ipynb"
 GRID_KEYS = {"preset", "out", "parallel", "base", "grid", "grids", "notebook", "timeout", "gpus", "direct"}

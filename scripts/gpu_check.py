@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from gxpo_lib import preflight as pf
 from gxpo_lib.config import resolve_config
+from gxpo_lib.rl import preflight as pf
 
 RESULTS: list[tuple[str, str, str, float]] = []
 
@@ -63,7 +63,7 @@ def build(shape: pf.ModelShape, device, dtype, lora_rank: int | None = 128, chec
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if lora_rank:
-        from gxpo_lib.models import apply_lora
+        from gxpo_lib.rl.models import apply_lora
 
         model = apply_lora(model, rank=lora_rank, alpha=2 * lora_rank,
                            target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -74,7 +74,7 @@ def build(shape: pf.ModelShape, device, dtype, lora_rank: int | None = 128, chec
 
 def rollouts(rows: int, prompt: int, completion: int, vocab: int, device):
     """Synthetic rollouts at the cap: every completion full length (the worst case for memory)."""
-    from gxpo_lib.sampling import Rollouts
+    from gxpo_lib.rl.sampling import Rollouts
 
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, vocab, (rows, prompt), generator=g)
@@ -89,7 +89,7 @@ def rollouts(rows: int, prompt: int, completion: int, vocab: int, device):
 
 
 def objective(model, batch, micro_batch_size):
-    from gxpo_lib.objective import PolicyObjective
+    from gxpo_lib.core.objective import PolicyObjective
 
     rows = len(batch.completions)
     advantages = torch.linspace(-1, 1, rows)
@@ -132,7 +132,7 @@ def leg_memory(args, shapes):
 
 @leg("b. GXPO vs GRPO update throughput")
 def leg_throughput(args, shapes):
-    from gxpo_lib.rules import GXPO, PlainStep
+    from gxpo_lib.core.rules import GXPO, PlainStep
 
     model = build(shapes[0], args.device, args.dtype)
     batch = rollouts(args.rows * 2, args.p, args.t, shapes[0].vocab, args.device)
@@ -228,7 +228,7 @@ def leg_noise(args, shapes):
 
 @leg("f. CUDA-only paths (GXPO v5)")
 def leg_rule_paths(args, shapes):
-    from gxpo_lib.rules import GXPO
+    from gxpo_lib.core.rules import GXPO
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64, 64, device=args.device))

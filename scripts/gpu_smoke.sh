@@ -136,9 +136,9 @@ def main(model_name: str, backend: str, out: str, repo: str) -> None:
     import torch
 
     from gxpo_lib.config import TrainConfig
-    from gxpo_lib.problems import run_problems
-    from gxpo_lib.sampling import batched_logprobs
-    from gxpo_lib.trainer import build_state, check_runtime, train_step
+    from gxpo_lib.rl.problems import run_problems
+    from gxpo_lib.rl.sampling import batched_logprobs
+    from gxpo_lib.rl.trainer import build_state, check_runtime, train_step
 
     cuda = torch.cuda.is_available()
     record = {"model": model_name, "backend": backend, "device": "cuda" if cuda else "cpu", "ok": False}

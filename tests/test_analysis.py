@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gxpo_lib import analysis, runlog
+from gxpo_lib import analysis
 from gxpo_lib.analysis import (
     activity_table,
     band,
@@ -23,14 +23,15 @@ from gxpo_lib.analysis import (
     speedup_table,
     t_critical,
 )
-from gxpo_lib.evaluation import bootstrap_ci
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.evaluation import bootstrap_ci
 
 
 # ---------------------------------------------------------------------------------------------------
 # Hand-made run folders in the trainer's format
 # ---------------------------------------------------------------------------------------------------
 def write_run(folder, algorithm="grpo", seed=0, evals=(), train=(), final=None, summary=None, **config):
-    """A run folder as gxpo_lib.trainer writes it.
+    """A run folder as gxpo_lib.rl.trainer writes it.
 
     evals: (step, pass@1, seconds, cumulative backward passes) tuples (CPU seconds: half the seconds, as on
     a machine shared with another job); train: dicts merged into train rows.
@@ -434,8 +435,8 @@ def test_single_run_band_is_its_bootstrap_interval_over_problems(tmp_path):
 # Folders from before the setting renames; folder names from settings
 # ---------------------------------------------------------------------------------------------------
 def test_a_folder_from_before_the_rename_is_re_exported_and_groups_with_a_new_one(tmp_path):
+    from gxpo_lib.analysis.shipped import export_runs
     from gxpo_lib.config import TrainConfig
-    from gxpo_lib.replay import export_runs
 
     old = {"algorithm": "gxpo", "seed": 0, "k": 5, "alpha": 0.5, "gate": True, "tau": 0.7, "omega": 0.1,
            "sfpo_official_gate": True, "steps": 1, "model": "tiny"}           # no gate_init, old_logprobs...
@@ -577,7 +578,7 @@ def test_long_tables_fold_behind_a_short_summary():
 def test_integer_quantities_get_integer_ticks():
     assert analysis.integer_ticks([1, 3]) == {"tick0": 0, "dtick": 1}
     assert analysis.integer_ticks(range(0, 41, 5)) == {"tickformat": "d"}
-    from gxpo_lib import toy
+    from gxpo_lib.teach import toy
 
     gate = toy.gate_snapshot(toy.make_landscape("diagonal"), steps=20, surge_step=8)
     fig = toy.gate_figure(gate)

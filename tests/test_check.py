@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gxpo_lib import check
+from gxpo_lib.teach import check
 
 
 def _ok(result: check.CheckResult) -> bool:
@@ -225,7 +225,7 @@ def test_blanks_are_ellipsis_or_none():
 def test_every_notebook_exercise_is_followed_by_its_folded_solution(path):
     import nbformat
 
-    from gxpo_lib.notebooks import NOTEBOOK_DIR
+    from gxpo_lib.teach.headless import NOTEBOOK_DIR
 
     cells = nbformat.read(NOTEBOOK_DIR / f"{path}.ipynb", as_version=4).cells
     exercises = [i for i, c in enumerate(cells) if c.cell_type == "code" and "fill=fill_solutions" in c.source]
@@ -423,7 +423,7 @@ def test_auto_fill_is_off_in_a_plain_process_and_the_switch_forces_it(monkeypatc
 
 def test_auto_fill_is_off_in_a_fresh_python_process():
     env = {k: v for k, v in os.environ.items() if k != check.HEADLESS_ENV}
-    code = "from gxpo_lib import check; print(check.resolve_fill(None), check.q_value(..., r=0.9, k=5, fill=None).ok)"
+    code = "from gxpo_lib.teach import check; print(check.resolve_fill(None), check.q_value(..., r=0.9, k=5, fill=None).ok)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr
@@ -433,7 +433,7 @@ def test_auto_fill_is_off_in_a_fresh_python_process():
 def test_the_headless_runner_sets_the_signal_for_its_kernel_only(monkeypatch, tmp_path):
     import papermill
 
-    from gxpo_lib import notebooks
+    from gxpo_lib.teach import headless as notebooks
 
     seen = {}
     monkeypatch.delenv(check.HEADLESS_ENV, raising=False)
@@ -459,7 +459,7 @@ def test_auto_fill_in_a_kernel_follows_whether_a_person_can_type(monkeypatch):
     monkeypatch.delenv(check.HEADLESS_ENV, raising=False)
     km, kc = start_new_kernel(kernel_name="python3")
     try:
-        code = "from gxpo_lib import check\nprint('OK', check.q_value(..., r=0.9, k=5, fill=None).ok)"
+        code = "from gxpo_lib.teach import check\nprint('OK', check.q_value(..., r=0.9, k=5, fill=None).ok)"
         seen = {True: [], False: []}
         for allow_stdin, texts in seen.items():
             kc.execute_interactive(code, allow_stdin=allow_stdin, timeout=300,
@@ -477,7 +477,7 @@ def test_auto_fill_in_a_kernel_follows_whether_a_person_can_type(monkeypatch):
 def test_notebooks_default_to_auto_and_check_every_blank_of_an_exercise(path):
     import nbformat
 
-    from gxpo_lib.notebooks import NOTEBOOK_DIR
+    from gxpo_lib.teach.headless import NOTEBOOK_DIR
 
     cells = nbformat.read(NOTEBOOK_DIR / f"{path}.ipynb", as_version=4).cells
     parameters = next(c for c in cells if "parameters" in c.metadata.get("tags", []))

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from gxpo_lib.config import LOSS_TYPES
-from gxpo_lib.losses import ChunkedHeadLogprobs, grpo_objective, policy_token_logprobs
-from gxpo_lib.models import apply_lora, load_model, smollm2_dir
-from gxpo_lib.objective import PolicyObjective
-from gxpo_lib.sampling import Rollouts
+from gxpo_lib.core.losses import ChunkedHeadLogprobs, grpo_objective, policy_token_logprobs
+from gxpo_lib.core.objective import PolicyObjective
+from gxpo_lib.rl.models import apply_lora, load_model, smollm2_dir
+from gxpo_lib.rl.sampling import Rollouts
 
 TEMPERATURE = 0.8
 # A LoRA on the tied lm_head makes peft warn about weight tying; these tests never merge or save adapters.

@@ -14,7 +14,7 @@ from gxpo_lib.config import TrainConfig, resolve_config, rule_kwargs, uses_entro
 
 
 def test_importing_config_loads_no_torch():
-    code = ("import sys, gxpo_lib.config, gxpo_lib.runlog; print(json.dumps(sorted(m for m in sys.modules "
+    code = ("import sys, gxpo_lib.config, gxpo_lib.rl.runlog; print(json.dumps(sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch', 'transformers'))))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
@@ -67,7 +67,7 @@ def test_removed_settings_are_refused_by_name_saying_where_the_option_lives():
 
 
 def test_a_folder_older_code_wrote_reads_under_todays_names():
-    from gxpo_lib.replay import current_settings
+    from gxpo_lib.rl.runlog import current_settings
 
     old = {"k": 5, "progress": True, "sfpo_sweeps": "official", "gate_init": "unit", "gate_tau": 0.7}
     assert current_settings(old) == {"k": 5, "tau": 0.7}        # run options and fixed values dropped
@@ -83,9 +83,9 @@ def test_unknown_names_are_refused_with_the_allowed_list():
 
 def test_rule_and_gate_keywords_derive_from_the_config():
     from gxpo_lib.choices import GATE_KINDS
-    from gxpo_lib.gate import ShutoffGate
-    from gxpo_lib.rules import GXPO
-    from gxpo_lib.sfpo import SFPO
+    from gxpo_lib.core.gate import ShutoffGate
+    from gxpo_lib.core.rules import GXPO
+    from gxpo_lib.core.sfpo import SFPO
 
     gate_params = set(inspect.signature(ShutoffGate.__init__).parameters) - {"self"}
     for kind, settings in GATE_KINDS.items():
@@ -105,7 +105,7 @@ def test_rule_and_gate_keywords_derive_from_the_config():
 
 
 def test_version_presets_and_their_entropy_gates_agree_with_the_rules():
-    from gxpo_lib.rules import GXPO, VERSIONS
+    from gxpo_lib.core.rules import GXPO, VERSIONS
 
     gxpo_params = set(inspect.signature(GXPO.__init__).parameters)
     for version, preset in VERSIONS.items():

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import gxpo_lib
-from gxpo_lib import runlog
 from gxpo_lib.config import resolve_config
-from gxpo_lib.trainer import train
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.trainer import train
 
 OVERRIDES = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "eval_problems": 8, "final_eval_problems": 8,
              "batch_prompts": 4, "group_size": 4, "max_new_tokens": 16, "eval_samples": 2,

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from gxpo_lib.dashboard import LiveDashboard
-from gxpo_lib.runlog import read_rows
-from gxpo_lib.trainer import TrainConfig
+from gxpo_lib.rl.runlog import read_rows
+from gxpo_lib.rl.trainer import TrainConfig
+from gxpo_lib.teach.dashboard import LiveDashboard
 
 RUN_DEADLINE_S = 300  # generous for a loaded 2-core CPU; only a hung run reaches it
 

@@ -1,4 +1,4 @@
-"""Tests for gxpo_lib.data: the benchmark files, level filters, errors, and the hub column mapping.
+"""Tests for gxpo_lib.rl.benchmarks: the benchmark files, level filters, errors, and the hub column mapping.
 
 The benchmark files come from ``tests/fixtures/benchmarks`` (at most 50 real rows of each set, with their
 licences), so these tests run in any clone. With ``GXPO_DATA_DIR`` pointing at a folder of the full files
@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from gxpo_lib.data import BENCHMARKS, LOCAL_FILES, load_benchmark, local_path, read_jsonl, to_common_schema
-from gxpo_lib.rewards import last_boxed
+from gxpo_lib.rl.benchmarks import BENCHMARKS, LOCAL_FILES, load_benchmark, local_path, read_jsonl, to_common_schema
+from gxpo_lib.rl.rewards import last_boxed
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text(encoding="utf-8"))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gxpo_lib import doctor
-from gxpo_lib.notebooks import find_notebooks
+from gxpo_lib.teach import doctor
+from gxpo_lib.teach.headless import find_notebooks
 
 
 def test_version_findings_in_range_outside_and_missing():

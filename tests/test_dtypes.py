@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from gxpo_lib.config import resolve_config
-from gxpo_lib.models import format_prompt, load_model
-from gxpo_lib.rewards import ScoredBatch
+from gxpo_lib.rl.models import format_prompt, load_model
+from gxpo_lib.rl.rewards import ScoredBatch
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,8 +78,8 @@ def one_step(tiny_models, config):
     LoRA: lora_B is made nonzero first (peft starts it at 0, where lora_A's gradient is exactly 0 and GXPO
     falls back), so the step is that of a run already under way.
     """
-    from gxpo_lib.problems import run_problems
-    from gxpo_lib.trainer import build_state, train_step
+    from gxpo_lib.rl.problems import run_problems
+    from gxpo_lib.rl.trainer import build_state, train_step
 
     problems, _, _ = run_problems(config)
     with torch.random.fork_rng():
@@ -166,9 +166,9 @@ def test_lean_sampler_logprobs_are_as_exact_as_hfs_in_each_dtype(tiny_models, dt
     float16 0.00025 (0.011) vs 0.00021 (0.0077); float32 max 6.8e-6 vs 5.1e-6; LoRA alike. The maximum
     over a few hundred tokens is noisy in half precision (float16 LoRA here: up to 0.031 seen with other
     adapters), so it only bounds gross errors and the comparison with HF is on the mean."""
-    from gxpo_lib.lean_sampler import LeanSampler
-    from gxpo_lib.models import apply_lora
-    from gxpo_lib.sampling import HFSampler, completion_logprobs
+    from gxpo_lib.rl.lean_sampler import LeanSampler
+    from gxpo_lib.rl.models import apply_lora
+    from gxpo_lib.rl.sampling import HFSampler, completion_logprobs
 
     needs(dtype)
     model, tokenizer = tiny_models(dtype)
@@ -204,8 +204,8 @@ def test_lean_sampler_logprobs_are_as_exact_as_hfs_in_each_dtype(tiny_models, dt
 def test_vllm_engine_dtype_is_the_base_models_not_the_float32_adapters(tiny_models, dtype):
     """The pure-Python part of `VLLMSampler` (vLLM itself is not installed here): a LoRA-wrapped half-precision
     base, whose adapters peft keeps in float32, is served in the base's dtype."""
-    from gxpo_lib.models import apply_lora
-    from gxpo_lib.vllm_sampler import VLLMSampler
+    from gxpo_lib.rl.models import apply_lora
+    from gxpo_lib.rl.vllm_sampler import VLLMSampler
 
     model, _ = tiny_models(dtype)
     lora = apply_lora(model, rank=4, alpha=8)

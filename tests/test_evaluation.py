@@ -1,4 +1,4 @@
-"""Tests for gxpo_lib.evaluation: pass@k against brute force, bootstrap intervals, the speed-up table."""
+"""Tests for gxpo_lib.rl.evaluation: pass@k against brute force, bootstrap intervals, the speed-up table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from gxpo_lib.evaluation import (
+from gxpo_lib.rl.evaluation import (
     PassAtK,
     bootstrap_ci,
     pass_at_k,

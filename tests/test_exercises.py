@@ -1,10 +1,10 @@
-"""gxpo_lib.exercises: implement-it checks against the library, and the find-the-bug rules."""
+"""gxpo_lib.teach.exercises: implement-it checks against the library, and the find-the-bug rules."""
 
 import pytest
 import torch
 
-from gxpo_lib import check, exercises
-from gxpo_lib.exercises import IMPLEMENTATIONS, LIBRARY, SLIPS
+from gxpo_lib.teach import check, exercises
+from gxpo_lib.teach.exercises import IMPLEMENTATIONS, LIBRARY, SLIPS
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

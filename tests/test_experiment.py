@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import gxpo_lib
-from gxpo_lib import runlog
-from gxpo_lib.experiment import parse_settings
+from gxpo_lib.config import parse_settings
+from gxpo_lib.rl import runlog
 from gxpo_lib.sweep import load_sweep, run_sweep
 
 TINY = {"steps": 2, "eval_every": 1, "eval_problems": 4, "eval_samples": 2, "batch_prompts": 2, "group_size": 2,

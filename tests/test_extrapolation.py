@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gxpo_lib.extrapolation import (
+from gxpo_lib.core.extrapolation import (
     geometric_scale,
     geometric_sum,
     max_scale,

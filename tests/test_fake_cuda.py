@@ -34,10 +34,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gxpo_lib import GXPO, SFPO, PlainStep
 from gxpo_lib.config import LOSS_TYPES, TrainConfig
-from gxpo_lib.losses import clipped_surrogate, grpo_objective, kl_k3, masked_mean, policy_token_logprobs
-from gxpo_lib.models import apply_lora, load_model, reference_policy
-from gxpo_lib.objective import PolicyObjective
-from gxpo_lib.sampling import Rollouts, batched_logprobs
+from gxpo_lib.core.losses import clipped_surrogate, grpo_objective, kl_k3, masked_mean, policy_token_logprobs
+from gxpo_lib.core.objective import PolicyObjective
+from gxpo_lib.rl.models import apply_lora, load_model, reference_policy
+from gxpo_lib.rl.sampling import Rollouts, batched_logprobs
 
 MAX_NEW = 9
 ROWS = 6
@@ -221,8 +221,8 @@ def test_rules_step_on_device_parameters_and_keep_their_buffers_there(meta_lora_
 @pytest.mark.parametrize("algorithm", ["grpo", "gxpo", "sfpo"])
 def test_the_trainers_update_with_cpu_advantages_on_the_device(meta_lora_model, algorithm):
     """`trainer._update` exactly as `train_step` calls it: advantages from `group_advantages` on the CPU."""
-    from gxpo_lib.losses import group_advantages
-    from gxpo_lib.trainer import _update, build_rule
+    from gxpo_lib.core.losses import group_advantages
+    from gxpo_lib.rl.trainer import _update, build_rule
 
     config = TrainConfig(algorithm=algorithm, group_size=3, mini_batches=2, micro_batch_size=2, kl_beta=0.04,
                          entropy_coef=0.01, max_new_tokens=MAX_NEW, gate="none").validate()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gxpo_lib.runlog import read_rows
-from gxpo_lib.trainer import TrainConfig, train
+from gxpo_lib.rl.runlog import read_rows
+from gxpo_lib.rl.trainer import TrainConfig, train
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_run.py"
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
@@ -87,7 +87,7 @@ class PoisonedLoss:
 
 @pytest.mark.parametrize("algorithm, bad_call", [("gxpo", 1), ("gxpo", 2), ("gxpo", 3), ("sfpo", 2), ("grpo", 1)])
 def test_nonfinite_loss_in_any_pass_is_logged_and_never_reaches_parameters(tmp_path, monkeypatch, algorithm, bad_call):
-    import gxpo_lib.objective as objective_module  # PolicyObjective, the closure of every pass, calls it
+    import gxpo_lib.core.objective as objective_module  # PolicyObjective, the closure of every pass, calls it
 
     poisoned = PoisonedLoss(objective_module.grpo_objective, {bad_call}, float("nan"))
     monkeypatch.setattr(objective_module, "grpo_objective", poisoned)

@@ -1,4 +1,4 @@
-"""The flat jump's fused chunk arithmetic (gxpo_lib.flat_jump) is extrapolation's retention -> geometric_scale,
+"""The flat jump's fused chunk arithmetic (gxpo_lib.core.flat_jump) is extrapolation's retention -> geometric_scale,
 bit for bit, on inputs chosen to hit every special case: inactive coordinates, clamped and infinite ratios,
 r = -1 (S_2 = 0), thresholds per coordinate, blocks that cut the chunk."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gxpo_lib import flat_jump
-from gxpo_lib.extrapolation import geometric_scale, retention
+from gxpo_lib.core import flat_jump
+from gxpo_lib.core.extrapolation import geometric_scale, retention
 
 
 def probes(dtype, n=997, seed=0):

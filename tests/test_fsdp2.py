@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gxpo_lib import GXPO, PlainStep
-from gxpo_lib.distributed import reducer_for
+from gxpo_lib.core.distributed import reducer_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("plain_sgd", "plain_adamw", "gxpo_adamw", "gxpo_sgd", "gxpo_v1_sgd", "gxpo_v5_adamw",

@@ -40,9 +40,9 @@ import threading
 import pytest
 import torch
 
-from gxpo_lib import runlog
 from gxpo_lib.config import TrainConfig
-from gxpo_lib.trainer import check_runtime, train
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.trainer import check_runtime, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from gxpo_lib import ShutoffGate
-from gxpo_lib.gate import sfpo_official_gate
+from gxpo_lib.core.gate import sfpo_official_gate
 
 
 def hand_ema(values, omega=0.1):

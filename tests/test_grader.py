@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gxpo_lib.grading import Form, clean, final_answer, infer_form, options, parse_form, structure
-from gxpo_lib.rewards import RewardScorer, math_reward, score_pair
+from gxpo_lib.rl.grading import Form, clean, final_answer, infer_form, options, parse_form, structure
+from gxpo_lib.rl.rewards import RewardScorer, math_reward, score_pair
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "grader"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from gxpo_lib.rewards import MAX_PARSE_CHARS, STATUSES, RewardScorer, last_boxed, score_pair
+from gxpo_lib.rl.rewards import MAX_PARSE_CHARS, STATUSES, RewardScorer, last_boxed, score_pair
 
 KINDS = ("huge_latex", "unbalanced", "nested_frac", "huge_exponent", "binary_junk")
 

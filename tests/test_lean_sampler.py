@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from gxpo_lib.lean_sampler import LeanSampler, UnsupportedModelError, supports, top_p_filter
-from gxpo_lib.models import apply_lora, format_prompt, load_model
-from gxpo_lib.sampling import HFSampler, completion_logprobs, completion_mask
-from gxpo_lib.task import load_split
+from gxpo_lib.rl.arith_task import load_split
+from gxpo_lib.rl.lean_sampler import LeanSampler, UnsupportedModelError, supports, top_p_filter
+from gxpo_lib.rl.models import apply_lora, format_prompt, load_model
+from gxpo_lib.rl.sampling import HFSampler, completion_logprobs, completion_mask
 
 
 @pytest.fixture(scope="module")

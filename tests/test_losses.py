@@ -1,4 +1,4 @@
-"""Tests for gxpo_lib.losses: independent loop/numpy references, TRL's own code, gradients, errors."""
+"""Tests for gxpo_lib.core.losses: independent loop/numpy references, TRL's own code, gradients, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gxpo_lib.losses import (
+from gxpo_lib.core.losses import (
     aggregate_loss,
     clip_stats,
     clipped_surrogate,

@@ -15,7 +15,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gxpo_lib import models, task, tiny_model
+from gxpo_lib.rl import arith_task as task
+from gxpo_lib.rl import models, tiny_model
 
 TINY = models.tiny_model_dir()
 
@@ -145,7 +146,7 @@ def test_build_tiny_is_deterministic_and_loadable(tmp_path):
     model, tokenizer = models.load_model(tmp_path / "a")
     assert model.config.rope_parameters["rope_type"] == "llama3" and tokenizer.chat_template
     assert (tmp_path / "a/README.md").read_text() == tiny_model.model_card(info)
-    assert info["command"] == f"python -m gxpo_lib.tiny_model build --out {tmp_path / 'a'} --seed 3"
+    assert info["command"] == f"python -m gxpo_lib.rl.tiny_model build --out {tmp_path / 'a'} --seed 3"
     with pytest.raises(ValueError, match="target_pass_at_1="):
         tiny_model.build_tiny(tmp_path / "c", target_pass_at_1=1.5, data_dir=tmp_path / "data")
 
@@ -164,7 +165,7 @@ def test_shipped_model_card_matches_its_training_info():
 
 
 def test_build_cli():
-    out = subprocess.run([sys.executable, "-m", "gxpo_lib.tiny_model", "build", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "gxpo_lib.rl.tiny_model", "build", "--help"], capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "--seed" in out.stdout and "--out" in out.stdout

@@ -8,8 +8,8 @@ import pytest
 from test_notebook01 import run_exercises, run_implementations
 
 from gxpo_lib import analysis
-from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
-from gxpo_lib.replay import read_index, shipped_results
+from gxpo_lib.analysis.shipped import read_index, shipped_results
+from gxpo_lib.teach.headless import NOTEBOOK_DIR, execute_notebook
 
 NOTEBOOK = NOTEBOOK_DIR / "02_grpo_vs_gxpo_small_llama.ipynb"
 SHORT = {"eval_every": 2, "eval_problems": 16, "eval_samples": 2, "batch_prompts": 4, "group_size": 4, "demo_steps": 2}

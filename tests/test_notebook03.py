@@ -10,8 +10,8 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from gxpo_lib.config import NOTEBOOK_PARAMETERS, TrainConfig, parameters_cell
-from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
-from gxpo_lib.runlog import read_rows as read_metrics
+from gxpo_lib.rl.runlog import read_rows as read_metrics
+from gxpo_lib.teach.headless import NOTEBOOK_DIR, execute_notebook
 
 NOTEBOOK = NOTEBOOK_DIR / "03_full_scale_run.ipynb"
 TINY_RUN = {"steps": 2, "eval_every": 2, "eval_problems": 4, "eval_samples": 2, "batch_prompts": 2,

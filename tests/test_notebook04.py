@@ -8,11 +8,11 @@ import shutil
 import pytest
 
 from gxpo_lib import analysis
-from gxpo_lib.html_export import remote_references
-from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
-from gxpo_lib.replay import read_index, shipped_results
-from gxpo_lib.runlog import read_rows
-from gxpo_lib.trainer import TrainConfig, train
+from gxpo_lib.analysis.shipped import read_index, shipped_results
+from gxpo_lib.rl.runlog import read_rows
+from gxpo_lib.rl.trainer import TrainConfig, train
+from gxpo_lib.teach.headless import NOTEBOOK_DIR, execute_notebook
+from gxpo_lib.teach.html_export import remote_references
 
 pytestmark = pytest.mark.slow  # every test here executes the notebook in a kernel (make test-fast skips them)
 

@@ -9,8 +9,8 @@ import nbformat
 import pytest
 
 from gxpo_lib.analysis import verdict
-from gxpo_lib.notebooks import execute_notebook
-from gxpo_lib.toy_race import toy_race
+from gxpo_lib.teach.headless import execute_notebook
+from gxpo_lib.teach.toy_race import toy_race
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_when_does_extrapolation_pay.ipynb"

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from gxpo_lib.config import LOSS_TYPES
-from gxpo_lib.losses import clipped_surrogate, group_advantages, kl_k3
-from gxpo_lib.models import apply_lora, format_prompt, load_model, reference_policy
-from gxpo_lib.objective import PolicyObjective
-from gxpo_lib.rules import GXPO, PlainStep
-from gxpo_lib.sampling import HFSampler, batched_logprobs
+from gxpo_lib.core.losses import clipped_surrogate, group_advantages, kl_k3
+from gxpo_lib.core.objective import PolicyObjective
+from gxpo_lib.core.rules import GXPO, PlainStep
+from gxpo_lib.rl.models import apply_lora, format_prompt, load_model, reference_policy
+from gxpo_lib.rl.sampling import HFSampler, batched_logprobs
 
 MAX_NEW = 12
 
@@ -88,7 +88,7 @@ def test_verl_aggregation_is_the_mean_of_micro_batch_token_means(setup):
                                max_completion_length=MAX_NEW, micro_batch_size=micro, aggregation=aggregation)
 
     def by_hand():  # verl: each micro-batch's token mean, divided by the number of micro-batches
-        from gxpo_lib.sampling import completion_logprobs
+        from gxpo_lib.rl.sampling import completion_logprobs
 
         for start in range(0, 8, 2):
             part = rollouts.rows(slice(start, start + 2))
@@ -116,7 +116,7 @@ def test_dapo_divides_by_the_optimizer_steps_tokens(setup, mini_batches):
                                     micro_batch_size=3)
         loss = objective()
         with torch.no_grad():
-            from gxpo_lib.sampling import completion_logprobs
+            from gxpo_lib.rl.sampling import completion_logprobs
 
             logprobs = completion_logprobs(model, part)
             per_token = clipped_surrogate(logprobs, part.old_logprobs, advantages[start:start + size], 0.2)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from gxpo_lib import preflight as pf
 from gxpo_lib.config import NOTEBOOK_PARAMETERS, list_presets, resolve_config
+from gxpo_lib.rl import preflight as pf
 from gxpo_lib.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_the_measured_constant_reproduces_the_tiny_models_saved_bytes(lora, chec
     the bytes autograd saves for 2 rows, against `saved_bytes_per_row` (LoRA without checkpointing: an upper
     bound, at most 40% above, never more than 5% below)."""
     torch = pytest.importorskip("torch")
-    from gxpo_lib.models import apply_lora, load_model
+    from gxpo_lib.rl.models import apply_lora, load_model
 
     model, _ = load_model("tiny", dtype=torch.float32, device="cpu")
     if lora:

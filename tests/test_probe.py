@@ -6,18 +6,11 @@ import math
 import pytest
 import torch
 
-from gxpo_lib.analysis.probe import (
-    QUANTILE_KEYS,
-    GradRecorder,
-    plot_probe,
-    probe_lr_axis,
-    ratio_stats,
-    summary_rows,
-)
-from gxpo_lib.losses import group_advantages
-from gxpo_lib.models import format_prompt, load_model
-from gxpo_lib.problems import load_problems
-from gxpo_lib.sampling import HFSampler
+from gxpo_lib.analysis.probe import QUANTILE_KEYS, GradRecorder, plot_probe, probe_lr_axis, ratio_stats, summary_rows
+from gxpo_lib.core.losses import group_advantages
+from gxpo_lib.rl.models import format_prompt, load_model
+from gxpo_lib.rl.problems import load_problems
+from gxpo_lib.rl.sampling import HFSampler
 
 LRS = (1e-6, 1e-2)
 

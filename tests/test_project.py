@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from gxpo_lib.notebooks import find_notebooks, has_outputs
+from gxpo_lib.teach.headless import find_notebooks, has_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,12 +1,12 @@
-"""The readable per-tensor GXPO step (gxpo_lib.reference) and the fast flat-buffer rule give the same parameters."""
+"""The readable per-tensor GXPO step (gxpo_lib.core.reference) and the fast flat-buffer rule: the same parameters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gxpo_lib.reference import gxpo_step
-from gxpo_lib.rules import GXPO
+from gxpo_lib.core.reference import gxpo_step
+from gxpo_lib.core.rules import GXPO
 
 
 def _model(seed: int):

@@ -1,4 +1,4 @@
-"""Tests for gxpo_lib.rewards: box extraction, the math-verify protocol on real gold answers, robustness."""
+"""Tests for gxpo_lib.rl.rewards: box extraction, the math-verify protocol on real gold answers, robustness."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gxpo_lib.rewards import RewardScorer, format_reward, last_boxed, math_reward, score_pair
+from gxpo_lib.rl.rewards import RewardScorer, format_reward, last_boxed, math_reward, score_pair
 
 # Hang guards: far above the seconds these take on any machine, far below an unbounded hang.
 HANG_GUARD_S = 120.0

@@ -426,7 +426,7 @@ def many_tensor_setup(seed=0):
 @pytest.mark.parametrize("retention", ["grad", "clip_corrected"])
 @pytest.mark.parametrize("chunk", [7, 1 << 18])
 def test_batched_jump_is_bit_for_bit_the_old_per_tensor_loop(retention, chunk, monkeypatch):
-    from gxpo_lib import extrapolation, rules
+    from gxpo_lib.core import extrapolation, rules
 
     monkeypatch.setattr(extrapolation, "CHUNK_MIN", chunk)  # 7: chunks cut across parameter tensors
     params, closure = many_tensor_setup()

@@ -1,4 +1,4 @@
-"""gxpo_lib.runlog owns the run folder: rows fsync'ed, NaN never written, torn lines skipped with a warning,
+"""gxpo_lib.rl.runlog owns the run folder: rows fsync'ed, NaN never written, torn lines skipped with a warning,
 old folders readable, and both trainers' train rows built by one function."""
 
 import json
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gxpo_lib import runlog
+from gxpo_lib.rl import runlog
 
 
 def test_rows_round_trip_and_non_finite_values_become_null(tmp_path):

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from gxpo_lib.models import format_prompt, load_model
-from gxpo_lib.sampling import HFSampler, completion_logprobs, completion_mask
-from gxpo_lib.task import load_split
+from gxpo_lib.rl.arith_task import load_split
+from gxpo_lib.rl.models import format_prompt, load_model
+from gxpo_lib.rl.sampling import HFSampler, completion_logprobs, completion_mask
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""gxpo_lib.toy: landscapes, the real rules on a 2-D parameter, extrapolation errors, the gate demo, the explorer."""
+"""gxpo_lib.teach.toy: landscapes, the real rules on a 2-D parameter, extrapolation errors, gate demo, explorer."""
 
 import math
 
 import pytest
 import torch
 
-from gxpo_lib import toy
+from gxpo_lib.teach import toy
 
 
 # -- exactness and what breaks it ---------------------------------------------------------------------------

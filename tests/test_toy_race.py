@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from gxpo_lib import toy
-from gxpo_lib.extrapolation import geometric_scale
-from gxpo_lib.toy_race import coordinate_q, plot_toy_race, toy_race
+from gxpo_lib.core.extrapolation import geometric_scale
+from gxpo_lib.teach import toy
+from gxpo_lib.teach.toy_race import coordinate_q, plot_toy_race, toy_race
 
 
 def test_toy_race_gives_every_method_the_same_passes():

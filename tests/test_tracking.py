@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gxpo_lib.tracking import Trackers
+from gxpo_lib.rl.tracking import Trackers
 
 ROWS = [{"kind": "eval", "step": 0, "pass@1": 0.25, "pass@1_ci": [0.1, 0.4]},
         {"kind": "train", "step": 1, "reward_mean": 0.5, "gate_open": True, "loss": None},
@@ -32,7 +32,7 @@ def test_tensorboard_gets_every_numeric_value(tmp_path):
 
 TRACKIO_RUN = """
 import json, sys
-from gxpo_lib.tracking import Trackers
+from gxpo_lib.rl.tracking import Trackers
 trackers = Trackers(["trackio"], sys.argv[1], {"lr": 0.002})
 assert "trackio" in trackers.active, trackers.active
 for row in json.loads(sys.argv[2]):

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from gxpo_lib.runlog import read_rows, summarize_run
-from gxpo_lib.trainer import TrainConfig, TrainControl, train
+from gxpo_lib.rl.runlog import read_rows, summarize_run
+from gxpo_lib.rl.trainer import TrainConfig, TrainControl, train
 
 TIME_KEYS = {"seconds", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval", "cpu_seconds"}
 
@@ -192,7 +192,7 @@ def test_grpo_controls_matched_compute_and_matched_step(tmp_path):
 
 
 def test_sfpo_official_sweeps_span_every_mini_batch(tmp_path):
-    from gxpo_lib.sfpo import SFPO
+    from gxpo_lib.core.sfpo import SFPO
 
     train(small(algorithm="sfpo", k=2, mini_batches=2, steps=1, eval_every=5, gate="none", **NO_EVAL), tmp_path,
           progress=False)
@@ -224,7 +224,7 @@ def test_a_paper_preset_without_vllm_says_which_preset_to_use(tmp_path):
     import importlib.util
 
     from gxpo_lib.config import resolve_config
-    from gxpo_lib.trainer import check_runtime
+    from gxpo_lib.rl.trainer import check_runtime
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")

@@ -21,13 +21,9 @@ import torch
 
 pytest.importorskip("trl")
 
-from gxpo_lib.integrations import (
-    accelerate_launch_args,
-    cpu_environment,
-    launch_command,
-    launch_trl,
-    stream,
-)
+from gxpo_lib.core.losses import per_token_logprobs, policy_loss
+from gxpo_lib.core.rules import PlainStep
+from gxpo_lib.integrations import accelerate_launch_args, cpu_environment, launch_command, launch_trl, stream
 from gxpo_lib.integrations.trl import (
     TRL_ATTRIBUTES,
     GXPOConfig,
@@ -37,9 +33,7 @@ from gxpo_lib.integrations.trl import (
     trl_version_is_tested,
 )
 from gxpo_lib.integrations.trl_run import math_reward_func
-from gxpo_lib.losses import per_token_logprobs, policy_loss
-from gxpo_lib.rules import PlainStep
-from gxpo_lib.runlog import read_rows
+from gxpo_lib.rl.runlog import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TINY = REPO / "data" / "models" / "tiny-llama-arith"
@@ -55,7 +49,7 @@ def model_dir(tmp_path_factory):
         return SHIPPED_TINY
     from transformers import LlamaForCausalLM
 
-    from gxpo_lib.tiny_model import build_tokenizer, tiny_llama_config
+    from gxpo_lib.rl.tiny_model import build_tokenizer, tiny_llama_config
 
     folder = tmp_path_factory.mktemp("tiny-random")
     tokenizer = build_tokenizer()
@@ -68,7 +62,7 @@ def model_dir(tmp_path_factory):
 
 
 def load(model_dir):
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     return load_model(str(model_dir), device="cpu")
 
@@ -77,7 +71,7 @@ def load(model_dir):
 def dataset(model_dir):
     """32 arithmetic prompts in TRL's conversational format, with their answers."""
     from gxpo_lib.integrations.trl_run import build_dataset
-    from gxpo_lib.trainer import TrainConfig
+    from gxpo_lib.rl.trainer import TrainConfig
 
     _, tokenizer = load(model_dir)
     return build_dataset(TrainConfig(), tokenizer).select(range(32))
@@ -394,7 +388,7 @@ def test_ddp_two_ranks_take_the_same_decisions_and_end_identical(model_dir, tmp_
 # ---------------------------------------------------------------------------------------------------
 def test_train_config_micro_batch_size_maps_to_gradient_accumulation(tmp_path):
     from gxpo_lib.integrations.trl_run import grpo_config_from_train_config
-    from gxpo_lib.trainer import TrainConfig
+    from gxpo_lib.rl.trainer import TrainConfig
 
     config = TrainConfig(batch_prompts=8, group_size=8, micro_batch_size=16, gradient_checkpointing=True,
                          report_to=("tensorboard",), loss_aggregation="verl")
@@ -545,9 +539,9 @@ def test_sharded_evaluation_rows_equal_one_process_rows(scaleout):
 def test_trl_train_rows_have_the_native_trainer_keys(model_dir, dataset, tmp_path):
     from dataclasses import fields
 
-    from gxpo_lib import runlog
-    from gxpo_lib.rules import StepInfo
-    from gxpo_lib.trainer import TrainConfig, train
+    from gxpo_lib.core.rules import StepInfo
+    from gxpo_lib.rl import runlog
+    from gxpo_lib.rl.trainer import TrainConfig, train
 
     (tmp_path / "trl").mkdir()
     make_trainer(model_dir, dataset, tmp_path / "trl", max_steps=1).train()

@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gxpo_lib.extrapolation import geometric_scale
-from gxpo_lib.rules import GXPO, PlainStep
-from gxpo_lib.sfpo import SFPO
+from gxpo_lib.core.extrapolation import geometric_scale
+from gxpo_lib.core.rules import GXPO, PlainStep
+from gxpo_lib.core.sfpo import SFPO
 
 H = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
 THETA0 = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gxpo_lib import GXPO
-from gxpo_lib.rules import VERSIONS
+from gxpo_lib.core.rules import VERSIONS
 
 K, ALPHA, LR, CLIP, DELTA = 5, 0.5, 1.0, 2.0, 1e-8
 # L(x) = sum 1/2 h x^2 + b x, so g = h x + b. Coordinates: r = 1 - c h (c the clip factor) per step;

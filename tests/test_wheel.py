@@ -49,13 +49,13 @@ def test_the_wheel_finds_its_files_outside_the_checkout(fresh_venv):
     found = json.loads(run(fresh_venv, (
         "import json, gxpo_lib\n"
         "from gxpo_lib.config import list_presets, resolve_config\n"
-        "from gxpo_lib.models import load_model\n"
-        "from gxpo_lib import task, notebooks\n"
+        "from gxpo_lib.rl.models import load_model\n"
+        "from gxpo_lib.rl import arith_task\nfrom gxpo_lib.teach import headless\n"
         "resolve_config('smoke')\n"
         "model, tok = load_model('tiny')\n"
         "print(json.dumps({'package': gxpo_lib.__file__, 'presets': list_presets(),\n"
-        "  'params': sum(p.numel() for p in model.parameters()), 'train': len(task.load_split('train')),\n"
-        "  'notebooks': [p.name for p in notebooks.find_notebooks()]}))")).splitlines()[-1])
+        "  'params': sum(p.numel() for p in model.parameters()), 'train': len(arith_task.load_split('train')),\n"
+        "  'notebooks': [p.name for p in headless.find_notebooks()]}))")).splitlines()[-1])
     assert not found["package"].startswith(str(ROOT))
     assert {"smoke", "paper-gxpo"} <= set(found["presets"]) and found["params"] > 700_000
     assert found["train"] == 3000 and "01_toy_extrapolation.ipynb" in found["notebooks"]
@@ -72,7 +72,7 @@ def test_the_wheel_runs_notebook_01_and_a_two_step_training(fresh_venv):
     summary = json.loads(run(fresh_venv, (
         "import json\n"
         "from gxpo_lib.config import resolve_config\n"
-        "from gxpo_lib.trainer import train\n"
+        "from gxpo_lib.rl.trainer import train\n"
         "config = resolve_config('smoke', {'steps': 2, 'eval_every': 2, 'eval_problems': 4, 'eval_samples': 2,\n"
         "    'batch_prompts': 2, 'group_size': 2, 'final_eval_problems': 4, 'final_eval_samples': 2})\n"
         "s = train(config, 'wheel-run', progress=False)\n"

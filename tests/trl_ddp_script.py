@@ -24,14 +24,14 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
-from gxpo_lib import runlog
-from gxpo_lib.evaluation import correct_counts, summarize_counts
 from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
 from gxpo_lib.integrations.trl_run import EvaluationCallback, build_dataset, math_reward_func
-from gxpo_lib.models import load_model
-from gxpo_lib.rewards import RewardScorer
-from gxpo_lib.sampling import Rollouts
-from gxpo_lib.trainer import TrainConfig
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.evaluation import correct_counts, summarize_counts
+from gxpo_lib.rl.models import load_model
+from gxpo_lib.rl.rewards import RewardScorer
+from gxpo_lib.rl.sampling import Rollouts
+from gxpo_lib.rl.trainer import TrainConfig
 
 COMPLETIONS_PER_STEP = 8  # scaleout: 2 prompts x 4 completions per optimizer step, whatever the layout
 

@@ -38,7 +38,7 @@ from trl_ddp_script import ScriptedTrainer, float64_lm_head, float64_rotary_embe
 from gxpo_lib.config import TrainConfig
 from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
 from gxpo_lib.integrations.trl_run import build_dataset
-from gxpo_lib.models import load_model
+from gxpo_lib.rl.models import load_model
 
 COMPLETIONS_PER_STEP = 8
 CASES = {  # name: (algorithm, steps, dtype)

@@ -17,10 +17,10 @@ Modules: `runs` (folders into `Run` objects, discovery, groups of seeds), `autho
 speed-up, activity, final and mechanism tables), `plots` (figures, `setup_plotly`), `palette` (one colour
 per method across the suite), `display` (long tables folded behind a short summary).
 
-**Run folders.** A folder written by `gxpo_lib.trainer.train` (or notebook 03, or the TRL backend) holds
+**Run folders.** A folder written by `gxpo_lib.rl.trainer.train` (or notebook 03, or the TRL backend) holds
 ``config.json``, ``metrics.jsonl`` (``"kind"`` = ``train`` / ``eval`` / ``final_eval`` rows),
-``final_eval.json`` and, from notebook 03, ``run_summary.json``; it is read through `gxpo_lib.runlog` as
-written (a folder from older code is re-exported under today's names by `gxpo_lib.replay.export_runs`), and a
+``final_eval.json`` and, from notebook 03, ``run_summary.json``; it is read through `gxpo_lib.rl.runlog` as
+written (a folder from older code is re-exported under today's names by `gxpo_lib.analysis.shipped.export_runs`), and a
 setting a folder lacks takes today's default. `load_run` turns it into a `Run` whose rows use one schema:
 
 - train rows keep the trainer's names; ``backward_passes`` is the step's own count and
@@ -31,10 +31,10 @@ setting a folder lacks takes today's default. `load_run` turns it into a `Run` w
   update, evaluations excluded) and ``pass@1`` / ``pass@k`` (with ``pass@k_ci`` where the file has it).
 """
 
-from .authors import AUTHORS_TRAIN_KEYS
-from .display import fold_lines, fold_table
-from .palette import method_color, method_colors, method_key
-from .plots import (
+from gxpo_lib.analysis.authors import AUTHORS_TRAIN_KEYS
+from gxpo_lib.analysis.display import fold_lines, fold_table
+from gxpo_lib.analysis.palette import method_color, method_colors, method_key
+from gxpo_lib.analysis.plots import (
     band_traces,
     group_colors,
     has_diagnostics,
@@ -46,8 +46,8 @@ from .plots import (
     setup_plotly,
     short_label,
 )
-from .records import Run
-from .runs import (
+from gxpo_lib.analysis.records import Run
+from gxpo_lib.analysis.runs import (
     BOOKKEEPING,
     DEFAULT_BY,
     FINAL_EVAL_SETTINGS,
@@ -60,7 +60,7 @@ from .runs import (
     resolve_run_dirs,
     run_name,
 )
-from .stats import (
+from gxpo_lib.analysis.stats import (
     MECHANISM_KEYS,
     SPEEDUP_X,
     X_CHOICES,

@@ -60,8 +60,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..runlog import read_config
-from .records import Run, is_number
+from gxpo_lib.analysis.records import Run, is_number
+from gxpo_lib.rl.runlog import read_config
 
 # GXPO's per-step diagnostics, and the ``gxpo/*`` aliases some of the authors' versions log them under.
 _DIAGNOSTICS = ("g0_norm", "g1_norm", "gslow_norm", "r_mean", "r_std", "scale_mean", "scale_max",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import _t_central_mass, t_critical
+from gxpo_lib.analysis.stats import _t_central_mass, t_critical
 
 
 def _t_upper_tail(t: float, df: int) -> float:

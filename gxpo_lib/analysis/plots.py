@@ -13,7 +13,7 @@ gate's threshold). Conventions shared by every figure of the suite:
 - **integer ticks** where a quantity is an integer (steps, passes: `integer_ticks`).
 
 `setup_plotly` picks a renderer that shows figures in JupyterLab offline and keeps them in HTML exports
-without embedding plotly.js in every notebook (`gxpo_lib.html_export` inlines it once per HTML file).
+without embedding plotly.js in every notebook (`gxpo_lib.teach.html_export` inlines it once per HTML file).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .palette import method_colors, rgba
-from .records import Run, is_number
-from .runs import DEFAULT_BY, Group, group_runs
-from .stats import band, clip_interval, metric_range, x_value
+from gxpo_lib.analysis.palette import method_colors, rgba
+from gxpo_lib.analysis.records import Run, is_number
+from gxpo_lib.analysis.runs import DEFAULT_BY, Group, group_runs
+from gxpo_lib.analysis.stats import band, clip_interval, metric_range, x_value
 
 RENDERER = "plotly_mimetype+notebook_connected"
 _X_TITLES = {"step": "step", "seconds": "training seconds (wall clock)", "cpu_seconds": "training CPU seconds",
@@ -40,7 +40,7 @@ def setup_plotly(renderer: str = RENDERER) -> str:
 
     The default, ``plotly_mimetype+notebook_connected``, writes each figure twice and small: as plotly's
     JSON mimetype, which JupyterLab's bundled plotly extension draws offline, and as HTML that loads
-    plotly.js from its CDN. The suite's HTML export (`gxpo_lib.html_export`) redraws every figure from the
+    plotly.js from its CDN. The suite's HTML export (`gxpo_lib.teach.html_export`) redraws every figure from the
     JSON with plotly.js inlined once per file, so the exported pages work offline. The ``notebook``
     renderer instead embeds plotly.js (about 4.6 MB) in the notebook, which made executed notebooks 10-22 MB.
     """

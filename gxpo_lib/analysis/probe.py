@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..extrapolation import DELTA, R_CLAMP
-from ..models import apply_lora
-from ..objective import PolicyObjective
-from ..rules import GXPO, PlainStep
-from ..sampling import Rollouts, batched_logprobs
+from gxpo_lib.core.extrapolation import DELTA, R_CLAMP
+from gxpo_lib.core.objective import PolicyObjective
+from gxpo_lib.core.rules import GXPO, PlainStep
+from gxpo_lib.rl.models import apply_lora
+from gxpo_lib.rl.sampling import Rollouts, batched_logprobs
 
 PROBE_LRS = (1e-7, 1e-6, 1e-5, 1e-4)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -1,6 +1,6 @@
 """Run folders into `Run` objects, finding them, and grouping runs that differ only in their seed.
 
-Our folders are read only through `gxpo_lib.runlog` (the module that writes them); the authors' verl
+Our folders are read only through `gxpo_lib.rl.runlog` (the module that writes them); the authors' verl
 logs through `gxpo_lib.analysis.authors`. Grouping keys derive from `gxpo_lib.config`: the settings of
 one rule (`RULE_SETTINGS`) do not tell GRPO runs apart, and bookkeeping settings never split a group.
 """
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import RESUME_MAY_CHANGE, RULE_SETTINGS, TrainConfig
-from ..runlog import METRICS_FILE, read_config, read_final_eval, read_rows, read_summary
-from .authors import load_authors_run
-from .records import Run, by_step, hashable, is_number
+from gxpo_lib.analysis.authors import load_authors_run
+from gxpo_lib.analysis.records import Run, by_step, hashable, is_number
+from gxpo_lib.config import RESUME_MAY_CHANGE, RULE_SETTINGS, TrainConfig
+from gxpo_lib.rl.runlog import METRICS_FILE, read_config, read_final_eval, read_rows, read_summary
 
 DEFAULT_BY = ("algorithm", "k", "alpha", "tau")
 # Settings that only steer GXPO / SFPO (the rule's and the gate's): they do not tell GRPO runs apart.

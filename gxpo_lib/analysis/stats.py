@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluation import bootstrap_ci, speedup_to_peak
-from .records import Run, is_number, mean_or_none, nan_if_none
-from .runs import DEFAULT_BY, Group, group_runs
+from gxpo_lib.analysis.records import Run, is_number, mean_or_none, nan_if_none
+from gxpo_lib.analysis.runs import DEFAULT_BY, Group, group_runs
+from gxpo_lib.rl.evaluation import bootstrap_ci, speedup_to_peak
 
 X_CHOICES = ("step", "seconds", "cpu_seconds", "hours", "cpu_hours", "backward_passes")
 SPEEDUP_X = ("step", "cpu_seconds", "backward_passes")   # time is the runs' own CPU seconds: load-robust
@@ -137,7 +137,7 @@ def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t",
 
     Args:
         interval: ``"t"`` (Student-t over seeds: mean ± t_{n-1} · s / sqrt(n)) or ``"bootstrap"``
-            (percentile bootstrap over seeds, `gxpo_lib.evaluation.bootstrap_ci`; coarse with few seeds).
+            (percentile bootstrap over seeds, `gxpo_lib.rl.evaluation.bootstrap_ci`; coarse with few seeds).
             Fewer than two runs at a point give NaN bounds.
         bounds: the interval is clipped to these (``"auto"``: `metric_range`, e.g. pass@1 in [0, 1];
             None: not clipped).
@@ -196,7 +196,7 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
     and backward passes are averaged too). The reference's best averaged ``metric`` is the target; for
     every group, the first averaged evaluation at or above it gives its steps, CPU seconds and backward
     passes; a ratio is the reference's value divided by the method's
-    (`gxpo_lib.evaluation.speedup_to_peak`), so above 1 means faster. Time is the training process's CPU
+    (`gxpo_lib.rl.evaluation.speedup_to_peak`), so above 1 means faster. Time is the training process's CPU
     seconds, never wall-clock: a run that shared its machine with others took longer on the clock without
     costing more. Where a run did not log CPU seconds (older folders, the authors' logs) the time columns
     are NaN and ``note`` says so. The step-0 evaluation is left out (it is the shared starting model, not

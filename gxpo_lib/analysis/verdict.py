@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import runlog
-from .inference import equivalence, holm, paired_difference, two_level_bootstrap
+from gxpo_lib.analysis.inference import equivalence, holm, paired_difference, two_level_bootstrap
+from gxpo_lib.rl import runlog
 
 MARGIN = 0.02            # the pre-registered equivalence margin, pass@1
 ALPHA = 0.05
@@ -274,7 +274,7 @@ def speedup(reference: dict[int, dict], method: dict[int, dict], draws: int = 10
     """Steps to the reference's seed-mean validation peak, reference / method (None: not reached), with a
     paired seed bootstrap (the same seeds drawn for both sides) and the identical-method baseline: how often a
     resample of the reference reaches the peak of another resample of itself."""
-    from ..evaluation import speedup_to_peak
+    from gxpo_lib.rl.evaluation import speedup_to_peak
 
     seeds = sorted(set(reference) & set(method))
     keys = ("step", "backward_passes")
@@ -337,7 +337,7 @@ def gate_shut_step(record: dict[str, Any]) -> int | None:
 # ---------------------------------------------------------------------------------------------------
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, tuple[float, float]]:
     """The mean of independent values and its Student-t interval (the point when there is one value)."""
-    from .stats import t_critical
+    from gxpo_lib.analysis.stats import t_critical
 
     x = np.asarray(values, dtype=float)
     mean = float(x.mean())

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import verdict
-from .palette import method_colors, rgba
+from gxpo_lib.analysis import verdict
+from gxpo_lib.analysis.palette import method_colors, rgba
 
 _LEGEND = {"orientation": "h", "y": -0.25, "yanchor": "top"}
 

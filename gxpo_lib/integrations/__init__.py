@@ -104,7 +104,7 @@ def launch_trl(config: dict[str, Any], workdir: str | os.PathLike, num_processes
     """Start a TRL run (``GXPOTrainer``) in a subprocess through ``accelerate launch``.
 
     Args:
-        config: TrainConfig settings (``gxpo_lib.trainer.TrainConfig`` names), optionally with a ``"trl"``
+        config: TrainConfig settings (``gxpo_lib.rl.trainer.TrainConfig`` names), optionally with a ``"trl"``
             dict of raw ``GXPOConfig`` overrides (e.g. ``{"use_vllm": True}``). Written to
             ``workdir/trl_launch.json``.
         workdir: the run folder: ``metrics.jsonl`` (our format), ``config.json``, ``checkpoint-*``.

@@ -51,7 +51,7 @@ How it plugs into TRL 1.16 / transformers 5.x (see ``TRL_HOOKS`` for every priva
   and gate decisions cannot differ; after every step the ranks' decisions are compared and a mismatch
   raises.
 - FSDP2 (accelerate's ``fsdp_version: 2``, ``accelerate_config="fsdp2"``): the rule runs on each rank's
-  shards and all-reduces its global norms and sums itself (``trl_distributed``, ``gxpo_lib.distributed``);
+  shards and all-reduces its global norms and sums itself (``trl_distributed``, ``gxpo_lib.core.distributed``);
   checkpoints are accelerate's sharded ones.
 
 Run headless with ``python -m gxpo_lib.integrations.trl_run --config run.json --workdir DIR`` (usually via
@@ -85,13 +85,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from gxpo_lib import runlog
 from gxpo_lib.choices import LOSS_AGGREGATIONS
 from gxpo_lib.config import RULE_SETTINGS, TrainConfig, field_help, uses_entropy_gate
+from gxpo_lib.core.rules import StepInfo
 from gxpo_lib.integrations import trl_distributed as distributed
 from gxpo_lib.integrations.trl_distributed import ReducedGate
-from gxpo_lib.rules import StepInfo
-from gxpo_lib.trainer import build_rule
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.trainer import build_rule
 
 TESTED_TRL = ">=1.16,<1.17"  # the TRL versions this module was run against (pyproject: trl>=1.16,<1.17)
 STATE_FILE = "gxpo_state.json"
@@ -197,7 +197,7 @@ GXPOConfig = make_dataclass("GXPOConfig", _rule_fields(), bases=(GRPOConfig,), n
 
 
 def rule_config(args) -> TrainConfig:
-    """The rule's settings as a validated TrainConfig, for ``gxpo_lib.trainer.build_rule``."""
+    """The rule's settings as a validated TrainConfig, for ``gxpo_lib.rl.trainer.build_rule``."""
     values = {name: getattr(args, name) for name in RULE_SETTINGS}
     max_grad_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
     return TrainConfig(**values, max_grad_norm=max_grad_norm).validate()
@@ -614,7 +614,7 @@ class GXPOTrainer(GRPOTrainer):
         self.write_row(self.last_row)
 
     def x_values(self) -> dict[str, float]:
-        """Cumulative backward passes and training seconds (as gxpo_lib.trainer writes them)."""
+        """Cumulative backward passes and training seconds (as gxpo_lib.rl.trainer writes them)."""
         return runlog.x_values(self.counters)
 
     def write_row(self, row: dict[str, Any]) -> None:

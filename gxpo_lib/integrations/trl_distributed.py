@@ -6,7 +6,7 @@ agree, and accelerate's FSDP2 (``fsdp_version: 2``).
   gradient on one rank non-finite on all, and `check_ranks_agree` raises if the ranks' decisions differ.
 - FSDP2 (``fsdp2.yaml``): accelerate's ``fully_shard`` turns the optimizer's parameters into DTensors, so the
   rule builds its buffers over each rank's local shards and all-reduces its few global quantities itself
-  (``gxpo_lib.distributed``: the pre-clip norm of every pass, which clipping, the fallback checks and the
+  (``gxpo_lib.core.distributed``: the pre-clip norm of every pass, which clipping, the fallback checks and the
   gate read; the loss; the diagnostic sums; an entropy gate's signal). No `ReducedGate` and no finite-flag
   exchange then: the global norm is already the same number on every rank. FSDP2's reduce-scatter averages
   the ranks' gradients, as DDP does, so the loss weights (``loss_aggregation="exact"``) are DDP's.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gxpo_lib.gate import ShutoffGate
+from gxpo_lib.core.gate import ShutoffGate
 
 FSDP2_CONFIG_HINT = ("shard with FSDP2 instead: accelerate config `distributed_type: FSDP` with "
                      "`fsdp_config: {fsdp_version: 2}` (shipped: launch_trl(..., accelerate_config=\"fsdp2\"); "

@@ -1,7 +1,7 @@
 """A TrainConfig-described run on TRL: the GXPOConfig it maps to, the dataset, the reward, evaluation
 callbacks and the headless entry point (``python -m gxpo_lib.integrations.trl_run``, one rank of a launch).
 
-The run folder is the native trainer's (``gxpo_lib.runlog``): ``config.json``, ``metrics.jsonl`` (the same
+The run folder is the native trainer's (``gxpo_lib.rl.runlog``): ``config.json``, ``metrics.jsonl`` (the same
 rows), ``final_eval.json``, plus TRL's ``checkpoint-*`` folders and ``trl_args.json``.
 """
 
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from gxpo_lib import runlog
 from gxpo_lib.config import KEEP_CHECKPOINTS, REWARD_TIMEOUT, RULE_SETTINGS, TrainConfig
 from gxpo_lib.integrations import PROGRESS_PREFIX
 from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer
-from gxpo_lib.problems import instruction_suffix, load_problems, run_problems
+from gxpo_lib.rl import runlog
+from gxpo_lib.rl.problems import instruction_suffix, load_problems, run_problems
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
     the same experiment on 1 or N GPUs), in micro-batches of ``micro_batch_size`` sequences per process:
     ``per_device_train_batch_size = micro_batch_size`` and ``gradient_accumulation_steps = completions /
     (num_processes * micro_batch_size)`` (None: one micro-batch per process); one rule step spans them all.
-    ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant, as in gxpo_lib.trainer;
+    ``loss_type="token_mean"`` is TRL's ``bnpo``; the LR is constant, as in gxpo_lib.rl.trainer;
     ``mini_batches`` must be 1 (one rule step per batch).
 
     TRL's vLLM settings (they act when ``use_vllm``: ``rollout_backend="vllm"`` or ``trl_overrides``):
@@ -103,7 +103,7 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
 def _vllm_sleep_mode() -> bool:
     """Sleep mode for TRL's vLLM engine where vLLM supports it (not on its CPU platform, where it is refused);
     TRL's colocated engine runs in the trainer's process."""
-    from gxpo_lib.vllm_sampler import sleep_mode_supported
+    from gxpo_lib.rl.vllm_sampler import sleep_mode_supported
 
     supported, reason = sleep_mode_supported(in_process=True)
     if not supported and importlib.util.find_spec("vllm") is not None:
@@ -156,9 +156,9 @@ def _completion_text(completion: Any) -> str:
 
 
 def math_reward_func(completions, answer, problem=None, **kwargs) -> list[float]:
-    """TRL reward function: gxpo_lib.rewards.math_reward of each completion against the ``answer`` column
+    """TRL reward function: gxpo_lib.rl.rewards.math_reward of each completion against the ``answer`` column
     (given the ``problem`` column's text, when the dataset has one, for the forms and units it demands)."""
-    from gxpo_lib.rewards import math_reward
+    from gxpo_lib.rl.rewards import math_reward
 
     problems = problem if problem is not None else [None] * len(answer)
     return [math_reward(_completion_text(c), str(a), problem=p) for c, a, p in zip(completions, answer, problems)]
@@ -171,7 +171,7 @@ def build_dataset(config: TrainConfig, tokenizer):
     """The training prompts as a ``datasets.Dataset`` with ``prompt`` (chat messages) and ``answer``."""
     from datasets import Dataset
 
-    from gxpo_lib.models import format_prompt
+    from gxpo_lib.rl.models import format_prompt
 
     suffix = instruction_suffix(config)
     problems = load_problems(config.train_set, None, "train", config.train_levels,
@@ -187,7 +187,7 @@ def build_dataset(config: TrainConfig, tokenizer):
 class EvaluationCallback(TrainerCallback):
     """Sampled pass@k on held-out problems at step 0, every ``eval_every`` steps and at the end; final
     benchmark evaluations after training. Every rank samples and grades its own share of the problems
-    (no rank idles at a barrier while another generates); rank 0 writes the rows, as gxpo_lib.trainer's.
+    (no rank idles at a barrier while another generates); rank 0 writes the rows, as gxpo_lib.rl.trainer's.
 
     With TRL's colocated vLLM engine (``use_vllm``, ``vllm_mode="colocate"``, tensor parallel size 1) the
     samples come from that engine, serving the current weights (`sampler`); otherwise from HF ``generate``
@@ -211,19 +211,19 @@ class EvaluationCallback(TrainerCallback):
         ``generate`` on the policy being trained. Same prompts, sampling settings and length cap either way;
         with the engine, each problem's seed follows its index in the whole list (rank r holds problems
         r, r + N, ...), so the samples do not depend on the number of ranks."""
-        from gxpo_lib.models import format_prompt
+        from gxpo_lib.rl.models import format_prompt
 
         cfg, suffix, trainer = self.config, instruction_suffix(self.config), self.trainer
         formatter = lambda t: format_prompt(t + suffix, self.tokenizer)
         if self.uses_engine():
-            from gxpo_lib.vllm_sampler import EngineSampler
+            from gxpo_lib.rl.vllm_sampler import EngineSampler
 
             rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
             return EngineSampler(trainer.vllm_generation.llm, self.tokenizer, formatter,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
                                  before=self._engine_ready, after=self._engine_done,
                                  index=lambda i: rank + world * i, device=trainer.accelerator.device)
-        from gxpo_lib.sampling import HFSampler
+        from gxpo_lib.rl.sampling import HFSampler
 
         if getattr(trainer, "sharded", False):  # FSDP2: generate keeps every rank decoding (synced_gpus)
             from gxpo_lib.integrations.trl_distributed import mark_synced_generation
@@ -257,8 +257,8 @@ class EvaluationCallback(TrainerCallback):
         back into the problems' order, so the row (bootstrap intervals included) is the one the counts of
         all problems in one process give. Under FSDP2 every rank samples as many problems (a short share is
         padded with problem 0, whose results are dropped), so the ranks' all-gathers stay in lockstep."""
-        from gxpo_lib.evaluation import correct_counts, summarize_counts
-        from gxpo_lib.rewards import RewardScorer
+        from gxpo_lib.rl.evaluation import correct_counts, summarize_counts
+        from gxpo_lib.rl.rewards import RewardScorer
 
         cfg, accelerator = self.config, self.trainer.accelerator
         seed = runlog.eval_seed(cfg.seed, final=final)
@@ -273,7 +273,7 @@ class EvaluationCallback(TrainerCallback):
             with RewardScorer(workers=0, timeout_s=REWARD_TIMEOUT) as scorer:
                 counts, lengths = correct_counts(sampler, scorer, share, samples, seed)
             counts, lengths = counts[:real], lengths[:real * samples]
-            from gxpo_lib.vllm_sampler import EngineSampler
+            from gxpo_lib.rl.vllm_sampler import EngineSampler
 
             if isinstance(sampler, EngineSampler):
                 self.engine_evaluations += 1
@@ -423,7 +423,7 @@ def train_with_trl(config: TrainConfig, workdir: str | os.PathLike, trl_override
     from accelerate import PartialState
     from peft import LoraConfig
 
-    from gxpo_lib.models import load_model
+    from gxpo_lib.rl.models import load_model
 
     config = TrainConfig.from_dict(config.to_dict()).validate()
     workdir = Path(workdir)

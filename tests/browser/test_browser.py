@@ -135,7 +135,7 @@ NEW_TAU = 1.0  # what drive.mjs types into the tau slider's readout (10 ** 0: on
 
 
 def test_dashboard_tau_slider_reaches_the_next_steps_and_the_figure_grows(dashboard_run):
-    from gxpo_lib.runlog import read_rows
+    from gxpo_lib.rl.runlog import read_rows
 
     rows = [r for r in read_rows(dashboard_run["metrics"]) if r["kind"] == "train"]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))

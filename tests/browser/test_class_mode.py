@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gxpo_lib.check import HEADLESS_ENV
+from gxpo_lib.teach.check import HEADLESS_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -1,7 +1,7 @@
 """The HTML copies of executed notebooks work offline: headless Chromium with the network off draws every figure,
 typesets every formula and shows each widget as a static snapshot.
 
-`gxpo_lib.notebooks.execute_notebook` writes the HTML copy (`gxpo_lib.html_export`). drive.mjs's "offline"
+`gxpo_lib.teach.headless.execute_notebook` writes the HTML copy (`gxpo_lib.teach.html_export`). drive.mjs's "offline"
 scenario opens it from disk in an offline browser context that also aborts (and records) any request that is
 not a file:// URL, then reads the page: plotly graph divs with an SVG and data, MathML elements with a size,
 no raw ``$...$`` left in rendered markdown, no ``VBox(children=...`` text, no progress bar frozen at 0%.
@@ -24,7 +24,7 @@ import nbformat
 import pytest
 from conftest import DRIVER, HERE, missing_tools
 
-from gxpo_lib.notebooks import NOTEBOOK_DIR, execute_notebook
+from gxpo_lib.teach.headless import NOTEBOOK_DIR, execute_notebook
 
 pytestmark = [pytest.mark.browser]
 OUTPUT = HERE / "output"

