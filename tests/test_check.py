@@ -423,7 +423,8 @@ def test_auto_fill_is_off_in_a_plain_process_and_the_switch_forces_it(monkeypatc
 
 def test_auto_fill_is_off_in_a_fresh_python_process():
     env = {k: v for k, v in os.environ.items() if k != check.HEADLESS_ENV}
-    code = "from gxpo_lib.teach import check; print(check.resolve_fill(None), check.q_value(..., r=0.9, k=5, fill=None).ok)"
+    code = ("from gxpo_lib.teach import check; "
+            "print(check.resolve_fill(None), check.q_value(..., r=0.9, k=5, fill=None).ok)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr

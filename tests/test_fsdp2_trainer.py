@@ -1,4 +1,4 @@
-"""`train` under torchrun: 2 FSDP2 ranks (gloo, CPU) against one process (issue 22).
+"""`train` under torchrun: 2 FSDP2 ranks (gloo, CPU) against one process.
 
 tests/fsdp2_trainer_script.py runs the cases of its `CASES` on 2 ranks: the shipped tiny model in float64,
 GXPO with full fine-tuning (token_mean, evaluations, a final benchmark), GRPO with full fine-tuning (loss_type

@@ -61,7 +61,8 @@ def test_no_relative_imports_and_no_import_circles():
         sys.path.remove(str(ROOT / "scripts"))
     assert import_cycles.cycles(import_cycles.module_graph(PACKAGE)) == []
     relative = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in PACKAGE.rglob("*.py")
-                for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if isinstance(n, ast.ImportFrom) and n.level]
+                for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+                if isinstance(n, ast.ImportFrom) and n.level]
     assert not relative, f"relative imports (the layers read from absolute ones): {relative}"
 
 
@@ -80,11 +81,12 @@ def test_a_flat_path_imports_the_moved_module_itself(old):
 
 
 def test_the_spec_public_names_import():
-    from gxpo_lib import GXPO, SFPO, PlainStep, ShutoffGate
     from gxpo_lib.evaluation import pass_at_k
     from gxpo_lib.extrapolation import geometric_scale, retention_ratio
     from gxpo_lib.losses import group_advantages, policy_loss
     from gxpo_lib.rewards import math_reward
+
+    from gxpo_lib import GXPO, SFPO, PlainStep, ShutoffGate
 
     assert GXPO.__module__ == "gxpo_lib.core.rules" and SFPO.__module__ == "gxpo_lib.core.sfpo"
     assert {PlainStep.__module__, ShutoffGate.__module__} == {"gxpo_lib.core.rules", "gxpo_lib.core.gate"}

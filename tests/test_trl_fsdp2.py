@@ -1,4 +1,4 @@
-"""GXPOTrainer (TRL) under accelerate's FSDP2: 2 CPU ranks (gloo) against one plain process (issue 22).
+"""GXPOTrainer (TRL) under accelerate's FSDP2: 2 CPU ranks (gloo) against one plain process.
 
 tests/trl_fsdp2_script.py is launched with the shipped ``fsdp2.yaml`` accelerate config (``accelerate
 launch --config_file .../fsdp2.yaml --num_processes 2 --mixed_precision no``) while the same script trains

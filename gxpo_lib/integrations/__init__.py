@@ -43,9 +43,7 @@ def accelerate_config_path(name_or_path: str | os.PathLike) -> Path:
 
 def _has_gpu() -> bool:
     """Whether this machine has an NVIDIA GPU, found without importing torch (no CUDA state here)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    return shutil.which("nvidia-smi") is not None
+    return os.environ.get("CUDA_VISIBLE_DEVICES") != "" and shutil.which("nvidia-smi") is not None
 
 
 def accelerate_launch_args(num_processes: int = 1, accelerate_config: str | os.PathLike | None = None,

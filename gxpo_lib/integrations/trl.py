@@ -71,6 +71,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, make_dataclass
+from functools import partial
 from importlib.metadata import version as _installed_version
 from typing import Any
 
@@ -147,9 +148,7 @@ def trl_version_is_tested() -> bool:
     return _installed_version("trl") in SpecifierSet(TESTED_TRL)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------
+# -- Config -----------------------------------------------------------------------------------------
 def _rule_fields() -> list[tuple[str, Any, Any]]:
     """GXPOConfig's extra fields: every rule and gate setting of TrainConfig, same name, default and help."""
     defaults, helps = TrainConfig(), field_help()
@@ -203,9 +202,7 @@ def rule_config(args) -> TrainConfig:
     return TrainConfig(**values, max_grad_norm=max_grad_norm).validate()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Small helpers the trainer installs
-# ---------------------------------------------------------------------------------------------------
+# -- Small helpers the trainer installs -------------------------------------------------------------
 class RuleOwnedOptimizer:
     """Stands in for the real optimizer inside accelerate's wrapper once a rule drives the updates.
 
@@ -221,29 +218,10 @@ class RuleOwnedOptimizer:
     def step(self, closure=None):
         self.ignored_steps += 1
 
-    def zero_grad(self, set_to_none: bool = True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict):
-        self.optimizer.load_state_dict(state_dict)
-
-    def add_param_group(self, param_group):
-        self.optimizer.add_param_group(param_group)
+    def __getattr__(self, name: str):
+        if name == "optimizer":  # not set yet (an instance being copied or unpickled)
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
 
 
 def _float(value: Any) -> float:
@@ -278,9 +256,7 @@ class AccumulationWindow:
     cpu_start: float = field(default_factory=time.process_time)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------------------
+# -- The trainer ------------------------------------------------------------------------------------
 class GXPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose update is a gxpo_lib rule (see the module docstring for the mechanics).
 
@@ -338,7 +314,7 @@ class GXPOTrainer(GRPOTrainer):
             distributed.check_sharded(rule)
             distributed.mark_synced_generation(self.model)
         elif self.accelerator.num_processes > 1 and getattr(rule, "gate", None) is not None:
-            rule.gate = ReducedGate.wrapping(rule.gate, self._mean_over_ranks)
+            rule.gate = ReducedGate.wrapping(rule.gate, partial(distributed.mean_over_ranks, self.accelerator))
         if self._pending_rule_state is not None:
             rule.load_state_dict(self._pending_rule_state)
             self._pending_rule_state = None
@@ -411,7 +387,7 @@ class GXPOTrainer(GRPOTrainer):
                 total = total + loss.detach() * weight
             if rule.reducer is not None:  # FSDP2: the rule all-reduces the norm and averages the loss itself
                 return total
-            self._agree_on_finite_grads(rule.params)
+            distributed.agree_on_finite_grads(self.accelerator, rule.params)  # same fallback on every rank
             if self.accelerator.num_processes > 1:  # the whole batch's loss, the same on every rank
                 total = self.accelerator.reduce(total.reshape(1), reduction="mean")[0]
             passes.append({k: list(v[before.get(k, 0):]) for k, v in metrics.items() if len(v) > before.get(k, 0)})
@@ -421,7 +397,7 @@ class GXPOTrainer(GRPOTrainer):
             info = rule.step(closure, gate_signal=self._gate_signal(rule))
         finally:
             gradient_state._set_sync_gradients(True)
-        self._check_ranks_agree(info)
+        distributed.check_ranks_agree(self.accelerator, info)  # every rank took the same decisions, or raise
         # TRL's per-pass metrics: keep the kept (last) pass's values, as one GRPO step would log them.
         for key in {k for p in passes for k in p}:
             metrics[key] = metrics[key][:base.get(key, 0)] + passes[-1].get(key, [])
@@ -552,18 +528,6 @@ class GXPOTrainer(GRPOTrainer):
             with open(entropy_state) as handle:
                 state = json.load(handle)
             self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]
-
-    # -- distributed agreement ---------------------------------------------------------------------
-    def _mean_over_ranks(self, value: float) -> float:
-        return distributed.mean_over_ranks(self.accelerator, value)
-
-    def _agree_on_finite_grads(self, params: list[torch.Tensor]) -> None:
-        """DDP: if any rank's gradient is non-finite, make it non-finite on every rank (same fallback)."""
-        distributed.agree_on_finite_grads(self.accelerator, params)
-
-    def _check_ranks_agree(self, info: StepInfo) -> None:
-        """Every rank must have taken the same decisions this step; raise if not."""
-        distributed.check_ranks_agree(self.accelerator, info)
 
     # -- internals -----------------------------------------------------------------------------------
     def _gate_signal(self, rule) -> float | None:

@@ -174,8 +174,7 @@ def build_dataset(config: TrainConfig, tokenizer):
     from gxpo_lib.rl.models import format_prompt
 
     suffix = instruction_suffix(config)
-    problems = load_problems(config.train_set, None, "train", config.train_levels,
-                             data_dir=config.data_dir)
+    problems = load_problems(config.train_set, None, "train", config.train_levels, data_dir=config.data_dir)
     if getattr(tokenizer, "chat_template", None):
         prompts = [[{"role": "user", "content": p["prompt"] + suffix}] for p in problems]
     else:

@@ -51,10 +51,7 @@ class UnsupportedModelError(ValueError):
     """The model is not a plain (or LoRA-wrapped) Llama that `LeanSampler` can run; use `HFSampler`."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Which models: a Llama, bare or under plain LoRA
-# ----------------------------------------------------------------------------------------------------
-
+# -- Which models: a Llama, bare or under plain LoRA -------------------------------------------------
 def _llama(model):
     """The ``LlamaForCausalLM`` inside ``model`` (itself, or the base model of a peft ``PeftModel``)."""
     get_base = getattr(model, "get_base_model", None)
@@ -131,10 +128,7 @@ def _weight(module) -> torch.Tensor:
     return (weight + sum(deltas)).to(weight.dtype) if deltas else weight
 
 
-# ----------------------------------------------------------------------------------------------------
-# The compact forward: weights snapshot, prefill, one decode step
-# ----------------------------------------------------------------------------------------------------
-
+# -- The compact forward: weights snapshot, prefill, one decode step ---------------------------------
 @dataclass
 class _Layer:
     """One decoder layer's weights, fused and laid out for the decode step (D: hidden size, I: MLP size)."""
@@ -284,10 +278,7 @@ class _LlamaDecoder:
         return self._logits(x)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Token selection: HF's temperature and top-p warpers, an inverse-CDF draw, log-probs of what was drawn
-# ----------------------------------------------------------------------------------------------------
-
+# -- Token selection: HF's temperature and top-p warpers, an inverse-CDF draw, log-probs of what was drawn ---
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """HF's ``TopPLogitsWarper`` (min_tokens_to_keep=1): tokens outside the nucleus set to -inf. [B, V]."""
     if top_p >= 1.0:
@@ -319,10 +310,7 @@ def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1), entropy
 
 
-# ----------------------------------------------------------------------------------------------------
-# The sampler
-# ----------------------------------------------------------------------------------------------------
-
+# -- The sampler -------------------------------------------------------------------------------------
 class LeanSampler:
     """`HFSampler`'s drop-in for small Llama models: same settings, same `Rollouts`, several times faster.
 

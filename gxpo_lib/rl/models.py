@@ -53,10 +53,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GXPO_CACHE", Path.home() / ".cache" / "gxpo")).expanduser()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Prompt format and size
-# ----------------------------------------------------------------------------------------------------
-
+# -- Prompt format and size --------------------------------------------------------------------------
 def format_prompt(problem_text: str, tokenizer=None) -> str:
     """The prompt string the policy sees: the chat template with one user turn and the assistant cue.
 
@@ -74,10 +71,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------
-
+# -- Loading -----------------------------------------------------------------------------------------
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """None -> bf16 on a CUDA device that supports it, else fp32; strings like "bfloat16" -> torch.dtype."""
     if dtype is None:
@@ -238,10 +232,7 @@ def load_model(name_or_path: str | Path = TINY_NAME, dtype=None, device=None):
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------------------------------
-# LoRA and the reference policy
-# ----------------------------------------------------------------------------------------------------
-
+# -- LoRA and the reference policy -------------------------------------------------------------------
 def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                target_modules: Sequence[str] = LORA_TARGETS, full_finetune: bool = False):
     """Wrap ``model`` in LoRA adapters (a peft ``PeftModel``; only adapter weights train).

@@ -174,9 +174,7 @@ def gpu_bytes(gpu: str | float) -> tuple[str, int]:
     return f"{size:g} GiB", int(size * GIB)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The arithmetic
-# ---------------------------------------------------------------------------------------------------
+# -- The arithmetic ---------------------------------------------------------------------------------
 def layer_bytes_per_token(shape: ModelShape, e: int, fed: int, lora_rank: int | None, adapted: int) -> int:
     """Saved bytes of one decoder layer per fed token, without checkpointing (the measured constant);
     `adapted` > 4 means LoRA on the MLP too, which saves what full fine-tuning does."""
@@ -331,8 +329,7 @@ def estimate(config: TrainConfig, gpu: str | float = "h100", *, micro_batch_size
             Line("KV cache", f"{g} rows x {p + t} x {shape.layers} layers x 2 x {shape.kv_heads * shape.head_dim} "
                              f"x {e} B", kv),
             Line("last-position logits", f"{g} x {v} x 4 B x 3", g * v * 12)]
-    est.phases["optimizer step"] = [Line("foreach temporary", f"{trainable / 1e6:.2f} M x {we} B",
-                                         trainable * we)]
+    est.phases["optimizer step"] = [Line("foreach temporary", f"{trainable / 1e6:.2f} M x {we} B", trainable * we)]
     return est
 
 
@@ -345,15 +342,11 @@ def format_estimate(est: Estimate) -> str:
             f"P {est.prompt_tokens} + T {c.max_new_tokens}, gradient_checkpointing {c.gradient_checkpointing}, "
             f"GPU {est.gpu}")]
     row = "  {:<44} {:>10}  {}"
-    out.append("  fixed:")
-    for line in est.fixed:
-        out.append(row.format(line.what, _gib(line.bytes), line.arithmetic))
-    out.append(row.format("= fixed", _gib(est.fixed_bytes), ""))
-    for name, lines in est.phases.items():
+    groups = {"fixed": (est.fixed, est.fixed_bytes), **{n: (v, est.phase_bytes(n)) for n, v in est.phases.items()}}
+    for name, (lines, total) in groups.items():
         out.append(f"  {name}:" + ("   <- the peak" if name == est.peak_phase else ""))
-        for line in lines:
-            out.append(row.format(line.what, _gib(line.bytes), line.arithmetic))
-        out.append(row.format("= " + name, _gib(est.phase_bytes(name)), ""))
+        out += [row.format(line.what, _gib(line.bytes), line.arithmetic) for line in lines]
+        out.append(row.format("= " + name, _gib(total), ""))
     share = (f"- vLLM {c.vllm_gpu_memory:g} x {est.gpu_total / GIB:.1f} GiB " if est.rollout_share else "")
     out.append(f"  peak = fixed + {est.peak_phase} = {_gib(est.peak)}; budget = {est.gpu_total / GIB:.1f} GiB "
                f"{share}- 1 GiB context = {_gib(est.budget)}; {est.peak / est.budget:.0%} of it -> "
@@ -420,10 +413,6 @@ def check_before_run(config: TrainConfig, preset: str | None = None) -> None:
     preflight(config, gpu, shape=shape)
 
 
-def gpu_for(preset: str | None) -> str | None:
-    return PRESET_GPUS.get(preset or "")
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m gxpo_lib preflight --preset P [-s NAME=VALUE ...] [--gpu G] [--fit] [--prompt-tokens N]``."""
     from gxpo_lib.config import parse_settings
@@ -438,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve_config(args.preset, parse_settings(args.settings))
-        gpu = args.gpu or gpu_for(args.preset)
+        gpu = args.gpu or PRESET_GPUS.get(args.preset or "")
         if gpu is None:
             import torch
 

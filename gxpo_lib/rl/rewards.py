@@ -73,11 +73,9 @@ def format_reward(completion: str) -> float:
 MAX_PARSE_CHARS = 2000
 
 
-def score_pair(
-    completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3,
-    max_parse_chars: int | None = MAX_PARSE_CHARS, problem: str | None = None,
-    required_form: str | Form | None = None,
-) -> tuple[float, str]:
+def score_pair(completion: str, gold: str, require_boxed: bool = False, timeout_s: int | None = 3,
+               max_parse_chars: int | None = MAX_PARSE_CHARS, problem: str | None = None,
+               required_form: str | Form | None = None) -> tuple[float, str]:
     """Score one completion against one gold answer: ``(reward, status)``.
 
     Args:
@@ -133,10 +131,8 @@ def score_pair(
         return 0.0, "error"
 
 
-def math_reward(
-    completion: str, gold: str, problem: str | None = None, required_form: str | Form | None = None,
-    require_boxed: bool = False, timeout_s: int | None = 3,
-) -> float:
+def math_reward(completion: str, gold: str, problem: str | None = None, required_form: str | Form | None = None,
+                require_boxed: bool = False, timeout_s: int | None = 3) -> float:
     """1.0 if ``completion``'s final answer equals ``gold`` as a careful grader reads it, else 0.0 (in-process).
 
     ``problem`` (the problem text) and ``required_form`` let the grader apply a demanded form or unit
@@ -224,14 +220,8 @@ class RewardScorer:
     ``n_restarts`` counts pool replacements.
     """
 
-    def __init__(
-        self,
-        workers: int = 2,
-        timeout_s: float = 10.0,
-        inner_timeout_s: int | None = 3,
-        require_boxed: bool = False,
-        start_method: str = "spawn",
-    ):
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, inner_timeout_s: int | None = 3,
+                 require_boxed: bool = False, start_method: str = "spawn"):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers={workers!r} is invalid: allowed an integer >= 0")
         if not timeout_s > 0:
@@ -240,9 +230,8 @@ class RewardScorer:
             raise ValueError(f"inner_timeout_s={inner_timeout_s!r} is invalid: allowed None or an integer >= 1 "
                              "(seconds)")
         if start_method not in multiprocessing.get_all_start_methods():
-            raise ValueError(
-                f"start_method={start_method!r} is invalid: allowed one of {multiprocessing.get_all_start_methods()}"
-            )
+            raise ValueError(f"start_method={start_method!r} is invalid: allowed one of "
+                             f"{multiprocessing.get_all_start_methods()}")
         self.workers = workers
         self.timeout_s = float(timeout_s)
         self.inner_timeout_s = inner_timeout_s
@@ -341,11 +330,8 @@ class RewardScorer:
     def _ensure_pool(self) -> ProcessPoolExecutor:
         """Start the pool if needed and wait until every worker has imported math-verify."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context(self.start_method),
-                initializer=_warm_worker,
-            )
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_warm_worker,
+                                             mp_context=multiprocessing.get_context(self.start_method))
             seen: set[int] = set()
             deadline = time.monotonic() + 120.0
             try:

@@ -48,9 +48,7 @@ TRAIN_ROW_KEYS = ("kind", "step", "k", "alpha", "r_clamp", "tau", "reward_mean",
 SALT_SAMPLE, SALT_EVAL, SALT_PROMPTS, SALT_FINAL = 0, 1, 2, 3
 
 
-# ---------------------------------------------------------------------------------------------------
-# Seeds, counters, x-values: what both trainers must compute the same way
-# ---------------------------------------------------------------------------------------------------
+# -- Seeds, counters, x-values: what both trainers must compute the same way ------------------------
 def step_seed(seed: int, step: int, salt: int = SALT_SAMPLE) -> int:
     """A distinct, reproducible seed for each (run seed, step, purpose)."""
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0])
@@ -120,9 +118,7 @@ def train_row(step: int, info: dict[str, Any], rule, rewards: Iterable[float], c
     return row | x_values(counters)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------
+# -- Writing ----------------------------------------------------------------------------------------
 def _finite_or_none(value: Any) -> Any:
     """NaN / inf floats (also inside lists and dicts) become None: JSON has no NaN."""
     if isinstance(value, float):
@@ -230,7 +226,7 @@ def _cut_rows(path: Path, rows: list[dict[str, Any]], resume_step: int) -> list[
 
 def _agree_on_final_eval(final_path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep the final evaluations that both the rows and final_eval.json hold (rewriting the file to them)."""
-    done = _read_final_eval_file(final_path, stacklevel=5)
+    done = _read_ignoring_damage(final_path, _FINAL_EVAL_FIX, stacklevel=5)
     logged = {r.get("benchmark") for r in rows if r.get("kind") == "final_eval"}
     both = {name: result for name, result in done.items() if name in logged and isinstance(result, dict)}
     rows = [r for r in rows if r.get("kind") != "final_eval" or r.get("benchmark") in both]
@@ -268,9 +264,7 @@ def write_summary(workdir: Path | str, summary: dict[str, Any]) -> None:
     write_json(Path(workdir) / SUMMARY_FILE, summary)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------
+# -- Reading ----------------------------------------------------------------------------------------
 def read_rows(path: Path | str, kind: str | None = None, *, stacklevel: int = 2) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl (a file, or a run folder holding one), optionally of one `kind`.
 
@@ -332,27 +326,25 @@ def read_config(workdir: Path | str) -> dict[str, Any]:
     return value or {}
 
 
-def _read_final_eval_file(path: Path, stacklevel: int = 3) -> dict[str, Any]:
+_FINAL_EVAL_FIX = "resuming the run re-runs the final evaluation"
+
+
+def _read_ignoring_damage(path: Path, fix: str, stacklevel: int) -> dict[str, Any]:
+    """A JSON-object file's content ({} when missing; a damaged one is ignored with a warning naming it)."""
     value, problem = load_json_object(path)
     if problem is not None:
-        warnings.warn(f"{path}: {problem}; ignored (resuming the run re-runs the final evaluation)",
-                      RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(f"{path}: {problem}; ignored ({fix})", RuntimeWarning, stacklevel=stacklevel)
     return value or {}
 
 
 def read_final_eval(workdir: Path | str) -> dict[str, Any]:
     """final_eval.json ({} when missing; a damaged one is ignored with a warning naming it)."""
-    return _read_final_eval_file(Path(workdir) / FINAL_EVAL_FILE)
+    return _read_ignoring_damage(Path(workdir) / FINAL_EVAL_FILE, _FINAL_EVAL_FIX, stacklevel=3)
 
 
 def read_summary(workdir: Path | str) -> dict[str, Any]:
     """A finished run's run_summary.json ({} when it has none; a damaged one is ignored with a warning)."""
-    path = Path(workdir) / SUMMARY_FILE
-    value, problem = load_json_object(path)
-    if problem is not None:
-        warnings.warn(f"{path}: {problem}; ignored (gxpo_lib.run on the folder rewrites it)", RuntimeWarning,
-                      stacklevel=2)
-    return value or {}
+    return _read_ignoring_damage(Path(workdir) / SUMMARY_FILE, "gxpo_lib.run on the folder rewrites it", stacklevel=3)
 
 
 def build_summary(workdir: Path | str, preset: str | None = None, backend: str = "gxpo") -> dict[str, Any]:

@@ -53,10 +53,7 @@ WARMUP_STEPS = 50
 CORRECT = 0.95  # a reward at or above this counts as a correct sample (the authors' threshold)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer and config
-# ----------------------------------------------------------------------------------------------------
-
+# -- Tokenizer and config ----------------------------------------------------------------------------
 def _tiny_vocabulary() -> list[str]:
     """Special tokens, digits, then every other piece of the task's text with and without a leading space."""
     pieces = _SYMBOLS + ["\\boxed"] + arith_task.task_words()
@@ -119,10 +116,7 @@ def tiny_llama_config(vocab_size: int, hidden_size: int = 128, num_layers: int =
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
 
 
-# ----------------------------------------------------------------------------------------------------
-# Measuring: sampled pass@1 with the library's sampler, reward and metric
-# ----------------------------------------------------------------------------------------------------
-
+# -- Measuring: sampled pass@1 with the library's sampler, reward and metric -------------------------
 def task_pass_at_1(model, tokenizer, problems: Sequence[dict], num_samples: int = 4, seed: int = 0,
                    max_new_tokens: int = MAX_NEW_TOKENS) -> float:
     """Sampled pass@1 (temperature 1, top_p 1, top_k off) of ``model`` on ``problems``.
@@ -134,21 +128,15 @@ def task_pass_at_1(model, tokenizer, problems: Sequence[dict], num_samples: int 
     """
     if not problems:
         raise ValueError("problems=[] is invalid: expected at least one problem")
-    sampler = HFSampler(model, tokenizer, lambda text: format_prompt(text, tokenizer),
-                        max_new_tokens=max_new_tokens)
+    sampler = HFSampler(model, tokenizer, lambda text: format_prompt(text, tokenizer), max_new_tokens=max_new_tokens)
     rollouts = sampler.sample([p["prompt"] for p in problems], num_samples, seed=seed, score_policy=False)
     # [P * n] completions, n consecutive per problem -> [P, n] correctness.
-    rewards = [math_reward(text, problems[i]["answer"])
-               for text, i in zip(rollouts.completions, rollouts.prompt_index)]
-    correct = [[r >= CORRECT for r in rewards[p * num_samples:(p + 1) * num_samples]]
-               for p in range(len(problems))]
+    rewards = [math_reward(text, problems[i]["answer"]) for text, i in zip(rollouts.completions, rollouts.prompt_index)]
+    correct = [[r >= CORRECT for r in rewards[p * num_samples:(p + 1) * num_samples]] for p in range(len(problems))]
     return sampled_pass_at_1(correct)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Supervised warm start
-# ----------------------------------------------------------------------------------------------------
-
+# -- Supervised warm start ---------------------------------------------------------------------------
 def _sft_example(tokenizer, record: dict) -> tuple[list[int], int]:
     """Token ids of prompt + solution + EOS, and the prompt's length (the loss starts after it)."""
     prompt_ids = tokenizer(format_prompt(record["prompt"], tokenizer), add_special_tokens=False)["input_ids"]
@@ -189,70 +177,62 @@ def build_tiny(out_dir: str | Path | None = None, seed: int = 0, data_dir: str |
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        return _build_tiny(out_dir, seed, data_dir, target_pass_at_1, max_steps, batch_size, lr, eval_every,
-                           monitor_problems, num_samples)
+        from transformers import LlamaForCausalLM
+
+        out = Path(out_dir) if out_dir is not None else tiny_model_dir()
+        if not 0.0 < target_pass_at_1 < 1.0:
+            raise ValueError(f"target_pass_at_1={target_pass_at_1!r} is invalid: expected a value in (0, 1)")
+        started = time.time()
+        torch.manual_seed(seed)
+        # Data: tokenized train examples; the monitor and final evaluation use the test split.
+        tokenizer = build_tokenizer()
+        train = [_sft_example(tokenizer, r) for r in arith_task.load_split("train", data_dir)]
+        test = arith_task.load_split("test", data_dir)
+        # Model and optimizer.
+        config = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
+        order = torch.Generator().manual_seed(seed)
+        history, step, permutation = [], 0, []
+        while step < max_steps:
+            # Next mini-batch from a seeded permutation of the train split (a new one each epoch).
+            if len(permutation) < batch_size:
+                permutation = torch.randperm(len(train), generator=order).tolist()
+            batch_ids, permutation = permutation[:batch_size], permutation[batch_size:]
+            model.train()
+            loss = model(**_sft_batch([train[i] for i in batch_ids], tokenizer.pad_token_id)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            # Periodic sampled pass@1 on the monitor problems; stop once it reaches the target.
+            if step % eval_every == 0:
+                score = task_pass_at_1(model, tokenizer, test[:monitor_problems], num_samples, seed=seed)
+                history.append({"step": step, "loss": round(loss.item(), 4), "monitor_pass_at_1": round(score, 4)})
+                logger.info("step %d loss %.4f monitor pass@1 %.3f", step, loss.item(), score)
+                if score >= target_pass_at_1:
+                    break
+        # Final measurement on the whole test split.
+        final = task_pass_at_1(model, tokenizer, test, num_samples, seed=seed)
+        info = {
+            "seed": seed, "steps": step, "batch_size": batch_size, "lr": lr, "warmup_steps": WARMUP_STEPS,
+            "target_pass_at_1": target_pass_at_1, "eval_every": eval_every,
+            "monitor": f"first {monitor_problems} test problems x {num_samples} samples",
+            "test_pass_at_1": round(final, 4), "test_problems": len(test), "samples_per_problem": num_samples,
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": MAX_NEW_TOKENS},
+            "parameters": count_parameters(model), "train_seconds": round(time.time() - started, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "history": history,
+            "reward": f"gxpo_lib.rl.rewards.math_reward gives at least {CORRECT}",
+            "command": build_command(out, seed),
+        }
+        _save_tiny(model, tokenizer, out, info)
+        return info
     finally:
         torch.set_num_threads(threads)
-
-
-def _build_tiny(out_dir, seed, data_dir, target_pass_at_1, max_steps, batch_size, lr, eval_every,
-                monitor_problems, num_samples) -> dict:
-    """`build_tiny`'s body, run with 2 torch threads."""
-    from transformers import LlamaForCausalLM
-
-    out = Path(out_dir) if out_dir is not None else tiny_model_dir()
-    if not 0.0 < target_pass_at_1 < 1.0:
-        raise ValueError(f"target_pass_at_1={target_pass_at_1!r} is invalid: expected a value in (0, 1)")
-    started = time.time()
-    torch.manual_seed(seed)
-    # Data: tokenized train examples; the monitor and final evaluation use the test split.
-    tokenizer = build_tokenizer()
-    train = [_sft_example(tokenizer, r) for r in arith_task.load_split("train", data_dir)]
-    test = arith_task.load_split("test", data_dir)
-    # Model and optimizer.
-    config = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
-    order = torch.Generator().manual_seed(seed)
-    history, step, permutation = [], 0, []
-    while step < max_steps:
-        # Next mini-batch from a seeded permutation of the train split (a new one each epoch).
-        if len(permutation) < batch_size:
-            permutation = torch.randperm(len(train), generator=order).tolist()
-        batch_ids, permutation = permutation[:batch_size], permutation[batch_size:]
-        model.train()
-        loss = model(**_sft_batch([train[i] for i in batch_ids], tokenizer.pad_token_id)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        # Periodic sampled pass@1 on the monitor problems; stop once it reaches the target.
-        if step % eval_every == 0:
-            score = task_pass_at_1(model, tokenizer, test[:monitor_problems], num_samples, seed=seed)
-            history.append({"step": step, "loss": round(loss.item(), 4),
-                            "monitor_pass_at_1": round(score, 4)})
-            logger.info("step %d loss %.4f monitor pass@1 %.3f", step, loss.item(), score)
-            if score >= target_pass_at_1:
-                break
-    # Final measurement on the whole test split.
-    final = task_pass_at_1(model, tokenizer, test, num_samples, seed=seed)
-    info = {
-        "seed": seed, "steps": step, "batch_size": batch_size, "lr": lr, "warmup_steps": WARMUP_STEPS,
-        "target_pass_at_1": target_pass_at_1, "eval_every": eval_every,
-        "monitor": f"first {monitor_problems} test problems x {num_samples} samples",
-        "test_pass_at_1": round(final, 4), "test_problems": len(test), "samples_per_problem": num_samples,
-        "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": MAX_NEW_TOKENS},
-        "parameters": count_parameters(model), "train_seconds": round(time.time() - started, 1),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "history": history,
-        "reward": f"gxpo_lib.rl.rewards.math_reward gives at least {CORRECT}",
-        "command": build_command(out, seed),
-    }
-    _save_tiny(model, tokenizer, out, info)
-    return info
 
 
 def _save_tiny(model, tokenizer, out: Path, info: dict) -> None:
@@ -270,10 +250,7 @@ def _save_tiny(model, tokenizer, out: Path, info: dict) -> None:
     (out / "README.md").write_text(model_card(info), encoding="utf-8")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Model card
-# ----------------------------------------------------------------------------------------------------
-
+# -- Model card --------------------------------------------------------------------------------------
 def model_card(info: dict) -> str:
     """The checkpoint's README.md: Hugging Face metadata front matter, then how it was built and what for.
 
@@ -373,10 +350,7 @@ MIT, like the gxpo code (`LICENSE` at the repository root). The training data is
 """
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------
-
+# -- CLI ---------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: ``python -m gxpo_lib.rl.tiny_model build --out data/models/tiny-llama-arith --seed 0``."""
     parser = argparse.ArgumentParser(prog="python -m gxpo_lib.rl.tiny_model",

@@ -347,10 +347,7 @@ class VLLMSampler:
         self._sleeping = False
         self.last_engine_logprobs: torch.Tensor | None = None  # [B, T] vLLM's log-probs of the samples
 
-    # ------------------------------------------------------------------------------------------------
-    # The engine
-    # ------------------------------------------------------------------------------------------------
-
+    # -- The engine ----------------------------------------------------------------------------------
     def _base_model(self):
         return self.model.get_base_model() if self.lora else self.model
 
@@ -408,8 +405,7 @@ class VLLMSampler:
         with _engine_environment(strip):
             self._llm = LLM(**kwargs)
         self.timings["engine_init_s"] = time.perf_counter() - start
-        logger.info("vLLM engine ready in %.1f s (model %s, lora=%s)", self.timings["engine_init_s"], source,
-                    self.lora)
+        logger.info("vLLM engine ready in %.1f s (model %s, lora=%s)", self.timings["engine_init_s"], source, self.lora)
         return self._llm
 
     def _sleep_setting(self) -> tuple[bool, bool]:
@@ -478,8 +474,7 @@ class VLLMSampler:
                 state = _checkpoint_state(self.model, self._untie)
                 self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
             else:
-                folder = _save_weights(self.model, self.workdir / "weights" / f"v{self._version:06d}",
-                                       self._untie)
+                folder = _save_weights(self.model, self.workdir / "weights" / f"v{self._version:06d}", self._untie)
                 self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
                 self._current = folder
             self._llm.reset_prefix_cache()  # its KV blocks were computed with the old weights
@@ -493,10 +488,7 @@ class VLLMSampler:
                 if folder != self._current:
                     shutil.rmtree(folder, ignore_errors=True)
 
-    # ------------------------------------------------------------------------------------------------
-    # Sampling
-    # ------------------------------------------------------------------------------------------------
-
+    # -- Sampling ------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], group_size: int, seed: int, score_policy: bool = True) -> Rollouts:
         """`group_size` completions for each prompt from the current weights; same seed, same rollouts.

@@ -135,8 +135,7 @@ def resolve_fill(fill: Any) -> bool:
                      "run)")
 
 
-def _fillable(check: Callable[..., CheckResult] | None = None, *,
-              parts: tuple[str, ...] = ()) -> Any:
+def _fillable(check: Callable[..., CheckResult] | None = None, *, parts: tuple[str, ...] = ()) -> Any:
     """Give a check the keyword ``fill`` (see ``resolve_fill``): with it on, a blank answer (and a blank
     second part named in ``parts``, when it is asked) is answered with the right value."""
     def wrap(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
@@ -152,10 +151,7 @@ def _fillable(check: Callable[..., CheckResult] | None = None, *,
     return wrap if check is None else wrap(check)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Turning an answer into numbers, and reporting
-# ----------------------------------------------------------------------------------------------------
-
+# -- Turning an answer into numbers, and reporting ---------------------------------------------------
 def _report(ok: bool, text: str) -> CheckResult:
     """Print and return the result."""
     result = CheckResult(ok, f"{'right' if ok else 'not yet'}: {text}")
@@ -291,10 +287,7 @@ def _tensor(name: str, value: Any) -> torch.Tensor:
     return tensor
 
 
-# ----------------------------------------------------------------------------------------------------
-# Notebook 01: the retention ratio, the geometric scale, the jump, the gate
-# ----------------------------------------------------------------------------------------------------
-
+# -- Notebook 01: the retention ratio, the geometric scale, the jump, the gate -----------------------
 @_fillable
 def q_value(answer: Any, r: Any, k: int, clamp: bool = True) -> CheckResult:
     """q = S_K(r) / S_2(r) for retention ratio(s) ``r`` (a number or a list [n]), clamped to [1, K/2 + 1]."""
@@ -304,13 +297,11 @@ def q_value(answer: Any, r: Any, k: int, clamp: bool = True) -> CheckResult:
     raw = extrapolation.geometric_scale(r_t, k, clamp=False).numpy()
     hint = ("q = S_K(r) / S_2(r) with S_n(r) = 1 + r + ... + r^(n-1)"
             + (f", then clamped to [1, K/2 + 1] = [1, {extrapolation.max_scale(k):g}]" if clamp else ""))
-    misses = [(extrapolation.geometric_sum(r_t, k).numpy(),
-               "that is S_K(r) alone: divide it by S_2(r) = 1 + r")]
+    misses = [(extrapolation.geometric_sum(r_t, k).numpy(), "that is S_K(r) alone: divide it by S_2(r) = 1 + r")]
     if clamp and not np.allclose(raw, expected):
         misses.insert(0, (raw, (f"that is the raw ratio: the rule clamps q to "
                                f"[1, {extrapolation.max_scale(k):g}]")))
-    return _numeric_check(answer, expected, f"q = {_fmt(expected)} for r = {_fmt(r_t.numpy())}, K = {k}",
-                          hint, misses)
+    return _numeric_check(answer, expected, f"q = {_fmt(expected)} for r = {_fmt(r_t.numpy())}, K = {k}", hint, misses)
 
 
 @_fillable
@@ -319,8 +310,7 @@ def geometric_sum(answer: Any, r: Any, n: int) -> CheckResult:
     check_int("n", n, minimum=1)
     r_t = _tensor("r", r)
     expected = extrapolation.geometric_sum(r_t, n).numpy()
-    misses = [(extrapolation.geometric_sum(r_t, n + 1).numpy(),
-               "one term too many: S_n has n terms, r^0 to r^(n-1)")]
+    misses = [(extrapolation.geometric_sum(r_t, n + 1).numpy(), "one term too many: S_n has n terms, r^0 to r^(n-1)")]
     if n > 1:
         misses.append((extrapolation.geometric_sum(r_t, n - 1).numpy(),
                        "one term short: S_n has n terms, from r^0 = 1 up to r^(n-1)"))
@@ -421,10 +411,7 @@ def gate_z(answer: Any, history: Sequence[float], value: float, omega: float = 0
     return _report_parts([("z", *z_part), ("shuts", *shut_part)])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Notebook 02: the GRPO pieces, the costs, pass@k
-# ----------------------------------------------------------------------------------------------------
-
+# -- Notebook 02: the GRPO pieces, the costs, pass@k -------------------------------------------------
 @_fillable
 def group_advantages(answer: Any, rewards: Sequence[float], group_size: int | None = None,
                      scale: str = "group") -> CheckResult:
@@ -546,10 +533,7 @@ def pass_at_k(answer: Any, n: int, c: int, k: int) -> CheckResult:
                           "without replacement are all wrong", misses)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Notebook 05: where the cap on q binds, what alpha * q-bar predicts
-# ----------------------------------------------------------------------------------------------------
-
+# -- Notebook 05: where the cap on q binds, what alpha * q-bar predicts ------------------------------
 def _cap_binds(lr: torch.Tensor, k: int, curvature: float, r_clamp: tuple[float, float]) -> torch.Tensor:
     """Plain GD on curvature h: does the raw q at r = clamp(1 - lr h) leave [1, K/2 + 1]? [n] -> [n]."""
     r = (1.0 - lr * curvature).clamp(*r_clamp)
@@ -558,8 +542,7 @@ def _cap_binds(lr: torch.Tensor, k: int, curvature: float, r_clamp: tuple[float,
 
 
 @_fillable
-def cap_lr(answer: Any, k: int, curvature: float,
-           r_clamp: Sequence[float] = extrapolation.R_CLAMP) -> CheckResult:
+def cap_lr(answer: Any, k: int, curvature: float, r_clamp: Sequence[float] = extrapolation.R_CLAMP) -> CheckResult:
     """The smallest learning rate at which plain GD on curvature ``curvature`` makes q's clamp bind.
 
     On L = h/2 * theta^2, gradient descent keeps r = 1 - lr * h of the gradient each step; the clamp of q
@@ -607,10 +590,7 @@ def effective_multiplier(answer: Any, r: Any, k: int, alpha: float) -> CheckResu
                            (float(q.mean()), "now multiply by alpha")])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Any notebook: a prediction made before running something
-# ----------------------------------------------------------------------------------------------------
-
+# -- Any notebook: a prediction made before running something ----------------------------------------
 @_fillable
 def prediction(answer: Any, actual: Any, choices: Sequence[str] | None = None, rtol: float = 0.1,
                explanation: str = "") -> CheckResult:

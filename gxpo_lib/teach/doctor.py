@@ -60,10 +60,7 @@ class Finding:
     fix: str = ""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Versions
-# ----------------------------------------------------------------------------------------------------
-
+# -- Versions ----------------------------------------------------------------------------------------
 def _declared_ranges() -> dict[str, str]:
     """{distribution: version specifier} from this package's metadata (all extras); {} when not installed."""
     from packaging.requirements import Requirement
@@ -109,10 +106,7 @@ def _torch_finding() -> Finding:
                                       f"{torch.get_num_threads()} threads")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Jupyter
-# ----------------------------------------------------------------------------------------------------
-
+# -- Jupyter -----------------------------------------------------------------------------------------
 def kernel_finding(name: str = "python3") -> Finding:
     """Is a Jupyter kernel ``name`` registered, and does it start this Python (so notebooks see gxpo_lib)?"""
     fix = f"{sys.executable} -m ipykernel install --sys-prefix --name {name}"
@@ -155,10 +149,7 @@ def lab_extension_finding(search_dirs: Sequence[Path] | None = None) -> Finding:
     return Finding("widget extensions", "ok", "installed: " + ", ".join(LAB_EXTENSIONS.values()))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The timed training step and the estimates
-# ----------------------------------------------------------------------------------------------------
-
+# -- The timed training step and the estimates -------------------------------------------------------
 def time_training_step(steps: int = TIMED_STEPS, budget_s: float = TRAIN_BUDGET_S) -> dict[str, float]:
     """Run up to ``steps`` GRPO steps (tiny model, LoRA, 8 prompts x 8) in a scratch folder and time them.
 
@@ -232,10 +223,7 @@ def _training_findings() -> list[Finding]:
     return findings
 
 
-# ----------------------------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------------------------
-
+# -- The report --------------------------------------------------------------------------------------
 def run_doctor(train_step: bool = True) -> list[Finding]:
     """Every check, in order; ``train_step=False`` skips the timed training (and the estimates)."""
     ranges = _declared_ranges()
@@ -244,8 +232,7 @@ def run_doctor(train_step: bool = True) -> list[Finding]:
     if any(f.name == "torch" and f.status != "fail" for f in findings):
         findings.append(_torch_finding())
     findings += [kernel_finding(), lab_extension_finding()]
-    ready = all(f.status != "fail" for f in findings if f.name in ("torch", "transformers", "peft",
-                                                                   "math-verify"))
+    ready = all(f.status != "fail" for f in findings if f.name in ("torch", "transformers", "peft", "math-verify"))
     if train_step and ready:
         findings += _training_findings()
     elif train_step:

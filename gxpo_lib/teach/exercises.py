@@ -65,10 +65,7 @@ def _say(ok: bool, text: str, function: Callable | None = None) -> Implementatio
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# The library's functions in the exercises' signatures, and the known slips
-# ----------------------------------------------------------------------------------------------------
-
+# -- The library's functions in the exercises' signatures, and the known slips -----------------------
 def _library_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
     return losses.policy_loss(logprobs, old_logprobs, advantages, mask, loss_type="token_mean", clip_eps=clip_eps)
 
@@ -202,10 +199,7 @@ SLIPS: dict[str, list[tuple[Callable, str]]] = {
 IMPLEMENTATIONS = tuple(SIGNATURES)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Seeded inputs, edge cases included
-# ----------------------------------------------------------------------------------------------------
-
+# -- Seeded inputs, edge cases included --------------------------------------------------------------
 def _cases(name: str, seed: int) -> list[tuple[str, tuple]]:
     """(label, arguments) for the value exercises; every tensor float64."""
     g = torch.Generator().manual_seed(seed)
@@ -289,10 +283,7 @@ def _step_problems(seed: int) -> list[tuple[str, Callable[[], tuple[list[torch.T
             ("a separable quadratic with r = -1 and r = 1 coordinates", separable)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Comparing
-# ----------------------------------------------------------------------------------------------------
-
+# -- Comparing ---------------------------------------------------------------------------------------
 def _clone(args: tuple) -> tuple:
     return tuple(a.clone() if torch.is_tensor(a) else a for a in args)
 
@@ -456,10 +447,7 @@ def implementation(fn: Callable | Any, name: str, fill: Any = False, seed: int =
     return _say(ok, f"your {name} matches {library_name} on {text}" if ok else text, fn if ok else None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Find the bug: three bugged rules beside the real one on the toy
-# ----------------------------------------------------------------------------------------------------
-
+# -- Find the bug: three bugged rules beside the real one on the toy ---------------------------------
 class NoCorrectiveStep(GXPO):
     """Bug: stops at theta~; the corrective step (pass 3) is missing, so each update takes 2 passes."""
 
@@ -628,5 +616,4 @@ def bug(answer: Any, fill: Any = False) -> CheckResult:
             parts.append(f"rule {i}: not ({letter}) {BUGS[letter]}; {_CLUES[truth]}")
     if ok:
         return _say(True, " | ".join(parts) + filled)
-    return _say(False, " | ".join(p if "not (" in p or "you gave" in p else p.split(":")[0] + ": right"
-                                  for p in parts))
+    return _say(False, " | ".join(p if "not (" in p or "you gave" in p else p.split(":")[0] + ": right" for p in parts))

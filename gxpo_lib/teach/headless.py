@@ -23,13 +23,8 @@ def find_notebooks(directory: Path | str = NOTEBOOK_DIR) -> list[Path]:
     return sorted(p for p in directory.glob("*.ipynb") if not p.name.startswith("."))
 
 
-def execute_notebook(
-    notebook: Path | str,
-    out_dir: Path | str,
-    parameters: dict[str, Any] | None = None,
-    timeout: int = 1800,
-    html: bool = True,
-) -> Path:
+def execute_notebook(notebook: Path | str, out_dir: Path | str, parameters: dict[str, Any] | None = None,
+                     timeout: int = 1800, html: bool = True) -> Path:
     """Execute one notebook with papermill into `out_dir` (its working directory too); returns the output.
 
     The executed copy keeps the notebook's name; with `html` an HTML copy that works offline is written
@@ -118,8 +113,7 @@ def run_all(out_dir: Path | str = "runs", directory: Path | str = NOTEBOOK_DIR,
             rows.append({"notebook": notebook.name, "ok": False, "seconds": time.perf_counter() - start,
                          "error": f"{type(error).__name__}: {str(error)[-500:]}"})
         row = rows[-1]
-        print(f"[gxpo] {notebook.name}: {'ok' if row['ok'] else 'FAILED'} in {row['seconds']:.1f} s",
-              flush=True)
+        print(f"[gxpo] {notebook.name}: {'ok' if row['ok'] else 'FAILED'} in {row['seconds']:.1f} s", flush=True)
     return rows
 
 

@@ -45,9 +45,7 @@ _WIDGET_NOTE = ("interactive widget: this static copy shows it as it was saved; 
                 "use it")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Figures and maths
-# ---------------------------------------------------------------------------------------------------
+# -- Figures and maths ------------------------------------------------------------------------------
 def figure_html(figure: dict[str, Any]) -> str:
     """A plotly figure (a dict with data and layout) as a div and the script that draws it; plotly.js
     itself must already be on the page."""
@@ -67,9 +65,7 @@ def tex_to_mathml(tex: str, display: bool = False) -> str:
         return f'<code class="tex">{html.escape(tex.strip())}</code>'
 
 
-# ---------------------------------------------------------------------------------------------------
-# Widgets
-# ---------------------------------------------------------------------------------------------------
+# -- Widgets ----------------------------------------------------------------------------------------
 def widget_html(model_id: str, state: dict[str, Any], depth: int = 0) -> str:
     """A static HTML snapshot of one widget model and its children, from a notebook's widget state."""
     entry = state.get(model_id)
@@ -150,9 +146,7 @@ def snapshot_widgets(nb) -> int:
     return count
 
 
-# ---------------------------------------------------------------------------------------------------
-# The notebook and the page
-# ---------------------------------------------------------------------------------------------------
+# -- The notebook and the page ----------------------------------------------------------------------
 def offline_notebook(nb):
     """A copy of `nb` whose outputs need no network: figures redrawn from their JSON, widgets as static
     snapshots, plotly's CDN loaders dropped, LaTeX outputs as MathML, carriage-return progress collapsed."""

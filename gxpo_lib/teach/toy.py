@@ -57,7 +57,6 @@ def _check_finite(name: str, value: Any, minimum: float = -math.inf, unit: str =
     return float(value)
 
 
-
 def _check_landscape(landscape: Any) -> Landscape:
     if not isinstance(landscape, Landscape):
         raise ValueError(f"landscape={landscape!r} is invalid: allowed a gxpo_lib.teach.toy.Landscape "
@@ -184,8 +183,7 @@ class Surge(Landscape):
         return self.base.loss(theta - self.shift if step >= self.at_step else theta, step)
 
 
-LANDSCAPES = {"diagonal": DiagonalQuadratic, "rotated": RotatedQuadratic, "logcosh": LogCosh,
-              "banana": Banana}
+LANDSCAPES = {"diagonal": DiagonalQuadratic, "rotated": RotatedQuadratic, "logcosh": LogCosh, "banana": Banana}
 
 
 def make_landscape(name: str, **kwargs: Any) -> Landscape:
@@ -435,8 +433,7 @@ def gate_snapshot(landscape: Landscape, theta0=None, lr: float = 0.3, k: int = 5
 
 
 # -- figures (plotly; imported lazily so the rest of this module needs only torch) ------------------------
-PATH_TRACES = ("loss", "true GD path", "GRPO", "SFPO", "GXPO probes", "GXPO jump", "GXPO corrective",
-               "theta_(K+1)")
+PATH_TRACES = ("loss", "true GD path", "GRPO", "SFPO", "GXPO probes", "GXPO jump", "GXPO corrective", "theta_(K+1)")
 
 
 def _xy(points: torch.Tensor) -> tuple[list[float | None], list[float | None]]:
@@ -554,8 +551,7 @@ def _scale_data(ks, r_clamp, snapshot=None) -> list[dict[str, Any]]:
     return traces
 
 
-def scale_figure(ks=(2, 3, 5, 10), r_clamp: tuple[float, float] = R_CLAMP, snapshot=None,
-                 widget: bool = False):
+def scale_figure(ks=(2, 3, 5, 10), r_clamp: tuple[float, float] = R_CLAMP, snapshot=None, widget: bool = False):
     """q(r) = S_K(r)/S_2(r) for each K: raw (dotted) and as the rule applies it (solid: r clamped to
     r_clamp, q clamped to [1, K/2 + 1]); with `snapshot` (lookahead_snapshot) this step's (r, q) per
     coordinate. Returns a go.Figure or go.FigureWidget."""
