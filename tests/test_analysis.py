@@ -70,7 +70,8 @@ def test_own_run_eval_rows_get_cumulative_passes_and_train_rows_the_jump_ratio(t
         handle.write('{"kind": "train", "st')  # a torn last line (killed mid-write) is skipped
     with pytest.warns(RuntimeWarning, match="torn last line"):
         run = load_run(folder)
-    assert [r["backward_passes"] for r in run.eval] == [0, 7]
+    assert [r["cumulative_backward_passes"] for r in run.eval] == [0, 7]
+    assert not any("backward_passes" in r for r in run.eval)     # one name per thing: no per-step count here
     assert [r["step"] for r in run.train] == [1, 2, 3]
     assert run.train[0]["jump_over_param_norm"] == pytest.approx(0.05)
     assert run.shutoff_step == 3            # gate closed during step 2: no extrapolation from step 3
@@ -128,7 +129,8 @@ def test_authors_flat_rows_map_onto_our_schema(tmp_path):
     [evaluation] = run.eval
     assert evaluation["step"] == 2 and evaluation["benchmark"] == MATH500
     assert evaluation["pass@1"] == 0.31 and evaluation["pass@16"] == 0.62       # the seed copy is skipped
-    assert evaluation["backward_passes"] == 5.0 and evaluation["seconds"] == 3000.0
+    assert evaluation["cumulative_backward_passes"] == 5.0 and evaluation["seconds"] == 3000.0
+    assert "backward_passes" not in evaluation
     assert evaluation["pass@1/math-ai/amc23"] == 0.11
     assert evaluation["pass@1/math-ai/minerva"] == 0.21      # test_score stands in where pass_at_1 is missing
     assert load_run(tmp_path, benchmark="amc").eval[0]["pass@1"] == 0.11
@@ -148,7 +150,8 @@ def test_verl_file_logger_rows_and_validation_only_rows(tmp_path):
     run = load_run(tmp_path, config={"seed": 7})
     assert run.algorithm == "grpo" and run.seed == 7
     assert [r["step"] for r in run.train] == [1, 2]                       # step 0 holds validation only
-    assert [(r["step"], r["pass@1"], r["pass@16"], r["backward_passes"], r["seconds"]) for r in run.eval] == \
+    assert [(r["step"], r["pass@1"], r["pass@16"], r["cumulative_backward_passes"], r["seconds"])
+            for r in run.eval] == \
         [(0, 0.30, 0.60, 0, 0.0), (2, 0.40, 0.70, 2, 1800.0)]
 
 
@@ -188,8 +191,8 @@ def test_band_over_three_seeds_equals_the_hand_computed_t_interval(tmp_path):
 def test_band_on_passes_interpolates_each_seed_inside_its_own_range(tmp_path):
     a = load_run(write_run(tmp_path / "a", evals=[(0, 0.0, 0.0, 0), (10, 1.0, 5.0, 30)]))
     b = load_run(write_run(tmp_path / "b", evals=[(0, 0.2, 0.0, 0), (10, 0.4, 5.0, 10)]))
-    df = band([a, b], "pass@1", x="backward_passes")
-    assert list(df["backward_passes"]) == [0, 10, 30] and list(df["n"]) == [2, 2, 1]
+    df = band([a, b], "pass@1", x="cumulative_backward_passes")
+    assert list(df["cumulative_backward_passes"]) == [0, 10, 30] and list(df["n"]) == [2, 2, 1]
     assert list(df["mean"]) == pytest.approx([0.1, (1 / 3 + 0.4) / 2, 1.0])
     assert math.isnan(df["lo"][2])                            # one seed left: no interval
     hours = band([a], "pass@1", x="hours")
@@ -202,8 +205,23 @@ def test_band_reads_train_rows_with_cumulative_passes(tmp_path):
     train = [{"step": 1, "backward_passes": 3, "cumulative_backward_passes": 3, "reward_mean": 0.25},
              {"step": 2, "backward_passes": 1, "cumulative_backward_passes": 4, "reward_mean": 0.75}]
     run = load_run(write_run(tmp_path / "r", "gxpo", train=train))
-    df = band([run], "reward_mean", x="backward_passes")
-    assert list(df["backward_passes"]) == [3, 4] and list(df["mean"]) == [0.25, 0.75]
+    df = band([run], "reward_mean", x="cumulative_backward_passes")
+    assert list(df["cumulative_backward_passes"]) == [3, 4] and list(df["mean"]) == [0.25, 0.75]
+
+
+def test_the_per_step_count_is_never_an_x_axis(tmp_path):
+    """``backward_passes`` is a step's own count: every function taking an x refuses it, naming the setting
+    and the cumulative name to use instead."""
+    run = load_run(write_run(tmp_path / "r", evals=[(0, 0.1, 0.0, 0), (10, 0.2, 5.0, 10)]))
+    calls = (lambda: analysis.curve(run, "pass@1", x="backward_passes"),
+             lambda: band([run], "pass@1", x="backward_passes"),
+             lambda: band([], "pass@1", x="backward_passes"),
+             lambda: analysis.plot_curves([run], xs=("step", "backward_passes")))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"xs?='backward_passes' is invalid: allowed .*use "
+                                             r"'cumulative_backward_passes'"):
+            call()
+    assert "backward_passes" not in analysis.X_CHOICES and "cumulative_backward_passes" in analysis.SPEEDUP_X
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,10 +256,10 @@ def test_speedup_table_on_hand_made_curves(tmp_path):
     df = speedup_table(load_runs(str(tmp_path)))
     rows = {r["algorithm"]: r for r in df.to_dict("records")}
     assert rows["grpo"]["status"] == "reference" and rows["grpo"]["target"] == pytest.approx(0.5)
-    assert (rows["grpo"]["ref_step"], rows["grpo"]["ref_backward_passes"]) == (30, 30)
+    assert (rows["grpo"]["ref_step"], rows["grpo"]["ref_cumulative_backward_passes"]) == (30, 30)
     assert rows["grpo"]["ref_cpu_seconds"] == pytest.approx(150)        # CPU seconds, not the wall clock
     gx = rows["gxpo"]
-    assert gx["status"] == "reached" and (gx["step"], gx["backward_passes"]) == (10, 30)
+    assert gx["status"] == "reached" and (gx["step"], gx["cumulative_backward_passes"]) == (10, 30)
     ratios = (gx["speedup_steps"], gx["speedup_backward_passes"], gx["speedup_cpu_seconds"])
     assert ratios == pytest.approx((3, 1, 1.5))
     sf = rows["sfpo"]
@@ -324,7 +342,7 @@ def test_activity_table_counts_extrapolating_steps_and_shutoffs_with_t_intervals
     assert (gx["active_steps_lo"], gx["active_steps_hi"]) == pytest.approx((max(0, 5 - half), min(8, 5 + half)))
     assert (gx["active_steps_lo"], gx["active_steps_hi"]) == (0, 8)
     assert gx["shutoff_step"] == 6 and gx["never_shut"] == 0         # no extrapolation from steps 5 and 7
-    assert gx["backward_passes"] == 25 and gx["cpu_seconds"] == 100  # (30 + 20) / 2 and (50 + 150) / 2
+    assert gx["cumulative_backward_passes"] == 25 and gx["cpu_seconds"] == 100  # (30 + 20) / 2, (50 + 150) / 2
     assert gx["cpu_seconds_lo"] == 0 and "seconds" not in df.columns   # time: CPU seconds, never below 0
     shown = analysis.format_activity(df.reset_index()).set_index("group")
     assert shown.loc["gxpo K=5 α=0.5 τ=0.5", "active steps"] == "5.0 [0.0, 8.0]"
@@ -332,6 +350,17 @@ def test_activity_table_counts_extrapolating_steps_and_shutoffs_with_t_intervals
     never = df.loc["gxpo K=5 α=0.5 τ=2.0"]
     assert never["never_shut"] == 1 and math.isnan(never["shutoff_step"]) and never["active_steps"] == 8
     assert df.loc["grpo", "active_steps"] == 0 and df.loc["grpo", "never_shut"] == 0
+
+
+def test_activity_table_keeps_the_per_step_count_apart_from_the_cumulative_one(tmp_path):
+    """``backward_passes_per_step``: the mean of the train rows' own counts; ``cumulative_backward_passes``:
+    the running total at the last evaluation."""
+    train = [{"step": 1, "backward_passes": 3, "cumulative_backward_passes": 3, "active": True},
+             {"step": 2, "backward_passes": 1, "cumulative_backward_passes": 4, "active": False}]
+    write_run(tmp_path / "gxpo0", "gxpo", 0, evals=[(0, 0.1, 0.0, 0), (2, 0.2, 4.0, 4)], train=train)
+    row = activity_table(load_runs(str(tmp_path))).iloc[0]
+    assert row["backward_passes_per_step"] == 2 and row["cumulative_backward_passes"] == 4
+    assert "backward_passes" not in row.index
 
 
 def test_speedup_with_the_authors_pass_at_16(tmp_path):
@@ -408,7 +437,7 @@ def test_figures_have_a_band_per_group_and_mark_the_shutoff(tmp_path):
              "param_norm": 100.0, "tau": 0.5, "gate_open": s < 2} for s, z in [(1, 0.1), (2, 0.9), (3, 0.0)]]
     runs = [load_run(write_run(tmp_path / f"gx{s}", "gxpo", s, evals=curve_rows([0.1, 0.2]), train=diag))
             for s in (0, 1)] + [load_run(write_run(tmp_path / "grpo", "grpo", evals=curve_rows([0.1, 0.3])))]
-    fig = analysis.plot_curves(runs, xs=("step", "backward_passes"))
+    fig = analysis.plot_curves(runs, xs=("step", "cumulative_backward_passes"))
     fills = [t for t in fig.data if t.fill == "toself"]
     lines = [t for t in fig.data if t.fill != "toself"]
     assert len(lines) == 4 and len(fills) == 2          # 2 groups x 2 panels; only GXPO has two seeds

@@ -94,7 +94,7 @@ def test_pass_at_k_table():
 
 def _curve(values, steps_per_eval=10, seconds_per_step=2.0, passes_per_step=1):
     return [{"step": (i + 1) * steps_per_eval, "seconds": (i + 1) * steps_per_eval * seconds_per_step,
-             "backward_passes": (i + 1) * steps_per_eval * passes_per_step, "value": v}
+             "cumulative_backward_passes": (i + 1) * steps_per_eval * passes_per_step, "value": v}
             for i, v in enumerate(values)]
 
 
@@ -105,7 +105,7 @@ def test_speedup_to_peak_on_hand_made_curves():
     assert out["target"] == 0.40
     assert out["step_reference"] == 40 and out["step_method"] == 20 and out["step_speedup"] == 2.0
     assert out["seconds_speedup"] == pytest.approx(80 / 60)
-    assert out["backward_passes_speedup"] == pytest.approx(40 / 60)
+    assert out["cumulative_backward_passes_speedup"] == pytest.approx(40 / 60)
 
 
 def test_speedup_not_reached_unsorted_and_errors():

@@ -171,8 +171,10 @@ def test_envelope_takes_the_best_lr_at_each_budget():
     env = verdict.envelope(records, "GRPO", [1e-4, 3e-4])
     assert [e["step"] for e in env] == [0, 5, 10, 15]
     assert env[-1]["lr"] == 3e-4 and env[-1]["pass@1"] == pytest.approx(0.47)
-    by_passes = verdict.envelope(records, "GXPO K=5", [1e-4, 3e-4], x="backward_passes")
-    assert by_passes[-1]["backward_passes"] == 45 and by_passes[-1]["pass@1"] == pytest.approx(0.52)
+    by_passes = verdict.envelope(records, "GXPO K=5", [1e-4, 3e-4], x="cumulative_backward_passes")
+    assert by_passes[-1]["cumulative_backward_passes"] == 45 and by_passes[-1]["pass@1"] == pytest.approx(0.52)
+    with pytest.raises(ValueError, match="x='backward_passes' is invalid: allowed .*'cumulative_backward_passes'"):
+        verdict.envelope(records, "GXPO K=5", [1e-4, 3e-4], x="backward_passes")   # a step's own count: no axis
 
 
 def test_horizon_family_keeps_200_step_runs_apart_from_60_step_runs():

@@ -23,9 +23,9 @@ def test_notebook02_runs_headless_and_stores_consistent_results(tmp_path):
     results = json.loads((tmp_path / "02_results.json").read_text())
     algos = results["algorithms"]
     assert set(algos) == {"grpo", "gxpo", "sfpo"}
-    assert algos["grpo"]["backward_passes"] == steps                 # one pass per step
-    assert algos["sfpo"]["backward_passes"] == steps * (3 + 1)       # K+1 with the official K = 3
-    assert steps < algos["gxpo"]["backward_passes"] <= 3 * steps + steps  # 3 while active (+1 per fallback)
+    assert algos["grpo"]["cumulative_backward_passes"] == steps                 # one pass per step
+    assert algos["sfpo"]["cumulative_backward_passes"] == steps * (3 + 1)       # K+1 with the official K = 3
+    assert steps < algos["gxpo"]["cumulative_backward_passes"] <= 3 * steps + steps  # 3 active (+1 per fallback)
     for algo in algos.values():
         assert 0 <= algo["initial_pass@1"] <= 1 and 0 <= algo["final_pass@1"] <= 1
     grpo = algos["grpo"]
@@ -114,7 +114,7 @@ def test_notebook02_replays_the_shipped_runs_by_default(tmp_path):
         run = analysis.load_run(shipped / Path(algo["folder"]).name)
         assert run.algorithm == name and run.config["steps"] == results["steps"] == len(run.train)
         assert (algo["initial_pass@1"], algo["final_pass@1"]) == (run.eval[0]["pass@1"], run.eval[-1]["pass@1"])
-        assert algo["backward_passes"] == run.eval[-1]["backward_passes"]
+        assert algo["cumulative_backward_passes"] == run.eval[-1]["cumulative_backward_passes"]
     assert any(line.startswith("GRPO: sampled pass@1") for line in results["verdict"])
     assert any("jump retreated" in line and "Notebook 05" in line for line in results["verdict"])  # alpha*q < 1
     assert (tmp_path / NOTEBOOK.name).stat().st_size < 5_000_000    # an executed copy stays small to share

@@ -2,7 +2,7 @@
 
     runs = load_runs("auto")                       # every folder under "." (depth <= 3) with a metrics.jsonl
     groups = group_runs(runs)                      # one group per setting, the seeds inside it
-    band(groups[0].runs, "pass@1", x="backward_passes")
+    band(groups[0].runs, "pass@1", x="cumulative_backward_passes")   # against backward passes spent
     speedup_table(runs, reference="grpo")          # GRPO's peak, how much sooner each method reaches it
     speedup_table(runs, resamples=2000)            # ... with intervals over seeds (seed bootstrap)
     final_table(runs)                              # pass@1 and pass@k per benchmark, with intervals
@@ -23,12 +23,14 @@ per method across the suite), `display` (long tables folded behind a short summa
 written (a folder from older code is re-exported under today's names by `gxpo_lib.analysis.shipped.export_runs`), and a
 setting a folder lacks takes today's default. `load_run` turns it into a `Run` whose rows use one schema:
 
-- train rows keep the trainer's names; ``backward_passes`` is the step's own count and
-  ``cumulative_backward_passes`` the running total; ``jump_over_param_norm`` (jump_norm / param_norm) is
+- one name per thing, everywhere (rows, tables, x axes): ``backward_passes`` is a step's own count (1 GRPO,
+  3 active GXPO, K+1 SFPO) and ``cumulative_backward_passes`` the running total; the x axis "against
+  backward passes" is ``x="cumulative_backward_passes"`` (``x="backward_passes"`` is refused);
+- train rows keep the trainer's names (both counts); ``jump_over_param_norm`` (jump_norm / param_norm) is
   added where both exist;
-- eval rows carry ``step``, ``backward_passes`` (**cumulative**; the trainer writes it as
-  ``cumulative_backward_passes``), ``seconds`` (cumulative *training* seconds: sampling + scoring +
-  update, evaluations excluded) and ``pass@1`` / ``pass@k`` (with ``pass@k_ci`` where the file has it).
+- eval rows carry ``step``, ``cumulative_backward_passes`` (no per-step count: an evaluation takes no
+  step), ``seconds`` (cumulative *training* seconds: sampling + scoring + update, evaluations excluded)
+  and ``pass@1`` / ``pass@k`` (with ``pass@k_ci`` where the file has it).
 """
 
 from gxpo_lib.analysis.authors import AUTHORS_TRAIN_KEYS

@@ -207,7 +207,8 @@ def _map_authors_train(row: dict) -> dict | None:
 def _authors_eval_row(row: dict, values: dict, chosen: str, last: dict) -> dict:
     """Our eval row from an authors' row: the chosen source's pass@k plus every source's, tagged."""
     out: dict[str, Any] = {"kind": "eval", "step": row["step"], "benchmark": chosen,
-                           "backward_passes": last["cumulative_backward_passes"], "seconds": last["seconds"]}
+                           "cumulative_backward_passes": last["cumulative_backward_passes"],
+                           "seconds": last["seconds"]}
     for k, value in sorted(values[chosen].items()):
         out[f"pass@{k}"] = value
     for source, ks in values.items():

@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from gxpo_lib.analysis.palette import method_colors, rgba
 from gxpo_lib.analysis.records import Run, is_number
 from gxpo_lib.analysis.runs import DEFAULT_BY, Group, group_runs
-from gxpo_lib.analysis.stats import band, clip_interval, metric_range, x_value
+from gxpo_lib.analysis.stats import X_CHOICES, band, check_x, clip_interval, metric_range, x_value
 
 RENDERER = "plotly_mimetype+notebook_connected"
 _X_TITLES = {"step": "step", "seconds": "training seconds (wall clock)", "cpu_seconds": "training CPU seconds",
              "hours": "training hours (wall clock)", "cpu_hours": "training CPU hours",
-             "backward_passes": "backward passes (cumulative)"}
-_INTEGER_X = ("step", "backward_passes")
+             "cumulative_backward_passes": "backward passes (cumulative)"}
+_INTEGER_X = ("step", "cumulative_backward_passes")
 _LEGEND = {"orientation": "h", "y": -0.25, "yanchor": "top"}
 _LEGEND_CHARS = 32
 
@@ -93,16 +93,20 @@ def band_traces(df, x: str, color: str, name: str, group: str, showlegend: bool 
 # Curves over seeds
 # ---------------------------------------------------------------------------------------------------
 def plot_curves(runs: Sequence[Run], metric: str = "pass@1",
-                xs: Sequence[str] = ("step", "cpu_seconds", "backward_passes"), by: Sequence[str] = DEFAULT_BY,
+                xs: Sequence[str] = ("step", "cpu_seconds", "cumulative_backward_passes"),
+                by: Sequence[str] = DEFAULT_BY,
                 interval: str = "t", rows: str = "auto", single_run_interval: bool = False):
     """`metric` against each x in `xs`, one line per group (the mean over seeds) with its interval shaded,
     clipped to the metric's range (`stats.metric_range`: pass@1 in [0, 1]).
 
     A group of one run has no interval over seeds; with `single_run_interval` its band is the run's own
-    95% bootstrap interval over the evaluation problems (``<metric>_ci`` in its eval rows).
+    95% bootstrap interval over the evaluation problems (``<metric>_ci`` in its eval rows). Each x is one
+    of `stats.X_CHOICES` (against backward passes: ``"cumulative_backward_passes"``).
     """
     from plotly.subplots import make_subplots
 
+    for x in xs:
+        check_x(x, X_CHOICES, "xs")
     groups = group_runs(runs, by)
     colors = group_colors(groups)
     fig = make_subplots(rows=1, cols=len(xs), shared_yaxes=True,
@@ -136,7 +140,7 @@ def _own_interval(run: Run, metric: str, x: str, df):
     """A one-run band with the run's stored interval over problems (eval rows' ``<metric>_ci``)."""
     bounds = {}
     for row in run.eval:
-        where, ci = x_value(row, x, "eval"), row.get(f"{metric}_ci")
+        where, ci = x_value(row, x), row.get(f"{metric}_ci")
         if is_number(where) and isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(is_number, ci)):
             bounds[float(where)] = clip_interval(float(ci[0]), float(ci[1]), *metric_range(metric))
     df = df.copy()
@@ -278,7 +282,7 @@ def plot_training(run: Run):
     evals = [r for r in run.eval if is_number(r.get("pass@1"))]
     cis = [clip_interval(*(r.get("pass@1_ci") or [r["pass@1"], r["pass@1"]]), 0.0, 1.0) for r in evals]
     fig.add_trace(go.Scatter(
-        x=[r.get("backward_passes") for r in evals], y=[r["pass@1"] for r in evals], mode="lines+markers",
+        x=[r.get("cumulative_backward_passes") for r in evals], y=[r["pass@1"] for r in evals], mode="lines+markers",
         name="validation pass@1", error_y={"type": "data", "symmetric": False,
                                            "array": [hi - r["pass@1"] for r, (_, hi) in zip(evals, cis)],
                                            "arrayminus": [r["pass@1"] - lo for r, (lo, _) in zip(evals, cis)]}),
@@ -288,7 +292,7 @@ def plot_training(run: Run):
                              name="gate z"), row=1, col=3)
     if gated:
         _mark_gate(fig, run, "red", col=3)
-    steps, passes = [r.get("step") for r in run.train], [r.get("backward_passes") for r in evals]
+    steps, passes = [r.get("step") for r in run.train], [r.get("cumulative_backward_passes") for r in evals]
     for col, (x_title, y_title, ticks) in enumerate((("step", "reward", steps),
                                                      ("backward passes (cumulative)", "pass@1", passes),
                                                      ("step", "z-score", steps)), start=1):

@@ -60,15 +60,10 @@ def load_run(folder: str | Path, benchmark: str | None = None, config: Mapping[s
 
 
 def _load_own_run(folder: Path, rows: list[dict], summary: dict) -> Run:
-    """A folder written by gxpo_lib (either trainer): rows split by kind, eval x-values made cumulative."""
+    """A folder written by gxpo_lib (either trainer): rows split by kind, kept under the trainer's names."""
     config = _DEFAULTS | read_config(folder)
     train = [_with_jump_ratio(dict(r)) for r in rows if r.get("kind") == "train"]
-    evals = []
-    for row in (r for r in rows if r.get("kind") == "eval"):
-        row = dict(row)
-        if "cumulative_backward_passes" in row:   # eval rows count passes cumulatively
-            row["backward_passes"] = row["cumulative_backward_passes"]
-        evals.append(row)
+    evals = [dict(r) for r in rows if r.get("kind") == "eval"]   # cumulative_backward_passes as written
     final = read_final_eval(folder)
     if not final:  # an older folder: rebuild from the final_eval rows
         final = {r["benchmark"]: {k: v for k, v in r.items() if k not in ("kind", "benchmark", "step")}

@@ -18,15 +18,30 @@ import numpy as np
 from gxpo_lib.analysis.records import Run, is_number, mean_or_none, nan_if_none
 from gxpo_lib.analysis.runs import DEFAULT_BY, Group, group_runs
 from gxpo_lib.rl.evaluation import bootstrap_ci, speedup_to_peak
+from gxpo_lib.validation import check_choice
 
-X_CHOICES = ("step", "seconds", "cpu_seconds", "hours", "cpu_hours", "backward_passes")
-SPEEDUP_X = ("step", "cpu_seconds", "backward_passes")   # time is the runs' own CPU seconds: load-robust
+# x axes: ``backward_passes`` is each step's own count (1 GRPO, 3 active GXPO, K+1 SFPO), never an axis;
+# ``cumulative_backward_passes`` is the running total, the axis "against backward passes".
+X_CHOICES = ("step", "seconds", "cpu_seconds", "hours", "cpu_hours", "cumulative_backward_passes")
+SPEEDUP_X = ("step", "cpu_seconds", "cumulative_backward_passes")   # time: the runs' own CPU seconds (load-robust)
 _PASS_KEY = re.compile(r"^pass@(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Curves and seed bands
 # ---------------------------------------------------------------------------------------------------
+def check_x(x: str, choices: Sequence[str] = X_CHOICES, name: str = "x") -> str:
+    """`x` if it is one of `choices`, else ValueError naming the setting; the per-step ``backward_passes``
+    gets a pointer to ``cumulative_backward_passes`` (the running total, the only passes axis)."""
+    try:
+        return check_choice(name, x, choices)
+    except ValueError as error:
+        if x == "backward_passes" and "cumulative_backward_passes" in choices:
+            raise ValueError(f"{error} (backward_passes is each step's own count; use "
+                             "'cumulative_backward_passes' for the running total)") from None
+        raise
+
+
 def curve(run: Run, metric: str, x: str = "step", rows: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of one run, sorted by x, rows without a finite value dropped.
 
@@ -34,17 +49,17 @@ def curve(run: Run, metric: str, x: str = "step", rows: str = "auto") -> tuple[n
         metric: a row key, e.g. ``"pass@1"`` (eval rows) or ``"reward_mean"`` (train rows).
         x: ``"step"``, ``"seconds"`` (training wall-clock), ``"cpu_seconds"`` (the training process's CPU
             time, where the trainer logs it: what the method cost whatever else loaded the machine),
-            ``"hours"``, ``"cpu_hours"`` or ``"backward_passes"`` (always cumulative).
+            ``"hours"``, ``"cpu_hours"`` or ``"cumulative_backward_passes"`` (the running total; train and
+            eval rows both carry it).
         rows: ``"eval"``, ``"train"`` or ``"auto"`` (eval rows if any holds `metric`, else train rows).
     """
-    if x not in X_CHOICES:
-        raise ValueError(f"x={x!r} is invalid: allowed one of {X_CHOICES}")
+    check_x(x)
     if rows not in ("auto", "eval", "train"):
         raise ValueError(f"rows={rows!r} is invalid: allowed 'auto', 'eval' or 'train'")
     if rows == "auto":
         rows = "eval" if any(is_number(r.get(metric)) for r in run.eval) else "train"
     source = run.eval if rows == "eval" else run.train
-    points = [(x_value(r, x, rows), r.get(metric)) for r in source]
+    points = [(x_value(r, x), r.get(metric)) for r in source]
     points = sorted((float(a), float(b)) for a, b in points if is_number(a) and is_number(b))
     if not points:
         return np.zeros(0), np.zeros(0)
@@ -52,13 +67,11 @@ def curve(run: Run, metric: str, x: str = "step", rows: str = "auto") -> tuple[n
     return xs, ys
 
 
-def x_value(row: dict, x: str, rows: str):
-    """A row's position on the x axis; train rows count passes cumulatively, like eval rows."""
+def x_value(row: dict, x: str):
+    """A row's position on the x axis (hours from seconds; every other x is the row's own key)."""
     if x in ("hours", "cpu_hours"):
         seconds = row.get("seconds" if x == "hours" else "cpu_seconds")
         return seconds / 3600.0 if is_number(seconds) else None
-    if x == "backward_passes" and rows == "train":
-        return row.get("cumulative_backward_passes")
     return row.get(x)
 
 
@@ -147,6 +160,7 @@ def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t",
     """
     import pandas as pd
 
+    check_x(x)
     if interval not in ("t", "bootstrap"):
         raise ValueError(f"interval={interval!r} is invalid: allowed 't' or 'bootstrap'")
     curves = [c for c in (curve(run, metric, x, rows) for run in runs) if c[0].size]
@@ -163,9 +177,9 @@ def band(runs: Sequence[Run], metric: str, x: str = "step", interval: str = "t",
 
 
 def seed_mean_curve(runs: Sequence[Run], metric: str = "pass@1", include_initial: bool = False) -> list[dict]:
-    """Evaluations averaged over seeds per step: metric, seconds, CPU seconds and backward passes are each
-    the mean over the runs, at the steps every run evaluated (the step-0 evaluation only with
-    `include_initial`); ``cpu_seconds`` is None where a run did not log it."""
+    """Evaluations averaged over seeds per step: metric, seconds, CPU seconds and cumulative backward passes
+    (``cumulative_backward_passes``) are each the mean over the runs, at the steps every run evaluated (the
+    step-0 evaluation only with `include_initial`); ``cpu_seconds`` is None where a run did not log it."""
     per_run = [{r["step"]: r for r in run.eval if is_number(r.get(metric))} for run in runs]
     if not per_run:
         return []
@@ -179,9 +193,9 @@ def seed_mean_curve(runs: Sequence[Run], metric: str = "pass@1", include_initial
             "step": step, metric: float(np.mean([r[metric] for r in rows])),
             "seconds": mean_or_none([r.get("seconds") for r in rows]),
             "cpu_seconds": mean_or_none([r.get("cpu_seconds") for r in rows]),
-            "backward_passes": mean_or_none([r.get("backward_passes") for r in rows]),
+            "cumulative_backward_passes": mean_or_none([r.get("cumulative_backward_passes") for r in rows]),
         })
-    return [r for r in curve_rows if r["seconds"] is not None and r["backward_passes"] is not None]
+    return [r for r in curve_rows if r["seconds"] is not None and r["cumulative_backward_passes"] is not None]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,8 +227,8 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
 
     Returns:
         A DataFrame, one row per group: ``group, algorithm, seeds, reference, target``, the reference's
-        ``ref_step, ref_cpu_seconds, ref_backward_passes``, the method's ``step, cpu_seconds,
-        backward_passes`` (NaN if not reached), ``speedup_steps, speedup_cpu_seconds,
+        ``ref_step, ref_cpu_seconds, ref_cumulative_backward_passes``, the method's ``step, cpu_seconds,
+        cumulative_backward_passes`` (NaN if not reached), ``speedup_steps, speedup_cpu_seconds,
         speedup_backward_passes`` and ``status``:
         ``"reference"``, ``"reached"``, ``"not reached"``, ``"no evaluations"`` or ``"no reference"`` (no
         matching reference run; ``note`` then names the settings that differ from the first reference
@@ -250,10 +264,10 @@ def speedup_table(runs: Sequence[Run], reference: str = "grpo", metric: str = "p
 
 
 _SPEEDUP_COLUMNS = ["group", "algorithm", "seeds", "reference", "target", "ref_step", "ref_cpu_seconds",
-                    "ref_backward_passes", "step", "cpu_seconds", "backward_passes", "speedup_steps",
-                    "speedup_cpu_seconds", "speedup_backward_passes", "status", "note"]
+                    "ref_cumulative_backward_passes", "step", "cpu_seconds", "cumulative_backward_passes",
+                    "speedup_steps", "speedup_cpu_seconds", "speedup_backward_passes", "status", "note"]
 # speed-up column suffix -> the x key of `speedup_to_peak`
-_RATIO_X = {"steps": "step", "cpu_seconds": "cpu_seconds", "backward_passes": "backward_passes"}
+_RATIO_X = {"steps": "step", "cpu_seconds": "cpu_seconds", "backward_passes": "cumulative_backward_passes"}
 _INTERVAL_COLUMNS = [f"speedup_{name}_{end}" for name in _RATIO_X for end in ("lo", "hi")] + ["reached_share"]
 
 
@@ -329,13 +343,13 @@ def _speedup_row(group: Group, ref: Group | None, metric: str, include_initial: 
     reached = result["step_method"] is not None
     row.update(target=result["target"], ref_step=result["step_reference"],
                ref_cpu_seconds=nan_if_none(result.get("cpu_seconds_reference")),
-               ref_backward_passes=result["backward_passes_reference"])
+               ref_cumulative_backward_passes=result["cumulative_backward_passes_reference"])
     if reached:
         row.update(step=result["step_method"], cpu_seconds=nan_if_none(result.get("cpu_seconds_method")),
-                   backward_passes=result["backward_passes_method"],
+                   cumulative_backward_passes=result["cumulative_backward_passes_method"],
                    speedup_steps=nan_if_none(result["step_speedup"]),
                    speedup_cpu_seconds=nan_if_none(result.get("cpu_seconds_speedup")),
-                   speedup_backward_passes=nan_if_none(result["backward_passes_speedup"]))
+                   speedup_backward_passes=nan_if_none(result["cumulative_backward_passes_speedup"]))
     row["status"] = "reference" if is_ref else "reached" if reached else "not reached"
     return row
 
@@ -390,9 +404,11 @@ def activity_table(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, level: f
 
     Per group: ``steps`` (train rows per run, mean), ``active_steps`` (steps whose update extrapolated:
     train rows with ``active``), ``shutoff_step`` (the first step without extrapolation, over the runs whose
-    gate shut), ``never_shut`` (runs whose gate stayed open to the end), and the cost to the last
-    evaluation: ``backward_passes`` (cumulative) and ``cpu_seconds`` (the training process's CPU seconds:
-    sampling, scoring and update, whatever else loaded the machine; NaN where a run did not log them).
+    gate shut), ``never_shut`` (runs whose gate stayed open to the end), ``backward_passes_per_step`` (the
+    mean of the train rows' own ``backward_passes``: 1 for GRPO, 3 per active GXPO step, K+1 for SFPO), and the
+    cost to the last evaluation: ``cumulative_backward_passes`` and ``cpu_seconds`` (the training process's
+    CPU seconds: sampling, scoring and update, whatever else loaded the machine; NaN where a run did not
+    log them).
     Each numeric column has ``_lo`` / ``_hi`` bounds (NaN with one seed), clipped to what the quantity can
     be: a t interval is symmetric, but no run extrapolates more steps than it has (0 <= active_steps <=
     steps), passes lie between steps x the cheapest and steps x the dearest step a run took, and times
@@ -411,9 +427,12 @@ def activity_table(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, level: f
             "active_steps": ([sum(bool(t.get("active")) for t in r.train) for r in group.runs], (0.0, most)),
             "shutoff_step": ([r.shutoff_step for r in group.runs if r.shutoff_step is not None],
                              (1.0, float(most))),
-            "backward_passes": ([r.eval[-1].get("backward_passes") for r in group.runs if r.eval],
-                                (min(steps, default=0) * min(per_step), most * max(per_step)) if per_step
-                                else (0.0, math.inf)),
+            "backward_passes_per_step": ([_mean_passes(r) for r in group.runs],
+                                         (min(per_step), max(per_step)) if per_step else (0.0, math.inf)),
+            "cumulative_backward_passes": ([r.eval[-1].get("cumulative_backward_passes") for r in group.runs
+                                            if r.eval],
+                                           (min(steps, default=0) * min(per_step), most * max(per_step))
+                                           if per_step else (0.0, math.inf)),
             "cpu_seconds": ([r.eval[-1].get("cpu_seconds") for r in group.runs if r.eval], (0.0, math.inf)),
         }
         row: dict[str, Any] = {"group": group.label, "algorithm": group.algorithm, "seeds": len(group.runs)}
@@ -425,6 +444,12 @@ def activity_table(runs: Sequence[Run], by: Sequence[str] = DEFAULT_BY, level: f
             sum(r.shutoff_step is None for r in group.runs)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _mean_passes(run: Run) -> float | None:
+    """The mean of a run's per-step ``backward_passes`` over its train rows (None if none logs it)."""
+    values = [r["backward_passes"] for r in run.train if is_number(r.get("backward_passes"))]
+    return float(np.mean(values)) if values else None
 
 
 def final_table(runs: Sequence[Run], by: Sequence[str] | None = None, level: float = 0.95):
@@ -542,7 +567,8 @@ def format_activity(df):
     shown = df[["group", "seeds"]].copy()
     for name, heading, digits in (("steps", "steps", 1), ("active_steps", "active steps", 1),
                                   ("shutoff_step", "gate shut at step", 1),
-                                  ("backward_passes", "backward passes", 1), ("cpu_seconds", "CPU seconds", 0)):
+                                  ("cumulative_backward_passes", "backward passes (cumulative)", 1),
+                                  ("cpu_seconds", "CPU seconds", 0)):
         cells = []
         for mean, lo, hi in zip(df[name], df[f"{name}_lo"], df[f"{name}_hi"]):
             if not is_number(mean):

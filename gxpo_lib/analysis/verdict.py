@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gxpo_lib.analysis.inference import equivalence, holm, paired_difference, two_level_bootstrap
+from gxpo_lib.analysis.stats import check_x
 from gxpo_lib.rl import runlog
 
 MARGIN = 0.02            # the pre-registered equivalence margin, pass@1
@@ -265,7 +266,8 @@ def seed_mean_curve(records_by_seed: dict[int, dict], seeds: Sequence[int] | Non
     for i, step in enumerate(steps):
         rows = [c["eval"][i] for c in chosen]
         curve.append({"step": step, "pass@1": float(np.mean([r["pass@1"] for r in rows])),
-                      "backward_passes": float(np.mean([r.get("cumulative_backward_passes", 0) for r in rows])),
+                      "cumulative_backward_passes": float(np.mean([r.get("cumulative_backward_passes", 0)
+                                                                   for r in rows])),
                       "cpu_seconds": float(np.mean([r.get("cpu_seconds", 0.0) for r in rows]))})
     return curve
 
@@ -277,7 +279,7 @@ def speedup(reference: dict[int, dict], method: dict[int, dict], draws: int = 10
     from gxpo_lib.rl.evaluation import speedup_to_peak
 
     seeds = sorted(set(reference) & set(method))
-    keys = ("step", "backward_passes")
+    keys = ("step", "cumulative_backward_passes")
 
     def hit(ref_seeds, meth_seeds, meth):
         return speedup_to_peak(seed_mean_curve(reference, ref_seeds), seed_mean_curve(meth, meth_seeds),
@@ -296,7 +298,7 @@ def speedup(reference: dict[int, dict], method: dict[int, dict], draws: int = 10
         baseline += hit(chosen, list(rng.choice(seeds, len(seeds))), reference)["step_speedup"] is not None
     interval = tuple(float(v) for v in np.quantile(ratios, [0.025, 0.975])) if ratios else None
     return {"target": point["target"], "step_method": point["step_method"], "speedup_steps": point["step_speedup"],
-            "speedup_passes": point["backward_passes_speedup"], "interval": interval,
+            "speedup_passes": point["cumulative_backward_passes_speedup"], "interval": interval,
             "reached_share": reached / draws, "baseline_share": baseline / draws}
 
 
@@ -370,10 +372,14 @@ def step_size_points(records: Sequence[dict[str, Any]], sgd: bool = False,
     return points
 
 
+ENVELOPE_X = ("step", "cumulative_backward_passes")
+
+
 def envelope(records: Sequence[dict[str, Any]], arm_name: str, lrs: Sequence[float], x: str = "step",
              steps: int = 60) -> list[dict[str, float]]:
-    """Best over lrs of the seed-mean validation pass@1 at each x (`step`, or cumulative `backward_passes`
+    """Best over lrs of the seed-mean validation pass@1 at each x (`step`, or `cumulative_backward_passes`
     where every lr's curve holds its last value between evaluations), with the lr that gives it."""
+    check_x(x, ENVELOPE_X)
     curves = {lr: seed_mean_curve(c) for lr in lrs if (c := cell(records, arm_name, lr, steps))}
     if not curves:
         return []
@@ -415,11 +421,11 @@ def equal_passes(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     grpo = seed_mean_curve(cell(records, "GRPO", grpo_lr, 60))
     gxpo = seed_mean_curve(cell(records, "GXPO K=5", gxpo_lr, 60))
-    budget = grpo[-1]["backward_passes"]
-    within = [row for row in gxpo if row["backward_passes"] <= budget]
+    budget = grpo[-1]["cumulative_backward_passes"]
+    within = [row for row in gxpo if row["cumulative_backward_passes"] <= budget]
     return {"grpo_lr": grpo_lr, "gxpo_lr": gxpo_lr, "passes": budget, "grpo": grpo[-1]["pass@1"],
             "gxpo_step": within[-1]["step"], "gxpo": within[-1]["pass@1"],
-            "gxpo_passes": within[-1]["backward_passes"]}
+            "gxpo_passes": within[-1]["cumulative_backward_passes"]}
 
 
 def speedup_markdown(rows: Sequence[dict[str, Any]]) -> str:

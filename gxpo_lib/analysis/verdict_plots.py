@@ -91,7 +91,7 @@ def plot_envelopes(records: Sequence[dict[str, Any]]):
     arms = {"GRPO": verdict.GRPO_LEARNING_RATES, "GXPO K=5": verdict.LEARNING_RATES}
     colors = method_colors(arms)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=["against steps", "against backward passes"])
-    for col, x in enumerate(("step", "backward_passes"), start=1):
+    for col, x in enumerate(verdict.ENVELOPE_X, start=1):
         for name, lrs in arms.items():
             env = verdict.envelope(records, name, lrs, x=x)
             fig.add_trace(go.Scatter(x=[e[x] for e in env], y=[e["pass@1"] for e in env], mode="lines",
@@ -114,7 +114,7 @@ def plot_horizon(records: Sequence[dict[str, Any]], lr: float):
     names = ["GRPO", "GXPO K=5", verdict.matched_arm(records, lr) or "(matched: pending)"]
     colors = method_colors(names)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=["against steps", "against backward passes"])
-    for col, x in enumerate(("step", "backward_passes"), start=1):
+    for col, x in enumerate(verdict.ENVELOPE_X, start=1):
         for name in names:
             runs = verdict.cell(records, name, lr, verdict.HORIZON_STEPS)
             if not runs:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-X_KEYS = ("step", "seconds", "backward_passes")
+X_KEYS = ("step", "seconds", "cumulative_backward_passes")   # budgets spent up to an evaluation
 CORRECT_THRESHOLD = 0.95  # a reward at or above this counts as solved (the authors' threshold)
 
 
@@ -128,9 +128,11 @@ def speedup_to_peak(
 
     Args:
         reference_curve, method_curve: evaluation records, e.g. ``{"step": 50, "seconds": 812.0,
-            "backward_passes": 150, "value": 0.41}``; each needs ``metric`` and every key of ``x_keys``.
+            "cumulative_backward_passes": 150, "value": 0.41}``; each needs ``metric`` and every key of
+            ``x_keys``.
         metric: the validation metric's key.
-        x_keys: the budgets to compare (steps, wall-clock seconds, backward passes).
+        x_keys: the budgets to compare (steps, wall-clock seconds, backward passes so far: the running
+            total, as eval rows carry it).
 
     Returns:
         ``{"target": best reference value, "<x>_reference": ..., "<x>_method": ..., "<x>_speedup": ...}``

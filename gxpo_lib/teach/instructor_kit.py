@@ -246,8 +246,8 @@ def _nb02(lr: float) -> dict[str, dict[str, Any]]:
         ev = run.eval
         peak = max(ev, key=lambda r: r["pass@1"])
         out[algorithm] = {"first": ev[0]["pass@1"], "last": ev[-1]["pass@1"], "peak": peak["pass@1"],
-                          "peak_step": peak["step"], "passes": ev[-1]["backward_passes"], "steps": ev[-1]["step"],
-                          **({} if algorithm == "grpo" else analysis.mechanism_summary(run))}
+                          "peak_step": peak["step"], "passes": ev[-1]["cumulative_backward_passes"],
+                          "steps": ev[-1]["step"], **({} if algorithm == "grpo" else analysis.mechanism_summary(run))}
     return out
 
 
