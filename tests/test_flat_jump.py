@@ -43,3 +43,20 @@ def test_masked_scale_is_retention_then_geometric_scale_bit_for_bit(dtype, block
     assert torch.equal(mask, active.to(dtype))
     assert (n_active.item(), n_clamped.item()) == (active.sum().item(), clamped.sum().item())
     assert 0 < n_clamped.item() < n_active.item() < x0.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [7, 1 << 16])
+@pytest.mark.parametrize("k,clamp,scales", [(5, True, (1.0, 1.0)), (4, False, (0.3, 0.7)), (2, True, (1.0, 1.0))])
+def test_masked_scale_without_keeping_the_mask_changes_no_bit(dtype, block, k, clamp, scales, monkeypatch):
+    """keep_mask=False (the jump's use: mask, complement and raw ratio reuse their first block) gives the same r,
+    q and counts, bit for bit, and no mask."""
+    monkeypatch.setattr(flat_jump, "BLOCK", block)
+    x0, x1 = probes(dtype)
+    args = (x0, x1, 1e-8, (-1.5, 2.5), k, 1e-8, scales, clamp)
+    kept = flat_jump.masked_scale(*args, [torch.empty_like(x0) for _ in range(5)])
+    lean = flat_jump.masked_scale(*args, [torch.full_like(x0, float("nan")) for _ in range(5)], keep_mask=False)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert lean[0] is None
+    assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip(kept[1:3], lean[1:3]))
+    assert [t.item() for t in kept[3:]] == [t.item() for t in lean[3:]]

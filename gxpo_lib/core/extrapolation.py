@@ -224,10 +224,15 @@ class FlatLayout:
             out.append(flats[g][offset:offset + p.numel()].view(p.shape))
         return out
 
-    def gather(self, c: int) -> torch.Tensor:
-        """The live parameter values of chunk c, flat (a view when the chunk lies in one parameter)."""
+    def gather(self, c: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The live parameter values of chunk c, flat (a view when the chunk lies in one parameter); `out`: a
+        buffer at least as long to copy them into (converted to its dtype) instead of a new tensor."""
         parts = self.slices[c]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if len(parts) == 1 or out is None:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = out[:sum(self.lengths[c])]
+        torch._foreach_copy_(list(out.split(self.lengths[c])), parts)
+        return out
 
     def scatter(self, c: int, values: torch.Tensor) -> None:
         """Write chunk c's flat values into the live parameters."""

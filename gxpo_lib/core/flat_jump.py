@@ -77,7 +77,7 @@ def count(mask: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor
 
 def masked_scale(x0: torch.Tensor, x1: torch.Tensor, threshold: float | torch.Tensor,
                  r_clamp: tuple[float, float], k: int, delta: float, scales: tuple[float, float], clamp: bool,
-                 out: list[torch.Tensor]):
+                 out: list[torch.Tensor], keep_mask: bool = True):
     """r and q of one chunk: `retention` (with an activity threshold), then `geometric_scale` (Horner form),
     then q = 1 on the inactive coordinates; on a CPU block by block (`blocks`).
 
@@ -86,17 +86,19 @@ def masked_scale(x0: torch.Tensor, x1: torch.Tensor, threshold: float | torch.Te
         threshold: active iff |x0| > threshold: a float, or a tensor [n] or 0-dim (V5's relative set).
         scales: (s0, s1), the clip factors of retention="clip_corrected" ((1, 1) otherwise).
         out: five [n] work buffers (`Scratch.take`); the results live in them.
+        keep_mask: keep the whole mask in out[0]; without it the three per-block buffers (mask, its complement,
+            the raw ratio) reuse their first block, which then stays in the cache, and active is None.
     Returns:
-        (active, r, q, n_active, clamped): active [n] 0/1; r [n] as `retention` gives it (inactive coordinates
+        (active, r, q, n_active, clamped): active [n] 0/1 (or None); r [n] as `retention` gives it (inactive coordinates
         included); q [n] (1 where inactive); n_active and clamped: 0-dim float64 counts (no device sync).
     """
     counts = []
     for a, b in blocks(x0):
         part = threshold[a:b] if torch.is_tensor(threshold) and threshold.dim() else threshold
-        views = [o[a:b] for o in out]
+        views = [out[0][a:b] if keep_mask else out[0][:b - a], out[1][:b - a], out[2][:b - a], out[3][a:b], out[4][a:b]]
         counts += _scale_block(x0[a:b], x1[a:b], part, r_clamp, k, delta, scales, clamp, views)
     n_active, clamped = torch.stack(counts).view(-1, 2).to(torch.float64).sum(0)
-    return out[0], out[3], out[4], n_active, clamped
+    return out[0] if keep_mask else None, out[3], out[4], n_active, clamped
 
 
 def blocks(x: torch.Tensor) -> list[tuple[int, int]]:
@@ -123,7 +125,7 @@ def _scale_block(x0: torch.Tensor, x1: torch.Tensor, threshold: float | torch.Te
     active, inactive, raw, r, q = out
     # activity as 0/1 floats, and a divisor that is x0 where active and 1 elsewhere
     torch.gt(torch.abs(x0, out=active), threshold, out=active)
-    torch.neg(active, out=inactive).add_(1.0)
+    torch.eq(active, 0.0, out=inactive)
     torch.addcmul(inactive, x0, active, out=raw)
     # raw = where(active, x1 / x0, 1) * (s1 / s0); r = its clamp; count what the clamp changed; NaN -> 1
     torch.addcmul(inactive, torch.div(x1, raw, out=raw), active, out=raw)
@@ -134,8 +136,11 @@ def _scale_block(x0: torch.Tensor, x1: torch.Tensor, threshold: float | torch.Te
     r.nan_to_num_(nan=1.0)
     # q = S_K(r) / S_2(r) by Horner's rule; 1 where |S_2| <= delta or q is not finite; clamped to [1, K/2 + 1]
     s_2 = torch.add(r, 1.0, out=raw)
-    q.copy_(s_2)
-    for _ in range(k - 2):
+    if k == 2:
+        q.copy_(s_2)
+    else:  # the first Horner step out of place, q = s_2 r + 1: the bits of q = s_2 then q = q r + 1
+        torch.mul(s_2, r, out=q).add_(1.0)
+    for _ in range(k - 3):
         q.mul_(r).add_(1.0)
     q.div_(s_2)
     if delta >= torch.finfo(q.dtype).eps / 2:  # |S_2| <= delta holds off r = -1 too: q = 1 there

@@ -552,13 +552,14 @@ class GXPO(_GatedRule):
         q_bar = self._mean_active_q(context, scratch) if self.q_mode == "scalar" else None
         rows, counts, q_max = [], [], []
         for c, (g, start, end, segments) in enumerate(flat.chunks):
-            theta0, theta2 = self._theta0[g][start:end], flat.gather(c)
             x1, _active, r, q, n_active, clamped = self._chunk_scale(c, context, scratch)
             if q_bar is not None:
                 q.fill_(q_bar)
             # theta~ = t0 + (alpha q) disp2 into the parameters (in place where theta2 is a view of one);
-            # disp2 and jump stay in two free scratch buffers for the sums
+            # disp2 and jump stay in two free scratch buffers for the sums; `free` (the mask's buffer, no longer
+            # needed) holds theta2 and then theta~ where the chunk spans several parameters
             free, jump, disp2, _, _ = scratch.take(g, end - start)
+            theta0, theta2 = self._theta0[g][start:end], flat.gather(c, out=free)
             t0 = theta0.to(_work_dtype(theta0.dtype))
             in_place = len(segments) == 1 and t0.dtype == theta0.dtype
             reposition_into(t0, theta2, q, alpha, disp2, jump, theta2 if in_place else free)
@@ -585,10 +586,11 @@ class GXPO(_GatedRule):
         return {"scales": (c0, c1) if self.retention == "clip_corrected" else (1.0, 1.0), "steps": steps,
                 "thresholds": self._relative_thresholds(steps) if self.active_set == "relative" else None}
 
-    def _chunk_scale(self, c: int, context: dict[str, Any], scratch: Scratch):
+    def _chunk_scale(self, c: int, context: dict[str, Any], scratch: Scratch, keep_mask: bool = False):
         """Chunk c's (x1, active, r, q, n_active, clamped) from the probes: active a 0/1 mask [n] (None: every
-        coordinate), q = 1 where inactive, the counts 0-dim. `flat_jump.masked_scale` in scratch buffers, or
-        `retention` and `geometric_scale` themselves for active_set="all" and scale_form="closed" (V1)."""
+        coordinate, or not kept: `keep_mask`), q = 1 where inactive, the counts 0-dim. `flat_jump.masked_scale`
+        in scratch buffers, or `retention` and `geometric_scale` themselves for active_set="all" and
+        scale_form="closed" (V1)."""
         g, start, end, _ = self._flat.chunks[c]
         x0, x1 = self._probe_values(c, g, start, end, context["steps"]) if self.retention == "update" else \
             (self._g0[g][start:end], self._g1[g][start:end])
@@ -596,7 +598,7 @@ class GXPO(_GatedRule):
         threshold = self.delta if thresholds is None else self._flat.per_coordinate(c, thresholds, x0)
         if self.active_set != "all" and self.scale_form == "horner":
             return x1, *masked_scale(x0, x1, threshold, self.r_clamp, self.k, self.delta, context["scales"],
-                                     self.q_clamp, scratch.take(g, end - start))
+                                     self.q_clamp, scratch.take(g, end - start), keep_mask)
         active = "all" if self.active_set == "all" else x0.abs() > threshold
         r, _raw, bound = retention(x0, x1, self.r_clamp, self.delta, active=active, scales=context["scales"])
         q = geometric_scale(r, self.k, self.delta, clamp=self.q_clamp, form=self.scale_form)
@@ -609,7 +611,7 @@ class GXPO(_GatedRule):
         """q-bar for ``q_mode="scalar"``: the mean of q over the active coordinates (1 when none is)."""
         total, count = [], []
         for c in range(len(self._flat.chunks)):
-            _x1, active, _r, q, n_active, _clamped = self._chunk_scale(c, context, scratch)
+            _x1, active, _r, q, n_active, _clamped = self._chunk_scale(c, context, scratch, keep_mask=True)
             total.append((q if active is None else q.mul_(active)).sum(dtype=torch.float64))
             count.append(n_active.to(torch.float64))
         if self.reducer is not None:  # sharded: [sum q, count] over every rank (a rank may hold nothing)
