@@ -121,8 +121,7 @@ class TrainConfig:
     eval_samples: int = _s(4, "samples per problem per evaluation", integer(1), "data")
     final_eval_sets: tuple[str, ...] = _s((), "benchmarks evaluated after training", names(), "data")
     final_eval_samples: int = _s(4, "samples per problem in the final evaluation", integer(1), "data")
-    final_eval_problems: int | None = _s(None, "problems per final benchmark (None: all)", optional(integer(1)),
-                                         "data")
+    final_eval_problems: int | None = _s(None, "problems per final benchmark (None: all)", optional(integer(1)), "data")
     data_dir: str | None = _s(None, "a folder of local benchmark JSONL files", optional(checks.check_text), "data")
     instruction: str | None = _s(None, "appended to each problem (None: none for arith, the math one else)",
                                  optional(checks.check_text), "data")
@@ -135,8 +134,7 @@ class TrainConfig:
                              checks.check_nonnegative, "optim")
     max_grad_norm: float | None = _s(1.0, "global-norm clip (None: none)", checks.check_optional_positive, "optim")
     batch_prompts: int = _s(8, "prompts per step", integer(1), "optim")
-    group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", integer(2),
-                         "optim")
+    group_size: int = _s(8, "completions per prompt (2 or more: a group of one has advantage 0)", integer(2), "optim")
     mini_batches: int = _s(1, "optimizer steps per batch (one rule step each)", integer(1), "optim")
     micro_batch_size: int | None = _s(None, "sequences per forward/backward (None: the whole mini-batch)",
                                       optional(integer(1)), "optim")
@@ -258,9 +256,7 @@ def _as_tuple(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------------
-# Derived views: the rule's keywords, groups of settings, notebook 03's parameters
-# ---------------------------------------------------------------------------------------------------
+# -- Derived views: the rule's keywords, groups of settings, notebook 03's parameters ---------------------
 def settings_in(group: str) -> tuple[str, ...]:
     """Names of the TrainConfig settings in one group ("rule", "gate", "model", "data", ...)."""
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == group)
@@ -304,8 +300,7 @@ def rule_kwargs(config: TrainConfig) -> dict[str, Any]:
 
 def field_types() -> dict[str, str]:
     """Each setting's type as written in the annotation, e.g. {"k": "int", "dtype": "str | None"}."""
-    hints = get_type_hints(TrainConfig)
-    return {name: _type_text(hint) for name, hint in hints.items()}
+    return {name: _type_text(hint) for name, hint in get_type_hints(TrainConfig).items()}
 
 
 def _type_text(hint: Any) -> str:
@@ -365,15 +360,12 @@ def parameters_cell() -> str:
         lines.append(f"{name}: {kind} = {default!r}  # {help_text}")
     types, helps = field_types(), field_help()
     for f in dataclasses.fields(TrainConfig):
-        kind = types[f.name]
-        kind = kind if kind.startswith("Optional[") else f"Optional[{kind}]"
+        kind = types[f.name] if types[f.name].startswith("Optional[") else f"Optional[{types[f.name]}]"
         lines.append(f"{f.name}: {kind} = None  # {helps[f.name]}")
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------------------
+# -- Presets ----------------------------------------------------------------------------------------------
 PRESET_DIR = resources.files("gxpo_lib") / "presets"
 
 

@@ -177,9 +177,7 @@ def square_sum(tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
     return total
 
 
-# ---------------------------------------------------------------------------------------------------
-# The trainer under torchrun: the process group, sharding the policy, prompt shares, DCP checkpoints
-# ---------------------------------------------------------------------------------------------------
+# -- The trainer under torchrun: the process group, sharding the policy, prompt shares, DCP checkpoints ---
 @dataclass
 class World:
     """This process's place in a torchrun launch (rank, size, device); `owns_group`: `setup` created the
@@ -347,8 +345,7 @@ def gather(value: Any, world: World | None) -> list[Any]:
 SHARDED_META = "meta.pt"   # rank 0: step, rule, counters, config; rng_<rank>.pt: each rank's RNG states
 
 
-def save_sharded(folder, step: int, model, optimizer, meta: dict[str, Any], rng: dict[str, Any],
-                 world: World) -> None:
+def save_sharded(folder, step: int, model, optimizer, meta: dict[str, Any], rng: dict[str, Any], world: World) -> None:
     """A torch.distributed.checkpoint (DCP) of the model and optimizer state dicts plus `meta` (rank 0) and
     each rank's `rng` into ``folder/step_N/``: written to ``step_N.tmp/``, renamed once every rank is done."""
     import shutil

@@ -56,22 +56,10 @@ class ShutoffGate:
             that scored its first violation (V5), so `patience` counts violations of one baseline.
     """
 
-    def __init__(
-        self,
-        tau: float = 0.5,
-        omega: float = 0.1,
-        warmup: int = 2,
-        patience: int = 1,
-        mode: str = "ema",
-        window: int = 30,
-        window_includes_current: bool = False,
-        signal: str = "grad_norm",
-        permanent: bool = True,
-        reopen_after: int = 10,
-        init: str = "unit",
-        two_sided: bool = False,
-        freeze_baseline: bool = False,
-    ):
+    def __init__(self, tau: float = 0.5, omega: float = 0.1, warmup: int = 2, patience: int = 1, mode: str = "ema",
+                 window: int = 30, window_includes_current: bool = False, signal: str = "grad_norm",
+                 permanent: bool = True, reopen_after: int = 10, init: str = "unit", two_sided: bool = False,
+                 freeze_baseline: bool = False):
         self.tau = check_positive("tau", tau)
         self.omega = check_open_unit("omega", omega)
         self.warmup = check_int("warmup", warmup, minimum=0)
@@ -92,16 +80,12 @@ class ShutoffGate:
 
     def reset(self) -> None:
         """Forget every observation and open the gate."""
-        self.mu = 1.0
-        self.sigma = 1.0
+        self.mu, self.sigma = 1.0, 1.0
         self.history: deque[float] = deque(maxlen=self.window)
         self.frozen: tuple[float, float] | None = None  # the baseline of an open streak (freeze_baseline)
         self.scored_with: tuple[float, float] | None = None  # the window statistics of the last observation
         self.warm_values: list[float] = []  # init="warmup": the observations mu and sigma start from
-        self.num_observations = 0
-        self.streak = 0
-        self.is_open = True
-        self.closed_steps_left = 0
+        self.num_observations, self.streak, self.is_open, self.closed_steps_left = 0, 0, True, 0
         self.last_z: float | None = None
         self.shutoff_step: int | None = None
 
@@ -162,10 +146,7 @@ class ShutoffGate:
 
     def _close(self, step: int | None) -> None:
         """Trip: extrapolation is off from the next step."""
-        self.is_open = False
-        self.streak = 0
-        self.frozen = None
-        self.closed_steps_left = self.reopen_after
+        self.is_open, self.streak, self.frozen, self.closed_steps_left = False, 0, None, self.reopen_after
         self.shutoff_step = None if step is None else step + 1
 
     def begin_step(self) -> bool:
@@ -220,12 +201,9 @@ class ShutoffGate:
         frozen = state.get("frozen")
         self.frozen = None if frozen is None else (float(frozen[0]), float(frozen[1]))
         self.warm_values = [float(v) for v in state.get("warm_values", [])]
-        self.num_observations = int(state["num_observations"])
-        self.streak = int(state["streak"])
-        self.is_open = bool(state["is_open"])
-        self.closed_steps_left = int(state["closed_steps_left"])
-        self.last_z = state["last_z"]
-        self.shutoff_step = state["shutoff_step"]
+        self.num_observations, self.streak = int(state["num_observations"]), int(state["streak"])
+        self.is_open, self.closed_steps_left = bool(state["is_open"]), int(state["closed_steps_left"])
+        self.last_z, self.shutoff_step = state["last_z"], state["shutoff_step"]
 
     def __repr__(self) -> str:
         return (f"ShutoffGate(tau={self.tau}, mode={self.mode!r}, signal={self.signal!r}, "

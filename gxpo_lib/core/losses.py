@@ -26,9 +26,7 @@ from gxpo_lib.validation import check_choice
 LOGIT_CHUNK_ELEMENTS = 1 << 26
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantages, one per completion.
 
     Args:
@@ -58,10 +56,8 @@ def group_advantages(
     if rewards.dim() != 1:
         raise ValueError(f"rewards with shape {tuple(rewards.shape)} is invalid: allowed 1-D [N]")
     if rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"group_size={group_size} is invalid for rewards of N={rewards.numel()} entries: allowed a divisor "
-            "of N (contiguous groups)"
-        )
+        raise ValueError(f"group_size={group_size} is invalid for rewards of N={rewards.numel()} entries: allowed a "
+                         "divisor of N (contiguous groups)")
     if not rewards.is_floating_point():
         rewards = rewards.float()
     if not torch.isfinite(rewards).all():
@@ -82,9 +78,8 @@ def group_advantages(
     return centred.masked_fill(constant, 0.0).reshape(-1)
 
 
-def per_token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0, chunk_size: int = 8
-) -> torch.Tensor:
+def per_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                       chunk_size: int = 8) -> torch.Tensor:
     """Log-probability of each chosen token, without materialising the full log-softmax.
 
     Args:
@@ -98,9 +93,7 @@ def per_token_logprobs(
     """
     _check_logits(logits, temperature, chunk_size)
     if token_ids.shape != logits.shape[:2]:
-        raise ValueError(
-            f"token_ids must have shape [B, T] = {tuple(logits.shape[:2])}, got {tuple(token_ids.shape)}"
-        )
+        raise ValueError(f"token_ids must have shape [B, T] = {tuple(logits.shape[:2])}, got {tuple(token_ids.shape)}")
     out = []
     for lg, ids in zip(logits.split(chunk_size), token_ids.split(chunk_size)):
         lg = lg / temperature if temperature != 1.0 else lg
@@ -132,16 +125,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     return torch.cat(out, dim=0)
 
 
-def policy_token_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_length: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    token_positions: torch.Tensor | None = None,
-    chunk_tokens: int | None = None,
-):
+def policy_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                          temperature: float = 1.0, with_entropy: bool = False,
+                          token_positions: torch.Tensor | None = None, chunk_tokens: int | None = None):
     """Per-token log-probs (and entropies) of the completion tokens under a causal LM, memory-lean.
 
     The decoder runs once over prompt and completion (the last token is not fed: it predicts nothing); its
@@ -395,13 +381,8 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
 
 
-def clipped_surrogate(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-) -> torch.Tensor:
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: float = 0.2, clip_eps_high: float | None = None) -> torch.Tensor:
     """Per-token PPO/GRPO loss ``max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high))``.
 
     Args:
@@ -420,13 +401,9 @@ def clipped_surrogate(
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high))
 
 
-def aggregate_loss(
-    per_token: torch.Tensor,
-    mask: torch.Tensor,
-    loss_type: str = "token_mean",
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
-) -> torch.Tensor:
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str = "token_mean",
+                   max_completion_length: int | None = None,
+                   num_items_in_batch: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce ``[B, T]`` per-token losses to a scalar the way each GRPO variant does.
 
     Args:
@@ -444,14 +421,13 @@ def aggregate_loss(
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     if per_token.dim() != 2 or mask.shape != per_token.shape:
-        raise ValueError(
-            f"per_token and mask must both be [B, T], got {tuple(per_token.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"per_token and mask must both be [B, T], got {tuple(per_token.shape)} and "
+                         f"{tuple(mask.shape)}")
     mask = mask.to(device=per_token.device, dtype=per_token.dtype)
     total = (per_token * mask).sum()
 
-    # Token mean over the micro-batch
-    if loss_type == "token_mean":
+    # Token mean over the micro-batch (also dapo without a global token count)
+    if loss_type == "token_mean" or (loss_type == "dapo" and num_items_in_batch is None):
         return total / mask.sum().clamp(min=1.0)
     # Sequence mean, then batch mean (an empty sequence counts as 0, as TRL)
     if loss_type == "grpo":
@@ -459,13 +435,9 @@ def aggregate_loss(
     # Constant normaliser: B times the generation budget
     if loss_type == "dr_grpo":
         if max_completion_length is None or isinstance(max_completion_length, bool) or max_completion_length < 1:
-            raise ValueError(
-                f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}"
-            )
+            raise ValueError(f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}")
         return total / (per_token.shape[0] * max_completion_length)
     # Global token count of the accumulated batch
-    if num_items_in_batch is None:
-        return total / mask.sum().clamp(min=1.0)
     if torch.is_tensor(num_items_in_batch):   # an accelerator tensor's value is not read (no device sync)
         on_cpu = num_items_in_batch.device.type == "cpu"
         if num_items_in_batch.numel() != 1 or (on_cpu and not float(num_items_in_batch) >= 0):
@@ -476,17 +448,10 @@ def aggregate_loss(
     return total / max(float(num_items_in_batch), 1.0)
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    loss_type: str = "token_mean",
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
-) -> torch.Tensor:
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                loss_type: str = "token_mean", clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                max_completion_length: int | None = None,
+                num_items_in_batch: float | torch.Tensor | None = None) -> torch.Tensor:
     """The clipped GRPO policy loss, aggregated by ``loss_type`` (see ``aggregate_loss``).
 
     Args:
@@ -502,14 +467,8 @@ def policy_loss(
     return aggregate_loss(per_token, mask, loss_type, max_completion_length, num_items_in_batch)
 
 
-def clip_stats(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-) -> dict[str, float]:
+def clip_stats(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_eps: float = 0.2, clip_eps_high: float | None = None) -> dict[str, float]:
     """Diagnostics of the importance ratio, as TRL logs them (token means over active tokens).
 
     Args: as ``policy_loss``.
@@ -522,14 +481,9 @@ def clip_stats(
     return read_out(clip_stat_tensors(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high))
 
 
-def clip_stat_tensors(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-) -> dict[str, torch.Tensor]:
+def clip_stat_tensors(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_eps: float = 0.2,
+                      clip_eps_high: float | None = None) -> dict[str, torch.Tensor]:
     """``clip_stats`` as 0-dim tensors on the device of ``logprobs``: nothing is read back (no device sync)."""
     eps_low, eps_high = _clip_range(clip_eps, clip_eps_high)
     _check_policy_shapes(logprobs, old_logprobs, advantages)
@@ -567,23 +521,12 @@ def read_out(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(stats, torch.stack(values).tolist()))
 
 
-def grpo_objective(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    ref_logprobs: torch.Tensor | None = None,
-    beta: float = 0.0,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    loss_type: str = "token_mean",
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
-    stats_as_tensors: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_objective(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   *, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0, entropy: torch.Tensor | None = None,
+                   entropy_coef: float = 0.0, loss_type: str = "token_mean", clip_eps: float = 0.2,
+                   clip_eps_high: float | None = None, max_completion_length: int | None = None,
+                   num_items_in_batch: float | torch.Tensor | None = None,
+                   stats_as_tensors: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Full GRPO loss: policy term + beta * KL(k3) - entropy_coef * entropy.
 
     The KL is aggregated with the same ``loss_type`` as the policy term (TRL adds it per token before
@@ -611,17 +554,12 @@ def grpo_objective(
         raise ValueError("beta != 0 needs ref_logprobs [B, T]")
     if entropy_coef != 0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy [B, T]")
-    agg = {
-        "loss_type": loss_type,
-        "max_completion_length": max_completion_length,
-        "num_items_in_batch": num_items_in_batch,
-    }
+    agg = dict(loss_type=loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     mask = _on_device_of(logprobs, mask)
 
     # Policy term
-    pg = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high, **agg)
-    loss = pg
-    stats = {"policy_loss": pg.detach()}
+    loss = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high, **agg)
+    stats = {"policy_loss": loss.detach()}
 
     # KL to the reference policy
     if ref_logprobs is not None:
@@ -673,10 +611,8 @@ def _check_policy_shapes(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adv
     """logprobs/old_logprobs ``[B, T]``, advantages ``[B]``."""
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs)
     if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(
-            f"advantages with shape {tuple(advantages.shape)} is invalid: allowed [B] = [{logprobs.shape[0]}] "
-            "(one per sequence)"
-        )
+        raise ValueError(f"advantages with shape {tuple(advantages.shape)} is invalid: allowed [B] = "
+                         f"[{logprobs.shape[0]}] (one per sequence)")
 
 
 def _check_logits(logits: torch.Tensor, temperature: float, chunk_size: int) -> None:

@@ -74,15 +74,10 @@ class Rollouts:
     def rows(self, index: torch.Tensor | slice) -> Rollouts:
         """A subset of rows (a mini-batch)."""
         picked = range(len(self.completions))[index] if isinstance(index, slice) else index.tolist()
-        return Rollouts(
-            self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
-            self.completion_mask[index], _rows_or_none(self.old_logprobs, index),
-            _rows_or_none(self.entropy, index),
-            [self.completions[i] for i in picked], [self.prompt_index[i] for i in picked], self.group_size)
-
-
-def _rows_or_none(tensor: torch.Tensor | None, index) -> torch.Tensor | None:
-    return None if tensor is None else tensor[index]
+        scored = [None if t is None else t[index] for t in (self.old_logprobs, self.entropy)]
+        return Rollouts(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                        self.completion_mask[index], *scored, [self.completions[i] for i in picked],
+                        [self.prompt_index[i] for i in picked], self.group_size)
 
 
 def micro_batches(rows: int, micro_batch_size: int | None) -> list[slice]:

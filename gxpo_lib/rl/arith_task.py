@@ -46,18 +46,15 @@ _ITEMS = ("apples", "pens", "books", "coins", "cards", "shells", "marbles", "sti
 # "add" / "sub" are phrases for one operation; "join" glues the operation phrases of one sentence.
 _TEMPLATES = (
     {"intro": "{name} has {n} {item}.",
-     "add": ("buys {n} more", "finds {n} more"),
-     "sub": ("gives away {n}", "loses {n}"),
+     "add": ("buys {n} more", "finds {n} more"), "sub": ("gives away {n}", "loses {n}"),
      "lead": "{P}", "join": " and then ",
      "question": "How many {item} does {p} have now?"},
     {"intro": "There are {n} {item} in a box.",
-     "add": ("puts in {n} more", "adds {n} more"),
-     "sub": ("takes out {n}", "removes {n}"),
+     "add": ("puts in {n} more", "adds {n} more"), "sub": ("takes out {n}", "removes {n}"),
      "lead": "{name}", "join": " and then ",
      "question": "How many {item} are in the box now?"},
     {"intro": "{name} had {n} {item}.",
-     "add": ("got {n} more", "won {n} more"),
-     "sub": ("sold {n}", "gave away {n}"),
+     "add": ("got {n} more", "won {n} more"), "sub": ("sold {n}", "gave away {n}"),
      "lead": "Then {p}", "join": ", then ",
      "question": "How many {item} does {p} have left?"},
 )
@@ -81,17 +78,13 @@ class ArithProblem:
 
     def as_dict(self) -> dict:
         """The JSON record (lists instead of tuples)."""
-        record = asdict(self)
-        record["operands"] = list(self.operands)
-        record["ops"] = list(self.ops)
-        return record
+        return asdict(self) | {"operands": list(self.operands), "ops": list(self.ops)}
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an int in [low, high] (high None = unbounded)."""
     upper = "inf" if high is None else str(high)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None
-                                                                                and value > high):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         raise ValueError(f"{name}={value!r} is invalid: expected an integer in [{low}, {upper}]")
 
 
@@ -99,8 +92,7 @@ def _normalise_levels(level: int | Sequence[int]) -> tuple[int, ...]:
     """Turn ``level`` (one level or a sequence of them) into a validated non-empty tuple."""
     levels = (level,) if isinstance(level, int) else tuple(level)
     if not levels or any(isinstance(lv, bool) or lv not in LEVELS for lv in levels):
-        raise ValueError(f"level={level!r} is invalid: expected one of {LEVELS} or a non-empty "
-                         f"sequence of them")
+        raise ValueError(f"level={level!r} is invalid: expected one of {LEVELS} or a non-empty sequence of them")
     return levels
 
 
@@ -138,8 +130,7 @@ def _render_prompt(rng: random.Random, operands: Sequence[int], ops: Sequence[st
     # At most two operations per sentence, so long chains read naturally.
     sentences = [template["lead"].format(**fill) + " " + template["join"].join(phrases[i:i + 2]) + "."
                  for i in range(0, len(phrases), 2)]
-    return " ".join([template["intro"].format(n=operands[0], **fill), *sentences,
-                     template["question"].format(**fill)])
+    return " ".join([template["intro"].format(n=operands[0], **fill), *sentences, template["question"].format(**fill)])
 
 
 def format_solution(operands: Sequence[int], ops: Sequence[str]) -> str:
@@ -205,10 +196,8 @@ def write_splits(out_dir: str | Path = DATA_DIR, seed: int = 0, n_train: int = 3
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, chunk in chunks.items():
-        lines = []
-        for i, problem in enumerate(chunk):
-            record = problem.as_dict() | {"id": f"arith-{split}-{i:05d}"}
-            lines.append(json.dumps(record, sort_keys=True, separators=(",", ":")))
+        lines = [json.dumps(problem.as_dict() | {"id": f"arith-{split}-{i:05d}"}, sort_keys=True, separators=(",", ":"))
+                 for i, problem in enumerate(chunk)]
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths

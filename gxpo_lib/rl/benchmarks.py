@@ -53,12 +53,9 @@ class HubSource:
 HUB = {
     "gsm8k": HubSource("openai/gsm8k", ("main",), ("test", "train")),
     "math500": HubSource("HuggingFaceH4/MATH-500", (None,), ("test",)),
-    "math_train": HubSource(
-        "EleutherAI/hendrycks_math",
-        ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-         "prealgebra", "precalculus"),
-        ("train",),
-    ),
+    "math_train": HubSource("EleutherAI/hendrycks_math", ("algebra", "counting_and_probability", "geometry",
+                                                          "intermediate_algebra", "number_theory", "prealgebra",
+                                                          "precalculus"), ("train",)),
     "aime24": HubSource("HuggingFaceH4/aime_2024", (None,), ("train",)),
     "amc23": HubSource("math-ai/amc23", (None,), ("test",)),
     "olympiadbench": HubSource("Hothan/OlympiadBench", ("OE_TO_maths_en_COMP",), ("train",)),
@@ -75,14 +72,9 @@ LOCAL_FILES = {
 LEVELLED = ("math500", "math_train")
 
 
-def load_benchmark(
-    name: str,
-    path: str | Path | None = None,
-    split: str | None = None,
-    levels: Sequence[int] | None = None,
-    limit: int | None = None,
-    drop_empty: bool = True,
-) -> list[dict[str, Any]]:
+def load_benchmark(name: str, path: str | Path | None = None, split: str | None = None,
+                   levels: Sequence[int] | None = None, limit: int | None = None,
+                   drop_empty: bool = True) -> list[dict[str, Any]]:
     """Load one benchmark in the common schema.
 
     Args:
@@ -141,9 +133,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {lineno}: malformed JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(
-                    f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
-                )
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 
@@ -162,17 +152,10 @@ def to_common_schema(rows: Iterable[Mapping[str, Any]], name: str, split: str | 
     for index, row in enumerate(rows):
         prompt = row.get("problem", row.get("question"))
         if not isinstance(prompt, str):
-            raise ValueError(
-                f"{name} row {index}: no 'problem' or 'question' text (columns: {sorted(row)})"
-            )
-        out.append({
-            "id": _row_id(row, name, split, index),
-            "source": name,
-            "prompt": prompt,
-            "answer": _row_answer(row, name, index),
-            "level": _row_level(row.get("level")),
-            "subject": row.get("subfield") or row.get("subject") or row.get("type"),
-        })
+            raise ValueError(f"{name} row {index}: no 'problem' or 'question' text (columns: {sorted(row)})")
+        out.append({"id": _row_id(row, name, split, index), "source": name, "prompt": prompt,
+                    "answer": _row_answer(row, name, index), "level": _row_level(row.get("level")),
+                    "subject": row.get("subfield") or row.get("subject") or row.get("type")})
     return out
 
 
@@ -248,7 +231,6 @@ def _check_levels(name: str, levels: Sequence[int]) -> tuple[int, ...]:
     if name not in LEVELLED:
         raise ValueError(f"levels only applies to {LEVELLED}, not {name!r}")
     levels = tuple(levels)
-    if not levels or any(isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= 5
-                         for lv in levels):
+    if not levels or any(isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= 5 for lv in levels):
         raise ValueError(f"levels={levels!r} is invalid: allowed a non-empty sequence of integers in 1-5")
     return levels

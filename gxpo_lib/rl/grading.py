@@ -169,8 +169,7 @@ def asked_units(problem: str) -> set[str]:
             if unit and len(word) > 2:
                 units.add(unit[0] + ("^" + str(_POWER_WORDS[hit.group(1).split()[0].lower()])
                                      if hit.group(1) and word is hit.group(2) else ""))
-    if re.search(r"\\\$|\$\s?\d|\d\$(?!\w)|\bdollars?\b", problem) and not any(
-            u in units for u in ("cent", "euro")):
+    if re.search(r"\\\$|\$\s?\d|\d\$(?!\w)|\bdollars?\b", problem) and not any(u in units for u in ("cent", "euro")):
         units.add("dollar@default")
     if re.search(r"%|\bpercent", problem, re.IGNORECASE):
         units.add("percent@default")
@@ -379,13 +378,8 @@ def structure(text: str, problem: str | None = None) -> Node:
 
 def _items(s: str, problem: str | None) -> list[Node]:
     """Comma/or/and-separated items, each ``\\pm`` expanded, each ``x = v`` reduced to v."""
-    nodes = []
-    for part in _split_top(s, (",", ";", " or ", " and ")):
-        if not part.strip():
-            continue
-        for variant in _expand_pm(part.strip()):
-            nodes.append(structure(variant, problem))
-    return nodes
+    return [structure(variant, problem) for part in _split_top(s, (",", ";", " or ", " and ")) if part.strip()
+            for variant in _expand_pm(part.strip())]
 
 
 def _named_or_list(parts: list[str], problem: str | None) -> Node:
@@ -411,9 +405,7 @@ def _expand_pm(part: str) -> list[str]:
 
 def _inequality_interval(s: str) -> Node | None:
     """``3 < x \\le 4``, ``y \\le 0``, ``x > 2`` as an interval seq; None if not of that shape."""
-    toks = _INEQ.split(s)
-    ops = _INEQ.findall(s)
-    toks = [t.strip() for t in toks]
+    toks, ops = [t.strip() for t in _INEQ.split(s)], _INEQ.findall(s)
     if len(toks) == 3 and _has_variable(toks[1]) and not _has_variable(toks[0]) and not _has_variable(toks[2]):
         lo, hi = (toks[0], toks[2]) if "<" in ops[0] or "l" in ops[0] else (toks[2], toks[0])
         if ("<" in ops[0] or "l" in ops[0]) != ("<" in ops[1] or "l" in ops[1]):
@@ -488,11 +480,8 @@ def _text_key(s: str) -> str:
 
 def options(problem: str | None) -> dict[str, str]:
     """Multiple-choice options in the problem: letter -> text key ("(C) Plane" -> {"C": "plane"})."""
-    found = {}
-    for hit in re.finditer(r"\(([A-H])\)\s*([A-Za-z][A-Za-z -]{0,40}?)(?=\s*\(|\s{2}|\s*$|\s*\n|\s*[.$\\])",
-                           problem or ""):
-        found[hit.group(1)] = _text_key(hit.group(2))
-    return found
+    return {hit.group(1): _text_key(hit.group(2)) for hit in re.finditer(
+        r"\(([A-H])\)\s*([A-Za-z][A-Za-z -]{0,40}?)(?=\s*\(|\s{2}|\s*$|\s*\n|\s*[.$\\])", problem or "")}
 
 
 # ---------------------------------------------------------------- comparison, form and units
@@ -642,10 +631,8 @@ def grade(answer: str, gold: str, problem: str | None, form: Form, same: Same) -
     gold_node, pred_node = structure(g.text, problem), structure(p.text, problem)
     if pred_node.kind == "text" and gold_node.kind not in ("text", "choice"):
         return None  # words where a value is expected: leave it to math-verify's own extraction
-    if gold_node.kind == "choice":
-        verdict = choice_equal(gold_node, pred_node, options(problem))
-    else:
-        verdict = equal(gold_node, pred_node, same)
+    verdict = (choice_equal(gold_node, pred_node, options(problem)) if gold_node.kind == "choice"
+               else equal(gold_node, pred_node, same))
     if not verdict:
         return verdict
     return form_ok(form, p, g, answer) and units_ok(p, g, form.units)

@@ -36,10 +36,8 @@ def load_problems(name: str, path: str | None, split: str, levels=None, limit=No
 
 def run_problems(config: TrainConfig) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
     """A run's training problems, held-out evaluation problems and final benchmarks (name -> problems)."""
-    train = load_problems(config.train_set, None, "train", config.train_levels,
-                          data_dir=config.data_dir)
-    held_out = load_problems(config.eval_set, None, "test", limit=config.eval_problems,
-                             data_dir=config.data_dir)
+    train = load_problems(config.train_set, None, "train", config.train_levels, data_dir=config.data_dir)
+    held_out = load_problems(config.eval_set, None, "test", limit=config.eval_problems, data_dir=config.data_dir)
     final = {name: load_problems(name, None, "test", limit=config.final_eval_problems, data_dir=config.data_dir)
              for name in config.final_eval_sets}
     return train, held_out, final

@@ -73,11 +73,7 @@ def _open_trackio(workdir: Path, config: dict[str, Any]):
     return trackio.init(project="gxpo", name=workdir.resolve().name, config=config, resume="allow", embed=False)
 
 
-def _log_trackio(run, scalars: dict[str, float], step: int) -> None:
-    run.log(scalars, step=step)
-
-
 _OPENERS = {"tensorboard": _open_tensorboard, "trackio": _open_trackio}
-_LOGGERS = {"tensorboard": _log_tensorboard, "trackio": _log_trackio}
+_LOGGERS = {"tensorboard": _log_tensorboard, "trackio": lambda run, scalars, step: run.log(scalars, step=step)}
 _CLOSERS = {"tensorboard": lambda writer: writer.close(), "trackio": lambda run: run.finish()}
 _PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio"}

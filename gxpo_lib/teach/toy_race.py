@@ -65,11 +65,9 @@ def toy_race(lr: float, steps: int = 40, k: int = 5, alpha: float = 0.5, noise: 
                                                noise=noise, seed=seed),
         "GXPO, scalar q": toy.run_rule("gxpo", land, lr=lr, steps=steps, k=k, alpha=alpha, q_mode="scalar"),
     }
-    curves = {}
-    for name, run in runs.items():
-        passes = np.cumsum([0] + [i["backward_passes"] for i in run.infos]).tolist()
-        loss = [float(v) if math.isfinite(float(v)) else None for v in land(run.points)]
-        curves[name] = {"passes": passes, "loss": loss}
+    curves = {name: {"passes": np.cumsum([0] + [i["backward_passes"] for i in run.infos]).tolist(),
+                     "loss": [float(v) if math.isfinite(float(v)) else None for v in land(run.points)]}
+              for name, run in runs.items()}
     return {"lr": lr, "multiplier": multiplier, "curves": curves}
 
 
@@ -84,6 +82,5 @@ def plot_toy_race(race: dict[str, Any]):
                      for name, c in race["curves"].items()])
     fig.update_layout(title=f"ill-conditioned quadratic, lr {race['lr']:g}: loss against backward passes",
                       xaxis={"title": "backward passes"},
-                      yaxis={"title": "loss", "type": "log", "exponentformat": "power"},
-                      legend=_LEGEND, height=380)
+                      yaxis={"title": "loss", "type": "log", "exponentformat": "power"}, legend=_LEGEND, height=380)
     return fig
