@@ -136,6 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"[gxpo] {summary['algorithm']} seed {summary['seed']}: {summary['steps']} steps, "
-          f"{summary['backward_passes']} backward passes, final pass@1 {summary['final_pass@1']}; "
+          f"{summary['cumulative_backward_passes']} backward passes, final pass@1 {summary['final_pass@1']}; "
           f"wrote {Path(args.out) / runlog.SUMMARY_FILE}", flush=True)
     return 0

@@ -73,20 +73,18 @@ class Sweep:
 
     def runs(self) -> list[tuple[str, dict[str, Any]]]:
         """(run name, settings) for every point of every arm, in a stable order; names are unique."""
-        runs = []
+        runs, seen = [], set()
         for arm in self.arms or [{"base": {}, "grid": self.grid}]:
             names, own = list(arm["grid"]), arm.get("base") or {}
             points = itertools.product(*(arm["grid"][n] for n in names)) if names else [()]
             for values in points:
                 setting = own | dict(zip(names, values))
                 label = "_".join(f"{n}={_label(v)}" for n, v in setting.items()) or "run"
+                if label in seen:
+                    raise ValueError(f"run {label}: two points of the grid file share this name (arms must differ "
+                                     "in their own base or grid settings)")
+                seen.add(label)
                 runs.append((label, self.base | setting))
-        seen = set()
-        for label, _ in runs:
-            if label in seen:
-                raise ValueError(f"run {label}: two points of the grid file share this name (arms must differ "
-                                 "in their own base or grid settings)")
-            seen.add(label)
         return runs
 
 
@@ -201,9 +199,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False) -> list[dict[str, Any]]:
 
 
 def _finished_row(name: str, folder: Path) -> dict[str, Any] | None:
-    if (folder / SUMMARY_FILE).exists():
-        return {"run": name, "state": "skipped (finished)", **_summary(folder)}
-    return None
+    done = (folder / SUMMARY_FILE).exists()
+    return {"run": name, "state": "skipped (finished)", **_summary(folder)} if done else None
 
 
 def _execute_run(sweep: Sweep, name: str, settings: dict[str, Any], folder: Path, gpu: str | None) -> dict[str, Any]:
@@ -271,12 +268,15 @@ def _summary(folder: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())
-    return {k: summary.get(k) for k in ("final_pass@1", "val_pass@1_peak", "shutoff_step", "backward_passes")}
+    return {k: summary.get(k) for k in SUMMARY_COLUMNS}
+
+
+SUMMARY_COLUMNS = ("final_pass@1", "val_pass@1_peak", "shutoff_step", "cumulative_backward_passes")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text summary table of a sweep."""
-    columns = ["run", "state", "seconds", "final_pass@1", "val_pass@1_peak", "shutoff_step", "backward_passes"]
+    columns = ["run", "state", "seconds", *SUMMARY_COLUMNS]
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -286,6 +286,4 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -36,7 +36,7 @@ def test_run_writes_the_summary_from_the_folder(finished):
     assert summary["final_benchmark"] == "arith" and summary["final_pass@1"] == final["pass@1"]
     assert len(final["correct_counts"]) == 6 and all(0 <= c <= 2 for c in final["correct_counts"])
     assert final["pass@1"] == pytest.approx(sum(final["correct_counts"]) / 12)
-    assert summary["steps"] == 2 and summary["backward_passes"] == sum(
+    assert summary["steps"] == 2 and summary["cumulative_backward_passes"] == sum(
         r["backward_passes"] for r in rows if r["kind"] == "train")
     train = [r for r in rows if r["kind"] == "train"]
     assert (folder / "figures" / "training.html").is_file()

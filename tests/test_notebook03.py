@@ -66,6 +66,6 @@ def test_trl_backend_writes_the_same_run_folder(tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2]
-    assert summary["backward_passes"] == sum(r["backward_passes"] for r in train_rows)
+    assert summary["cumulative_backward_passes"] == sum(r["backward_passes"] for r in train_rows)
     assert set(json.loads((run / "final_eval.json").read_text())) == {"arith"}
     assert (run / "figures" / "training.html").exists()

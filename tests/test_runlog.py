@@ -58,7 +58,7 @@ def test_train_rows_have_one_key_set_and_shared_x_values():
         class gate:
             tau = 0.5
 
-    counters = runlog.new_counters() | {"backward_passes": 3, "seconds_sampling": 1.0, "seconds_update": 2.0}
+    counters = runlog.new_counters() | {"cumulative_backward_passes": 3, "seconds_sampling": 1.0, "seconds_update": 2.0}
     row = runlog.train_row(4, {"backward_passes": 3, "active": True}, Rule, [1.0, 0.0, float("nan"), 1.0],
                            counters, entropy=0.5)
     assert set(runlog.TRAIN_ROW_KEYS) <= set(row)
@@ -84,3 +84,10 @@ def test_seeds_are_distinct_per_purpose_and_reproducible():
     assert runlog.step_seed(3, 1) == runlog.step_seed(3, 1)
     assert len({runlog.step_seed(3, 1, salt) for salt in range(4)}) == 4
     assert runlog.eval_seed(3) != runlog.eval_seed(3, final=True)
+
+
+def test_a_checkpoint_from_before_the_rename_resumes_its_running_total():
+    old = {"backward_passes": 7, "seconds_sampling": 1.5}   # the running total's name before it said "cumulative"
+    assert runlog.saved_counters(old) == {"cumulative_backward_passes": 7, "seconds_sampling": 1.5}
+    today = runlog.new_counters() | {"cumulative_backward_passes": 9}
+    assert runlog.saved_counters(today) == today

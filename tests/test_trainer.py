@@ -175,8 +175,8 @@ def test_summary_read_back_from_the_folder_matches_train(tmp_path):
                     control=control)
     read_back = summarize_run(tmp_path)
     assert summary["shutoff_step"] is not None
-    for key in ("steps_done", "shutoff_step", "backward_passes", "final_eval", "last_eval"):
-        assert read_back[key] == pytest.approx(summary[key]) if key == "backward_passes" else \
+    for key in ("steps_done", "shutoff_step", "cumulative_backward_passes", "final_eval", "last_eval"):
+        assert read_back[key] == pytest.approx(summary[key]) if key == "cumulative_backward_passes" else \
             read_back[key] == summary[key], key
     with pytest.raises(ValueError, match="no metrics"):
         summarize_run(tmp_path / "empty")

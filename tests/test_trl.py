@@ -304,7 +304,7 @@ def test_gxpo_two_steps_gate_closes_and_resume_keeps_it_closed(model_dir, datase
         assert key in rows[0], key
     saved = json.loads((tmp_path / "checkpoint-2" / "gxpo_state.json").read_text())
     assert saved["rule"]["gate"]["is_open"] is False and saved["rule"]["gate"]["shutoff_step"] == 2
-    assert saved["counters"]["backward_passes"] == 4
+    assert saved["counters"]["cumulative_backward_passes"] == 4
 
     # Resume to step 3 in a new trainer: the restored gate is closed, so step 3 is one plain pass
     # (a fresh gate would be open and take 3).
@@ -359,7 +359,7 @@ def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, t
     assert json.loads((run / "config.json").read_text())["algorithm"] == "gxpo"
     assert json.loads((run / "trl_args.json").read_text())["per_device_train_batch_size"] == 4  # 8 / 2 ranks
     saved = json.loads((run / "checkpoint-2" / "gxpo_state.json").read_text())
-    assert saved["counters"]["backward_passes"] == rows[2]["cumulative_backward_passes"]
+    assert saved["counters"]["cumulative_backward_passes"] == rows[2]["cumulative_backward_passes"]
 
     list(stream(launch_trl(config | {"steps": 3}, run, num_processes=2, cpu=True)))
     rows = read_rows(run / "metrics.jsonl")

@@ -509,7 +509,7 @@ class GXPOTrainer(GRPOTrainer):
             return
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
-        self.counters.update(state["counters"])
+        self.counters.update(runlog.saved_counters(state["counters"]))
         if state["rule"] is not None:
             if self.rule is not None:
                 self.rule.load_state_dict(state["rule"])
@@ -555,7 +555,7 @@ class GXPOTrainer(GRPOTrainer):
         row (rewards, lengths and per-token statistics over the whole window, all ranks)."""
         window, self.window = self.window, AccumulationWindow()
         scoring = min(window.reward_seconds, window.rollout_seconds)
-        self.counters["backward_passes"] += info.backward_passes
+        self.counters["cumulative_backward_passes"] += info.backward_passes
         self.counters["seconds_sampling"] += window.rollout_seconds - scoring
         self.counters["seconds_scoring"] += scoring
         self.counters["seconds_update"] += window.update_seconds
@@ -563,7 +563,7 @@ class GXPOTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         if not self.native_update:  # TRL's training_step logs it under DeepSpeed / FSDP
             metrics["step_time"].append(window.rollout_seconds + window.update_seconds)
-        metrics["gxpo/cumulative_backward_passes"].append(float(self.counters["backward_passes"]))
+        metrics["gxpo/cumulative_backward_passes"].append(float(self.counters["cumulative_backward_passes"]))
         length = None
         if batches:  # mean completion length over every rank and micro-batch
             local = torch.cat([b["completion_mask"].sum(1).float() for b in batches])

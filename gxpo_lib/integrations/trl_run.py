@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = train_with_trl(config, args.workdir, overrides)
     if trainer.accelerator.is_main_process:
         print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "
-              f"cumulative_backward_passes={trainer.counters['backward_passes']}", flush=True)
+              f"cumulative_backward_passes={trainer.counters['cumulative_backward_passes']}", flush=True)
 
 
 if __name__ == "__main__":

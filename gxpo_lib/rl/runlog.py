@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_EVAL_FILE = "final_eval.json"
 SUMMARY_FILE = "run_summary.json"
 
-COUNTER_KEYS = ("backward_passes", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval",
+COUNTER_KEYS = ("cumulative_backward_passes", "seconds_sampling", "seconds_scoring", "seconds_update", "seconds_eval",
                 "cpu_seconds")
 TRAIN_PHASES = ("seconds_sampling", "seconds_scoring", "seconds_update")
 # Every train row has these keys (None where a trainer has no value), besides the StepInfo fields.
@@ -61,7 +61,14 @@ def eval_seed(seed: int, final: bool = False) -> int:
 
 def new_counters() -> dict[str, float]:
     """Cumulative backward passes and seconds per phase, zeroed."""
-    return {key: 0 if key == "backward_passes" else 0.0 for key in COUNTER_KEYS}
+    return {key: 0 if key == "cumulative_backward_passes" else 0.0 for key in COUNTER_KEYS}
+
+
+def saved_counters(counters: dict[str, float]) -> dict[str, float]:
+    """A checkpoint's counters under today's names (a checkpoint from before this name held the running total
+    of backward passes as ``backward_passes``)."""
+    return {("cumulative_backward_passes" if key == "backward_passes" else key): value
+            for key, value in counters.items()}
 
 
 @contextmanager
@@ -80,7 +87,7 @@ def timed(counters: dict[str, float], key: str) -> Iterator[None]:
 def x_values(counters: dict[str, float]) -> dict[str, float]:
     """The x-axes of every comparison: cumulative backward passes, training seconds (split by phase) and
     the training phases' CPU seconds of this process."""
-    return {"cumulative_backward_passes": counters["backward_passes"],
+    return {"cumulative_backward_passes": counters["cumulative_backward_passes"],
             "seconds": sum(counters[key] for key in TRAIN_PHASES),
             **{key: counters[key] for key in (*TRAIN_PHASES, "seconds_eval")},
             "cpu_seconds": counters.get("cpu_seconds", 0.0)}
@@ -361,7 +368,8 @@ def build_summary(workdir: Path | str, preset: str | None = None, backend: str =
     benchmark = next(iter(config.get("final_eval_sets") or ()), None)
     return {
         "preset": preset, "backend": backend, "algorithm": config.get("algorithm"), "model": config.get("model"),
-        "seed": config.get("seed"), "steps": done["steps_done"], "backward_passes": done["backward_passes"],
+        "seed": config.get("seed"), "steps": done["steps_done"],
+        "cumulative_backward_passes": done["cumulative_backward_passes"],
         "train_seconds": round(sum(done.get(key, 0.0) for key in TRAIN_PHASES), 2),
         "cpu_seconds": round(done.get("cpu_seconds", 0.0), 2), "shutoff_step": done["shutoff_step"],
         "val_pass@1_initial": evals[0] if evals else None, "val_pass@1_last": evals[-1] if evals else None,
@@ -385,11 +393,11 @@ def summarize_run(workdir: Path | str) -> dict[str, Any]:
     eval_rows = [r for r in rows if r.get("kind") == "eval"]
     closed = [r["step"] for r in train_rows if r.get("gate_open") is False]
     last = (eval_rows or rows)[-1]
-    counters = {key: last.get(key, 0.0) for key in COUNTER_KEYS if key != "backward_passes"}
+    counters = {key: last.get(key, 0 if key == "cumulative_backward_passes" else 0.0) for key in COUNTER_KEYS}
     return {"workdir": str(workdir), "steps_done": max((r["step"] for r in train_rows), default=0),
             "last_eval": eval_rows[-1] if eval_rows else None, "final_eval": read_final_eval(workdir),
             "shutoff_step": closed[0] + 1 if closed else None,  # the gate's convention: the first plain step
-            "backward_passes": last.get("cumulative_backward_passes", 0), **counters}
+            **counters}
 
 
 # Settings older code wrote: renamed ones (old -> today's), removed ones with the value that meant "as today"

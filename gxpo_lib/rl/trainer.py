@@ -49,15 +49,12 @@ from gxpo_lib.rl.evaluation import evaluate
 from gxpo_lib.rl.problems import prompt_formatter, run_problems
 from gxpo_lib.rl.sampling import batched_logprobs
 
-__all__ = ["TrainConfig", "TrainControl", "TrainState", "build_rule", "make_sampler", "train",
-           "train_step"]
+__all__ = ["TrainConfig", "TrainControl", "TrainState", "build_rule", "make_sampler", "train", "train_step"]
 
 RULES = {"grpo": PlainStep, "gxpo": GXPO, "sfpo": SFPO}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Live control (the dashboard's buttons and sliders talk to a running `train` through this)
-# ---------------------------------------------------------------------------------------------------
+# -- Live control (the dashboard's buttons and sliders talk to a running `train` through this) ------------
 class TrainControl:
     """Thread-safe pause / stop and settings changes that the next step picks up."""
 
@@ -92,9 +89,7 @@ class TrainControl:
         self._running.wait()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Building the pieces
-# ---------------------------------------------------------------------------------------------------
+# -- Building the pieces ----------------------------------------------------------------------------------
 def build_rule(config: TrainConfig, optimizer: torch.optim.Optimizer):
     """The update rule the config names, wrapping `optimizer` (a GXPO `version` via GXPO.from_version)."""
     kwargs = rule_kwargs(config)
@@ -207,15 +202,7 @@ def build_state(config: TrainConfig, workdir: Path, problems: list[dict], model_
                       problems, reference, world=world, shares=1 if world is None else world.size)
 
 
-def _set_seeds(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------
+# -- Checkpoints ------------------------------------------------------------------------------------------
 def save_checkpoint(workdir: Path, step: int, state: TrainState) -> Path:
     """Trainable weights, optimizer, rule + gate, RNG states, counters; keeps the newest KEEP_CHECKPOINTS.
     Under torchrun a ``step_N/`` folder instead (`distributed.save_sharded`: DCP shards + rank 0's meta.pt)."""
@@ -358,7 +345,8 @@ def restore_checkpoint(workdir: Path, state: TrainState) -> int:
 def _check_against_rows(path: Path, saved: dict[str, Any], rows: list[dict[str, Any]], metrics: Path) -> None:
     """The log's row of the checkpoint's step must count the backward passes the checkpoint does."""
     row = next((r for r in rows if r.get("kind") == "train" and r.get("step") == saved["step"]), {})
-    logged, held = row.get("cumulative_backward_passes"), saved["counters"].get("backward_passes")
+    held = runlog.saved_counters(saved["counters"]).get("cumulative_backward_passes")
+    logged = row.get("cumulative_backward_passes")
     if logged is not None and held is not None and logged != held:
         raise ValueError(f"{path}: counts {held} backward passes at step {saved['step']}, but {metrics.name}'s "
                          f"row of that step counts {logged}: the checkpoints and the log come from different "
@@ -381,7 +369,7 @@ def _apply_checkpoint(path: Path, saved: dict[str, Any], state: TrainState) -> N
         if "optimizer" in saved:
             state.optimizer.load_state_dict(saved["optimizer"])
         state.rule.load_state_dict(saved["rule"])
-        state.counters.update(saved["counters"])
+        state.counters.update(runlog.saved_counters(saved["counters"]))
         torch.set_rng_state(saved["rng"]["torch"])
         np.random.set_state(saved["rng"]["numpy"])
         random.setstate(saved["rng"]["python"])
@@ -443,9 +431,7 @@ def check_resumable(workdir: Path, config: TrainConfig) -> None:
                          f"{source}): use another workdir, or the same settings to resume")
 
 
-# ---------------------------------------------------------------------------------------------------
-# One step
-# ---------------------------------------------------------------------------------------------------
+# -- One step ---------------------------------------------------------------------------------------------
 def _aggregate(infos: list[StepInfo]) -> dict[str, Any]:
     """One record from the mini-batches' step records: passes summed, flags or-ed, numbers averaged."""
     if len(infos) == 1:
@@ -544,7 +530,7 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
     record = _aggregate(infos)
     if before is not None:  # ||theta_{t+1} - theta_t|| over the whole step, not a mean of its parts
         record["update_norm"] = state.rule.distance_from(before)
-    counters["backward_passes"] += record["backward_passes"]
+    counters["cumulative_backward_passes"] += record["backward_passes"]
     mask = rollouts.completion_mask
     entropy = rollouts.entropy if rollouts.entropy is not None else objectives[0].sampling_entropy
     stats = objectives[-1].stats
@@ -561,18 +547,10 @@ def train_step(state: TrainState, step: int) -> dict[str, Any]:
                             learning_rate=config.lr * config.step_scale)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------
-def train(
-    config: TrainConfig,
-    workdir: str | Path,
-    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
-    control: TrainControl | None = None,
-    model_and_tokenizer=None,
-    prompt_shares: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+# -- The run ----------------------------------------------------------------------------------------------
+def train(config: TrainConfig, workdir: str | Path, callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+          control: TrainControl | None = None, model_and_tokenizer=None, prompt_shares: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run in `workdir`; returns a summary. Under torchrun: on every rank (the
     module docstring); rank 0 writes the folder and runs `callbacks`, every rank returns the same summary.
 
@@ -603,7 +581,9 @@ def train(
     distributed.barrier(world)   # every rank has checked config.json before rank 0 rewrites it
     if main:
         runlog.write_config(workdir, config.to_dict())
-    _set_seeds(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
     train_problems, eval_problems, final_sets = run_problems(config)
@@ -647,7 +627,7 @@ def train(
             row = emit(train_step(state, step))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean'] or 0:.2f}", bp=state.counters["backward_passes"])
+                bar.set_postfix(reward=f"{row['reward_mean'] or 0:.2f}", passes=row["cumulative_backward_passes"])
             if step % config.eval_every == 0 or step == config.steps:
                 last_eval = run_eval(step)
             if step % config.checkpoint_every == 0 or step == config.steps:
