@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gxpo_lib import GXPO
 from gxpo_lib.core import flat_jump
 from gxpo_lib.core.extrapolation import geometric_scale, retention
 
@@ -60,3 +61,34 @@ def test_masked_scale_without_keeping_the_mask_changes_no_bit(dtype, block, k, c
     assert lean[0] is None
     assert all(torch.equal(a.view(bits), b.view(bits)) for a, b in zip(kept[1:3], lean[1:3]))
     assert [t.item() for t in kept[3:]] == [t.item() for t in lean[3:]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_corrected_leaves_inactive_coordinates_at_r_1_and_out_of_r_mean(dtype):
+    """retention="clip_corrected" scales the active ratios by c1/c0; an inactive coordinate keeps r = 1 (the
+    authors' rule), so r_mean and r_std are over the active coordinates only, whatever the clip does."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
+    target, weight = torch.randn(1000, dtype=dtype), torch.ones(1000, dtype=dtype)
+    weight[:300] = 0                                    # 300 coordinates with no gradient: inactive
+    grads = []
+
+    def closure():
+        loss = 3 * (weight * (p - target) ** 2).sum()
+        loss.backward()
+        grads.append(p.grad.detach().clone())
+        return loss
+
+    rule = GXPO(torch.optim.SGD([p], lr=0.1), k=5, alpha=0.5, gate=None, max_grad_norm=0.5,
+                retention="clip_corrected")
+    info = rule.step(closure)
+    g0, g1 = (g.double() for g in grads[:2])
+    c0, c1 = (min(1.0, 0.5 / (float(g.norm()) + 1e-6)) for g in (g0, g1))   # clip_grad_norm_'s factors
+    assert c1 / c0 != pytest.approx(1.0, abs=1e-4)      # the clip binds differently on the two probes
+    r, _raw, _ = retention(g0, g1, scales=(c0, c1))
+    active = g0.abs() > 1e-8
+    assert active.sum() == 700 and torch.equal(r[~active], torch.ones(300, dtype=torch.float64))
+    eps = torch.finfo(dtype).eps    # r from float32 probes carries a few float32 roundings per coordinate
+    assert info.r_mean == pytest.approx(float(r[active].mean()), rel=50 * eps, abs=50 * eps)
+    assert info.r_std == pytest.approx(float(r[active].std(unbiased=False)), rel=1e-3, abs=50 * eps)
+    assert info.inactive_frac == pytest.approx(0.3)

@@ -71,8 +71,8 @@ def retention(
     else:
         active = active_mask(x0, delta) if active is None else active
         raw = torch.where(active, x1 / x0, 1.0)  # an inactive 0/0 is computed, then discarded
-        if (s0, s1) != (1.0, 1.0):
-            raw = raw * (s1 / s0)
+        if (s0, s1) != (1.0, 1.0):  # the clip factors scale the active ratios; an inactive one stays 1
+            raw = torch.where(active, raw * (s1 / s0), raw)
     r = raw.clamp(r_clamp[0], r_clamp[1])
     clamped = r != raw
     clamped &= active

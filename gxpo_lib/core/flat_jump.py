@@ -127,10 +127,10 @@ def _scale_block(x0: torch.Tensor, x1: torch.Tensor, threshold: float | torch.Te
     torch.gt(torch.abs(x0, out=active), threshold, out=active)
     torch.eq(active, 0.0, out=inactive)
     torch.addcmul(inactive, x0, active, out=raw)
-    # raw = where(active, x1 / x0, 1) * (s1 / s0); r = its clamp; count what the clamp changed; NaN -> 1
+    # raw = where(active, (x1 / x0) (s1 / s0), 1); r = its clamp; count what the clamp changed; NaN -> 1
     torch.addcmul(inactive, torch.div(x1, raw, out=raw), active, out=raw)
-    if scales != (1.0, 1.0):
-        raw.mul_(scales[1] / scales[0])
+    if scales != (1.0, 1.0):  # the clip factors scale the active ratios; an inactive one stays 1
+        torch.addcmul(inactive, raw, active, value=scales[1] / scales[0], out=raw)
     torch.clamp(raw, r_clamp[0], r_clamp[1], out=r)
     clamped = count(torch.ne(r, raw, out=raw), active)
     r.nan_to_num_(nan=1.0)
