@@ -140,7 +140,7 @@ def stream(proc: subprocess.Popen, progress_only: bool = False, check: bool = Tr
         progress_only: only the entry point's one-line step / evaluation summaries (``[gxpo] ...``).
         check: when the process ends with a non-zero code, raise RuntimeError quoting its last lines.
     """
-    tail: deque[str] = deque(maxlen=40)
+    tail: deque[str] = deque(maxlen=120)  # the ranks' own last lines, above the launcher's ~40-line report
     for raw in proc.stdout:
         for line in raw.replace("\r", "\n").splitlines():
             line = line.rstrip()
