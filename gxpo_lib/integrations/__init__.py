@@ -1,7 +1,7 @@
 """Integrations with other training engines, and a launcher that runs them out of process.
 
 ``gxpo_lib.integrations.trl`` holds ``GXPOConfig`` / ``GXPOTrainer`` (TRL's ``GRPOTrainer`` driven by a
-gxpo_lib update rule) and the headless entry point ``python -m gxpo_lib.integrations.trl``. It imports
+gxpo_lib update rule); ``python -m gxpo_lib.integrations.trl_run`` is the headless entry point. Both import
 TRL, transformers and torch; this package file does not, so a notebook can launch and watch a run
 without importing any of them (and without creating CUDA state in its kernel)::
 
