@@ -480,6 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.accelerator.is_main_process:
         print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "
               f"cumulative_backward_passes={trainer.counters['cumulative_backward_passes']}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the ranks leave the process group together: a gloo group left for the interpreter's exit to tear
+        # down could abort a rank after a finished run ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
