@@ -1,6 +1,7 @@
 """Command line: `python -m gxpo_lib <command>`.
 
-    run --preset P [-s NAME=VALUE ...] --out DIR   one training run (validated; run_summary.json, figures)
+    run --preset P [-s NAME=VALUE ...] --out DIR [--fit]   one training run (validated, memory preflight:
+                                     --fit lowers micro_batch_size to fit; run_summary.json, figures)
     preflight --preset P [-s NAME=VALUE ...] [--gpu h100|h200|a100-80|a100-40|l4|GiB] [--fit]   the run's
                                      estimated peak GPU memory, line by line (gxpo_lib.rl.preflight)
     run-notebooks [--out runs]       execute every notebook headless with its defaults (+ HTML copies)

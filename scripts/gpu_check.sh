@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A 15-minute proof on one lent GPU with no network: see scripts/gpu_check.py and docs/gpu.md.
 #   bash scripts/gpu_check.sh                 # CUDA: a stock PyTorch image (torch, transformers, peft, accelerate)
+#                                             # + carried wheels: math-verify (leg c grades answers), trl (leg d)
 #   bash scripts/gpu_check.sh --cpu-dry-run   # every leg at reduced shapes on the CPU (.venv), a few minutes
 # PYTHON picks the interpreter (default: .venv/bin/python if present, else python3). Exits non-zero on any failure.
 set -euo pipefail

@@ -345,6 +345,7 @@ def test_multi_process_launches_rendezvous_on_a_free_port_of_their_own(tmp_path)
     assert "--main_process_port" not in launch_command("run.json", "out", 2, accelerate_config=fixed, cpu=False)
 
 
+@pytest.mark.slow
 def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, tmp_path):
     # The notebook's path: accelerate launch -m gxpo_lib.integrations.trl_run in a subprocess, 2 CPU ranks,
     # LoRA, evaluations; then the same workdir with one more step resumes from checkpoint-2.

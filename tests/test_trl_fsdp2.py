@@ -86,6 +86,7 @@ def max_difference(a, b) -> float:
     return max(float((a[name] - b[name]).abs().max()) for name in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_fsdp2_ranks_end_with_the_one_process_parameters(runs, case):
     sharded, reference = runs
@@ -106,6 +107,7 @@ def test_two_fsdp2_ranks_end_with_the_one_process_parameters(runs, case):
     assert all(p.dtype == DTYPE[case] for p in ours.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_ranks_decide_identically_and_as_one_process(runs, case):
     sharded, reference = runs
@@ -123,6 +125,7 @@ def test_ranks_decide_identically_and_as_one_process(runs, case):
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-12 if DTYPE[case] == torch.float64 else 1e-5)
 
 
+@pytest.mark.slow
 def test_gxpo_gate_trips_and_sfpo_runs_its_passes(runs):
     sharded, _ = runs
     gxpo = report(sharded, "gxpo")["steps"]
@@ -134,6 +137,7 @@ def test_gxpo_gate_trips_and_sfpo_runs_its_passes(runs):
     assert [(s["active"], s["backward_passes"]) for s in lora] == [(True, 3), (False, 1)]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_saves_and_resume_continues_exactly(runs):
     sharded, _ = runs
     checkpoint = sharded / "gxpo" / "checkpoint-2"
@@ -149,6 +153,7 @@ def test_sharded_checkpoint_saves_and_resume_continues_exactly(runs):
     assert max_difference(parameters(sharded, "gxpo_resumed"), parameters(sharded, "gxpo")) == 0.0
 
 
+@pytest.mark.slow
 def test_checkpoint_check_reads_sharded_checkpoints(runs, tmp_path):
     from gxpo_lib.integrations.trl_run import checkpoint_problem
 
@@ -161,6 +166,7 @@ def test_checkpoint_check_reads_sharded_checkpoints(runs, tmp_path):
     assert "optimizer_0/.metadata" in fsdp_checkpoint_problem(damaged)
 
 
+@pytest.mark.slow
 def test_generation_and_evaluation_on_shards_stay_in_lockstep(runs):
     # Real HF generate on the shards (each rank decodes its own completions) and an evaluation of 3
     # problems over 2 ranks (rank 1's share padded with a problem whose results are dropped): both finish

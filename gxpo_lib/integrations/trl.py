@@ -97,6 +97,8 @@ from gxpo_lib.rl.trainer import build_rule
 TESTED_TRL = ">=1.16,<1.17"  # the TRL versions this module was run against (pyproject: trl>=1.16,<1.17)
 STATE_FILE = "gxpo_state.json"
 LOSS_TYPES = {"token_mean": "bnpo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo"}
+# TRL 1.16's values of vllm_importance_sampling_mode (GRPOConfig's help; GRPOTrainer raises on any other, late).
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # Multimodal inputs TRL's loss forwards to the model; the forced old-log-prob pass forwards them too.
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -168,11 +170,27 @@ def _rule_fields() -> list[tuple[str, Any, Any]]:
     return fields
 
 
+def _check_vllm_settings(self) -> None:
+    """TRL's vLLM switches and importance-sampling settings, which TRL itself checks late or not at all (a mode
+    outside `VLLM_IS_MODES` fails only inside the first training step; a truthy string switches a flag on)."""
+    for name in ("vllm_importance_sampling_correction", "vllm_enable_sleep_mode"):
+        if not isinstance(getattr(self, name), bool):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed True or False")
+    if self.vllm_importance_sampling_mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is invalid: "
+                         f"allowed one of {VLLM_IS_MODES}")
+    for name in ("vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"):
+        value = getattr(self, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{name}={value!r} is invalid: allowed None or a number >= 0")
+
+
 def _post_init(self) -> None:
     steps = self.gradient_accumulation_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"gradient_accumulation_steps={steps!r} is invalid: allowed an integer >= 1 (the "
                          "micro-batches one rule step spans)")
+    _check_vllm_settings(self)
     GRPOConfig.__post_init__(self)
     if self.loss_aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_aggregation={self.loss_aggregation!r} is invalid: allowed one of {LOSS_AGGREGATIONS}")

@@ -3,6 +3,12 @@ callbacks and the headless entry point (``python -m gxpo_lib.integrations.trl_ru
 
 The run folder is the native trainer's (``gxpo_lib.rl.runlog``): ``config.json``, ``metrics.jsonl`` (the same
 rows), ``final_eval.json``, plus TRL's ``checkpoint-*`` folders and ``trl_args.json``.
+
+vLLM sleep mode on this path is level 2, not the native path's level 1: TRL's colocated engine
+(``trl.generation.vllm_generation``) puts itself to sleep at level 2 after every generation and re-pushes the
+weights before the next one, and this module follows it (a deliberate deviation from "level 1"). Level 1 would
+keep a CPU copy of weights that TRL overwrites from the trainer anyway; sleeping the engine at another level
+than TRL's would break TRL's own wake / push bookkeeping (``_llm_weights_sleeping``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from transformers import TrainerCallback
 
 from gxpo_lib.config import KEEP_CHECKPOINTS, REWARD_TIMEOUT, RULE_SETTINGS, TrainConfig
 from gxpo_lib.integrations import PROGRESS_PREFIX
-from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer
+from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer, _check_vllm_settings
 from gxpo_lib.rl import runlog
 from gxpo_lib.rl.problems import instruction_suffix, load_problems, run_problems
 
@@ -54,9 +60,11 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
       drops some long samples; neither the native trainer nor the paper's code does that. Opt in with
       ``trl_overrides={"vllm_importance_sampling_correction": True}`` (and ``vllm_importance_sampling_mode``
       / ``_clip_min`` / ``_clip_max``); the masked share is then logged (`track_importance_sampling`).
+      GXPOConfig refuses a non-bool switch, a mode outside ``VLLM_IS_MODES`` or a bad bound (ValueError).
     - ``vllm_enable_sleep_mode``: True where vLLM supports sleep mode (a CUDA / ROCm machine), so the
       engine's memory is free during the update; False elsewhere (vLLM's CPU platform refuses it). TRL
-      sleeps at level 2 (weights dropped, re-pushed from the trainer before the next generation).
+      sleeps at level 2 (weights dropped, re-pushed from the trainer before the next generation), so the
+      evaluation here does too: level 2, not the native path's level 1 (see the module docstring).
     - ``ddp_find_unused_parameters=False`` with LoRA: every adapter receives a gradient, and the search
       for unused parameters would cost a graph traversal per backward pass.
     """
@@ -97,7 +105,25 @@ def grpo_config_from_train_config(config: TrainConfig, workdir: str | os.PathLik
                "vllm_enable_sleep_mode": _vllm_sleep_mode()}
     if config.lora:
         values["ddp_find_unused_parameters"] = False
+    check_trl_overrides(overrides)
     return GXPOConfig(**(values | overrides))
+
+
+def check_trl_overrides(overrides: dict[str, Any]) -> None:
+    """ValueError naming a `trl_overrides` key GXPOConfig does not have, or a bad vLLM switch or importance-sampling
+    setting, without building a GXPOConfig (whose TrainingArguments would set up the devices: a launcher's parent
+    process checks with this before any rank starts)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"trl_overrides={overrides!r} is invalid: allowed a dict of GXPOConfig settings")
+    fields = GXPOConfig.__dataclass_fields__
+    unknown = sorted(name for name in overrides if name not in fields)
+    if unknown:
+        raise ValueError(f"trl_overrides={unknown} is invalid: allowed GXPOConfig settings (TRL's GRPOConfig "
+                         "fields and the rule's)")
+    checked = {"vllm_importance_sampling_correction": False, "vllm_enable_sleep_mode": False} | {
+        name: fields[name].default for name in ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min",
+                                                "vllm_importance_sampling_clip_max")}
+    _check_vllm_settings(argparse.Namespace(**(checked | overrides)))
 
 
 def _vllm_sleep_mode() -> bool:
@@ -245,7 +271,9 @@ class EvaluationCallback(TrainerCallback):
             generation.llm.wake_up(tags=["kv_cache"])
 
     def _engine_done(self) -> None:
-        """Back to sleep after an evaluation (TRL's level 2), so the update has the engine's memory."""
+        """Back to sleep after an evaluation, so the update has the engine's memory: level 2, as TRL sleeps
+        after its own generations (not level 1; see the module docstring), with TRL's flag set so its next
+        generation re-pushes the weights."""
         generation = self.trainer.vllm_generation
         if generation.enable_sleep_mode:
             generation.llm.sleep(level=2)

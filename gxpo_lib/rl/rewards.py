@@ -21,6 +21,11 @@ Every outcome has a status: ``correct``, ``wrong``, ``no_answer`` (nothing parsa
 0; nothing raises. math-verify's own timeouts use ``signal.alarm``, which only works in a process's main
 thread, so ``RewardScorer`` runs the scoring in worker processes (each worker's main thread) and adds an
 outer per-item wall-clock limit that kills and replaces a stuck worker.
+
+math-verify is imported on first use, not with this module: a plain-number gold (the arithmetic task's) and a
+plain-number answer are compared exactly without it, so a stock PyTorch image can build a run and grade such
+answers; the first item that needs math-verify without it installed raises ``MathVerifyMissing`` (an
+``ImportError`` naming ``pip install 'math-verify[antlr4_13_2]'``) instead of scoring as ``error``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -38,19 +44,50 @@ from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import Self
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-from math_verify.errors import TimeoutException
-
 from gxpo_lib.rl.grading import Form, final_answer, grade, guards_ok, infer_form, parse_form
 
 STATUSES = ("correct", "wrong", "no_answer", "bad_gold", "timeout", "error")
-GOLD_CONFIG = (LatexExtractionConfig(),)
-PRED_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+MATH_VERIFY_PIP = "pip install 'math-verify[antlr4_13_2]'"
 _COUNTER = {"correct": "n_correct", "wrong": "n_wrong", "no_answer": "n_parse_fail", "bad_gold": "n_gold_fail",
             "timeout": "n_timeout", "error": "n_error"}
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(\s*)")
 _BRACE_RE = re.compile(r"\\[{}]|[{}]")
 _NUMERIC = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+
+
+class MathVerifyMissing(ImportError):
+    """Grading needed math-verify (a gold or an answer that is not a plain number) and it is not installed."""
+
+
+_MV: dict[str, object] = {}
+
+
+def _math_verify() -> dict[str, object]:
+    """math-verify's ``parse``, ``verify`` and the extraction configs, imported on first use."""
+    if not _MV:
+        try:
+            from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+        except ImportError as error:
+            raise MathVerifyMissing(
+                f"math-verify is not installed ({MATH_VERIFY_PIP}): grading this answer needs it (only a "
+                "plain-number gold and answer, as the arith task's, are compared without it)",
+                name="math_verify") from error
+        _MV.update(parse=parse, verify=verify, gold=(LatexExtractionConfig(),),
+                   pred=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()))
+    return _MV
+
+
+def __getattr__(name: str):
+    """``GOLD_CONFIG`` / ``PRED_CONFIG``: math-verify's extraction configs (gold, prediction), built on first use."""
+    if name in ("GOLD_CONFIG", "PRED_CONFIG"):
+        return _math_verify()["gold" if name == "GOLD_CONFIG" else "pred"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether `error` is math-verify's own timeout (only possible once math-verify is imported)."""
+    errors = sys.modules.get("math_verify.errors")
+    return errors is not None and isinstance(error, errors.TimeoutException)
 
 
 def last_boxed(text: str) -> str | None:
@@ -101,9 +138,9 @@ def score_pair(completion: str, gold: str, require_boxed: bool = False, timeout_
     if threading.current_thread() is not threading.main_thread():
         timeout_s = None
     try:
-        # Gold: wrapped in a box and parsed as LaTeX
-        gold_parsed = _parse(f"\\boxed{{{gold}}}", GOLD_CONFIG, timeout_s)
-        if not gold_parsed:
+        # Gold: wrapped in a box and parsed as LaTeX (a plain number always parses: its parse waits until needed)
+        same = _Same(gold, timeout_s)
+        if not _NUMERIC.fullmatch(gold) and not same.parsed(gold):
             return 0.0, "bad_gold"
         # Prediction: the last box if any, else the final answer line (unless a box is required)
         box = last_boxed(completion)
@@ -117,17 +154,22 @@ def score_pair(completion: str, gold: str, require_boxed: bool = False, timeout_
         # The grader's structured reading first; plain math-verify where it cannot read the answer
         verdict = None
         if answer is not None:
-            verdict = grade(answer, gold, problem, form, _Same(gold, gold_parsed, timeout_s))
+            verdict = grade(answer, gold, problem, form, same)
         if verdict is None:
-            pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", PRED_CONFIG, timeout_s)
+            pred_parsed = _parse(completion if box is None else f"\\boxed{{{box}}}", "pred", timeout_s)
             if not pred_parsed:
                 return 0.0, "no_answer"
-            verdict = verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s, raise_on_error=True)
+            verdict = _math_verify()["verify"](same.parsed(gold), pred_parsed, timeout_seconds=timeout_s,
+                                               raise_on_error=True)
             verdict = verdict and (answer is None or guards_ok(answer, gold, form))
         return (1.0, "correct") if verdict else (0.0, "wrong")
-    except TimeoutException:
-        return 0.0, "timeout"
-    except Exception:
+    except MathVerifyMissing:
+        raise
+    except BaseException as error:  # math-verify's TimeoutException derives from BaseException
+        if _is_timeout(error):
+            return 0.0, "timeout"
+        if not isinstance(error, Exception):
+            raise
         return 0.0, "error"
 
 
@@ -153,21 +195,28 @@ def _form(problem: str | None, required_form: str | Form | None) -> Form:
 
 
 class _Same:
-    """Scalar comparison for the grader: math-verify, gold first, the gold's parses cached."""
+    """Scalar comparison for the grader: two plain numbers exactly, else math-verify, gold first; the
+    gold's parses cached (each parsed on first need)."""
 
-    def __init__(self, gold: str, gold_parsed: list, timeout_s: int | None):
-        self.cache = {gold: gold_parsed}
+    def __init__(self, gold: str, timeout_s: int | None):
+        self.gold = gold
+        self.cache: dict[str, list] = {}
         self.timeout_s = timeout_s
+
+    def parsed(self, gold: str) -> list:
+        """math-verify's parse of ``\\boxed{gold}`` (cached)."""
+        if gold not in self.cache:
+            self.cache[gold] = _parse(f"\\boxed{{{gold}}}", "gold", self.timeout_s)
+        return self.cache[gold]
 
     def __call__(self, gold: str, pred: str) -> bool | None:
         if _NUMERIC.fullmatch(gold) and _NUMERIC.fullmatch(pred):
             return Decimal(gold) == Decimal(pred)
-        if gold not in self.cache:
-            self.cache[gold] = _parse(f"\\boxed{{{gold}}}", GOLD_CONFIG, self.timeout_s)
-        pred_parsed = _parse(f"\\boxed{{{pred}}}", GOLD_CONFIG, self.timeout_s)
-        if not pred_parsed or not self.cache[gold]:
+        pred_parsed = _parse(f"\\boxed{{{pred}}}", "gold", self.timeout_s)
+        if not pred_parsed or not self.parsed(gold):
             return None
-        return verify(self.cache[gold], pred_parsed, timeout_seconds=self.timeout_s, raise_on_error=True)
+        return _math_verify()["verify"](self.parsed(gold), pred_parsed, timeout_seconds=self.timeout_s,
+                                        raise_on_error=True)
 
 
 @dataclass
@@ -358,13 +407,15 @@ class RewardScorer:
         self.n_restarts += 1
 
 
-def _parse(text: str, config: tuple, timeout_s: int | None) -> list:
-    """math-verify ``parse``; a timeout propagates, any other failure means nothing was parsed."""
+def _parse(text: str, config: str, timeout_s: int | None) -> list:
+    """math-verify ``parse`` with the ``"gold"`` or ``"pred"`` extraction configs; a timeout (and a missing
+    math-verify) propagates, any other failure means nothing was parsed."""
+    mv = _math_verify()
     try:
-        return parse(text, list(config), parsing_timeout=timeout_s, raise_on_error=True)
-    except TimeoutException:
-        raise
-    except Exception:
+        return mv["parse"](text, list(mv[config]), parsing_timeout=timeout_s, raise_on_error=True)
+    except Exception as error:
+        if _is_timeout(error):
+            raise
         return []
 
 
@@ -399,8 +450,13 @@ def _matching_braces(text: str) -> dict[int, int]:
 
 
 def _warm_worker() -> None:
-    """Worker initializer: pay math-verify's first-call cost before any item's clock starts."""
-    parse("\\boxed{1}", list(GOLD_CONFIG))
+    """Worker initializer: pay math-verify's first-call cost before any item's clock starts (without it
+    installed, nothing: the first item that needs it raises `MathVerifyMissing`, not a broken pool)."""
+    try:
+        mv = _math_verify()
+    except MathVerifyMissing:
+        return
+    mv["parse"]("\\boxed{1}", list(mv["gold"]))
 
 
 def _ping() -> int:

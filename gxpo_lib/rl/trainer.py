@@ -124,10 +124,11 @@ def check_runtime(config: TrainConfig) -> None:
 
 def prefer_expandable_segments() -> bool:
     """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for this process (the update's micro-batches vary in
-    length, and fixed segments fragment), only when CUDA is available, neither allocator variable is set, and
-    CUDA has not initialised yet (the allocator reads it once). Returns whether it was set. A vLLM engine's
-    sleep-mode pool copes with it (gxpo_lib.rl.vllm_sampler keeps it from vLLM < 0.31, which refuses it)."""
-    if ("PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ
+    length, and fixed segments fragment), only when CUDA is available, no allocator variable is set (ROCm's
+    PYTORCH_HIP_ALLOC_CONF included), and CUDA has not initialised yet (the allocator reads it once). Returns
+    whether it was set. A vLLM engine's sleep-mode pool copes with it (gxpo_lib.rl.vllm_sampler keeps it from
+    vLLM < 0.31, which refuses it)."""
+    if (any(name in os.environ for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"))
             or not torch.cuda.is_available() or torch.cuda.is_initialized()):
         return False
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"

@@ -5,6 +5,7 @@ The main environment has no vLLM, so this module skips there.
 """
 
 import json
+import math
 import os
 
 import pytest
@@ -222,3 +223,63 @@ def test_in_process_engine_gets_the_tensors_directly(tmp_path, monkeypatch):
         torch.set_num_threads(threads)  # vLLM lowers this process's torch threads for serving
     assert not (tmp_path / "vllm" / "weights").exists()
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+class AlternatingRewards:
+    """Rows score 1, 0, 1, 0, ...: every group has nonzero advantages, so a step really moves the weights
+    (the tiny model's own rewards are often equal within a small group, which makes every gradient 0)."""
+
+    def score(self, completions, golds, problems=None):
+        from gxpo_lib.rl.rewards import ScoredBatch
+        return ScoredBatch([float(i % 2 == 0) for i in range(len(completions))], ["correct"] * len(completions))
+
+    def close(self):
+        pass
+
+
+# The vLLM column of the dtype matrix (tests/test_dtypes.py has lean and hf): one real GXPO step through the
+# vLLM backend per (dtype, LoRA or full). float32 with LoRA is test_two_training_steps_with_the_vllm_backend;
+# float16 full fine-tuning is refused by TrainConfig for every backend (tests/test_dtypes.py).
+VLLM_DTYPES = [pytest.param("float32", False, id="float32-full"), pytest.param("bfloat16", True, id="bfloat16-lora"),
+               pytest.param("bfloat16", False, id="bfloat16-full"), pytest.param("float16", True, id="float16-lora")]
+
+
+@pytest.mark.parametrize("dtype, lora", VLLM_DTYPES)
+def test_one_gxpo_step_through_vllm_in_each_dtype(dtype, lora, tmp_path, monkeypatch):
+    from gxpo_lib.config import resolve_config
+    from gxpo_lib.rl.problems import run_problems
+    from gxpo_lib.rl.trainer import build_state, train_step
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: starts faster
+    threads = torch.get_num_threads()
+    config = resolve_config("smoke", dict(dtype=dtype, lora=lora, rollout_backend="vllm", algorithm="gxpo",
+                                          batch_prompts=2, group_size=2, max_new_tokens=6, temperature=2.0,
+                                          weight_decay=0.0, eval_problems=1, eval_samples=1))
+    problems, _, _ = run_problems(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state = build_state(config, tmp_path, problems)
+    try:
+        state.scorer = AlternatingRewards()
+        with torch.no_grad():  # lora_B starts at 0, where GXPO's probe gradient of lora_A is exactly 0
+            for name, param in state.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.05)
+        assert type(state.sampler).__name__ == "VLLMSampler"
+        assert state.sampler._engine_dtype() == dtype  # the engine serves the policy's compute dtype
+        before = {name: param.detach().clone() for name, param in state.model.named_parameters()}
+        row = train_step(state, 1)
+    finally:
+        state.sampler.close()
+        torch.set_num_threads(threads)
+    assert row["loss"] is not None and math.isfinite(row["loss"])
+    assert not row["skipped"] and not row["fallback"] and row["active"] and row["backward_passes"] == 3
+    params = dict(state.model.named_parameters())
+    assert {n: p.dtype for n, p in params.items()} == {n: p.dtype for n, p in before.items()}
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    assert trainable and all(torch.isfinite(params[n]).all() for n in trainable)
+    unmoved = [n for n in trainable if torch.equal(params[n], before[n])]
+    if dtype == "bfloat16" and not lora:  # no float32 master weights: RMSNorm weights near 1 cannot move
+        assert all(params[n].dim() == 1 and "norm" in n for n in unmoved), unmoved
+    else:
+        assert not unmoved, unmoved
