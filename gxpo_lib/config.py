@@ -327,6 +327,7 @@ NOTEBOOK_PARAMETERS: dict[str, tuple[str, Any, str]] = {
     "num_processes": ("int", 1, "trl backend: processes (GPUs; gloo CPU processes without a GPU)"),
     "accelerate_config": ("Optional[str]", None, "trl backend: single_gpu, multi_gpu, zero2 or a YAML path"),
     "trl_overrides": ("Optional[dict]", None, "trl backend: raw GXPOConfig settings, e.g. {'use_vllm': True}"),
+    "fit": ("bool", False, "lower micro_batch_size to what the memory preflight says fits, instead of refusing"),
 }
 BACKENDS = ("gxpo", "trl")
 _PYTHON_TYPES = {"str": (str,), "bool": (bool,), "int": (int,), "dict": (dict,)}

@@ -226,7 +226,7 @@ def _direct_command(parameters: dict[str, Any], folder: Path) -> list[str]:
     """``python -m gxpo_lib run`` for one point (``--direct``): each setting as ``-s NAME=JSON``."""
     settings = {k: v for k, v in parameters.items() if k not in NOTEBOOK_PARAMETERS}
     launch = {k: v for k, v in parameters.items() if k in NOTEBOOK_PARAMETERS and k not in ("preset", "output_dir")}
-    unsupported = sorted(set(launch) - {"backend", "num_processes", "progress"})
+    unsupported = sorted(set(launch) - {"backend", "num_processes", "progress", "fit"})
     if unsupported:
         raise ValueError(f"{unsupported[0]}: not available with --direct (run through notebook 03 instead)")
     command = [sys.executable, "-m", "gxpo_lib", "run", "--out", str(folder), "--no-figures",
@@ -235,6 +235,8 @@ def _direct_command(parameters: dict[str, Any], folder: Path) -> list[str]:
         command += ["--preset", str(parameters["preset"])]
     if launch.get("progress") is False:
         command.append("--no-progress")
+    if launch.get("fit"):
+        command.append("--fit")
     for name, value in settings.items():
         command += ["-s", f"{name}={json.dumps(value)}"]
     return command

@@ -119,6 +119,26 @@ def test_progress_is_a_run_option_not_a_setting(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_fit_is_a_run_option_of_notebook_03_and_of_sweeps(tmp_path):
+    """`fit` (lower micro_batch_size to what the memory preflight says fits) reaches a sweep point as the run's
+    option: --fit for a direct point, notebook 03's `fit` parameter otherwise; a non-bool is refused by name."""
+    from gxpo_lib.config import NOTEBOOK_PARAMETERS, check_notebook_parameters
+    from gxpo_lib.sweep import _direct_command
+
+    assert NOTEBOOK_PARAMETERS["fit"][1] is False
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "base": {"steps": 3, "fit": True}, "grid": {"seed": [0]}}))
+    (name, settings), = load_sweep(grid).runs()
+    command = _direct_command({"preset": "smoke", **settings, "output_dir": "x"}, tmp_path / name)
+    assert "--fit" in command and "fit=true" not in " ".join(command)
+    assert "--fit" not in _direct_command({"preset": "smoke", "steps": 3, "fit": False, "output_dir": "x"}, tmp_path)
+    with pytest.raises(ValueError, match="fit='yes' is invalid"):
+        check_notebook_parameters({"fit": "yes"})
+    grid.write_text(yaml.safe_dump({"preset": "smoke", "base": {"fit": 1}}))
+    with pytest.raises(ValueError, match="fit=1 is invalid"):
+        load_sweep(grid)
+
+
 @pytest.mark.slow
 def test_a_direct_sweep_runs_without_a_kernel_and_resumes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
