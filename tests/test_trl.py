@@ -354,6 +354,7 @@ def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, t
     run = tmp_path / "run"
     progress = list(stream(launch_trl(config, run, num_processes=2, cpu=True), progress_only=True))
     assert any(line.startswith("[gxpo] step 2/2") for line in progress), progress
+    assert not [line for line in progress if "outlive" in line]   # each rank left its gloo group whole
     rows = read_rows(run / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
     assert rows[2]["cumulative_backward_passes"] == rows[1]["backward_passes"] + rows[2]["backward_passes"]
@@ -362,7 +363,8 @@ def test_launcher_runs_two_processes_writes_our_metrics_and_resumes(model_dir, t
     saved = json.loads((run / "checkpoint-2" / "gxpo_state.json").read_text())
     assert saved["counters"]["cumulative_backward_passes"] == rows[2]["cumulative_backward_passes"]
 
-    list(stream(launch_trl(config | {"steps": 3}, run, num_processes=2, cpu=True)))
+    resumed = list(stream(launch_trl(config | {"steps": 3}, run, num_processes=2, cpu=True)))
+    assert not [line for line in resumed if "outlive" in line]
     rows = read_rows(run / "metrics.jsonl")
     assert [(r["kind"], r["step"]) for r in rows][4:] == [("train", 3), ("eval", 3)]
     assert rows[4]["cumulative_backward_passes"] == rows[2]["cumulative_backward_passes"] + rows[4]["backward_passes"]

@@ -24,6 +24,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
+from gxpo_lib.core.distributed import leave_process_group
 from gxpo_lib.integrations.trl import GXPOConfig, GXPOTrainer
 from gxpo_lib.integrations.trl_run import EvaluationCallback, build_dataset, math_reward_func
 from gxpo_lib.rl import runlog
@@ -257,12 +258,13 @@ def main() -> None:
     torch.set_num_threads(1)
     if options.mode == "decisions":
         decisions(options)
-        return
-    PartialState(cpu=True)  # first of the process: a gloo process group on CPU ranks
-    float64_lm_head()  # with float64_rotary_embedding in scaleout_run: all of the arithmetic in float64
-    scaleout_run(options, accumulation=1)
-    trainer = scaleout_run(options, accumulation=2)
-    evaluation_check(options, trainer)
+    else:
+        PartialState(cpu=True)  # first of the process: a gloo process group on CPU ranks
+        float64_lm_head()  # with float64_rotary_embedding in scaleout_run: all of the arithmetic in float64
+        scaleout_run(options, accumulation=1)
+        evaluation_check(options, scaleout_run(options, accumulation=2))
+    left = leave_process_group()   # as gxpo_lib.integrations.trl_run does: no gloo thread for the teardown
+    assert not left, f"gloo threads outlive the process group: {left}"
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from gxpo_lib.config import KEEP_CHECKPOINTS, REWARD_TIMEOUT, RULE_SETTINGS, TrainConfig
+from gxpo_lib.core import distributed
 from gxpo_lib.integrations import PROGRESS_PREFIX
 from gxpo_lib.integrations.trl import LOSS_TYPES, STATE_FILE, GXPOConfig, GXPOTrainer, _check_vllm_settings
 from gxpo_lib.rl import runlog
@@ -508,11 +509,15 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.accelerator.is_main_process:
         print(f"{PROGRESS_PREFIX} done steps={trainer.state.global_step} "
               f"cumulative_backward_passes={trainer.counters['cumulative_backward_passes']}", flush=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # the ranks leave the process group together: a gloo group left for the interpreter's exit to tear
-        # down could abort a rank after a finished run ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # The trainer's DDP wrapper holds the process group: it goes first, so the group's gloo threads end
+    # here and not in the interpreter's teardown, where they abort a rank now and then (leave_process_group).
+    # Under FSDP2 they run on whatever we drop (DTensor's sharding cache keeps the mesh and its group), so
+    # only a DDP or single-process run reports threads left over.
+    sharded = bool(getattr(trainer, "is_fsdp_enabled", False))
+    del trainer
+    left = distributed.leave_process_group()
+    if left and not sharded:
+        print(f"{PROGRESS_PREFIX} warning: gloo threads outlive the process group: {', '.join(left)}", flush=True)
 
 
 if __name__ == "__main__":
