@@ -231,8 +231,9 @@ def leave_process_group() -> list[str]:
     1 launch in 15, rarer with a barrier before destroying, still once in a CI run); PyTorch's pull request
     179291 describes a gloo worker releasing a tensor and taking the GIL of a dying interpreter. So callers
     drop their trainers first; the cycles a trainer builds (callbacks that point back at it) go in the
-    ``gc.collect()`` here. Under FSDP2 the threads remain whatever we drop: DTensor's sharding-propagation
-    cache keeps the device mesh, and with it the group, to the process's end; no abort was seen there.
+    ``gc.collect()`` here. Under FSDP2 the threads remain whatever we drop (DTensor's sharding cache holds
+    the mesh, and emptying it does not release the group: something below Python holds it too); no abort was
+    seen there.
 
     Returns:
         The names of this process's gloo threads still running afterwards (Linux; [] where ``/proc`` has

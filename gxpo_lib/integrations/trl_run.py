@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> None:
               f"cumulative_backward_passes={trainer.counters['cumulative_backward_passes']}", flush=True)
     # The trainer's DDP wrapper holds the process group: it goes first, so the group's gloo threads end
     # here and not in the interpreter's teardown, where they abort a rank now and then (leave_process_group).
-    # Under FSDP2 they run on whatever we drop (DTensor's sharding cache keeps the mesh and its group), so
-    # only a DDP or single-process run reports threads left over.
+    # Under FSDP2 they run on whatever we drop (torch itself keeps that group), so only a DDP or
+    # single-process run reports threads left over.
     sharded = bool(getattr(trainer, "is_fsdp_enabled", False))
     del trainer
     left = distributed.leave_process_group()
